@@ -1,0 +1,153 @@
+"""config.json: defaults, loading with precise errors, and generation-setting validation."""
+import copy
+import json
+import math
+import re
+from pathlib import Path
+
+DEFAULTS = {
+    "server": {
+        "host": "0.0.0.0",
+        "port": 8765,
+        "max_message_size": 16777216,
+        "ping_interval": 30,
+        "ping_timeout": 10,
+        "allowed_origins": ["null", "http://localhost", "http://127.0.0.1"],
+        "auth_token": None,
+        "tls_cert": None,
+        "tls_key": None,
+    },
+    "model": {"path": None, "use_safetensors": True, "trust_remote_code": False, "device_map": "auto"},
+    "optimization": {"use_flash_attention": True, "dtype": "auto", "compile": False},
+    "generation_defaults": {
+        "max_new_tokens": 2048,
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_p": 0.95,
+        "top_k": 50,
+        "repetition_penalty": 1.1,
+    },
+    "paths": {"models_dir": "models", "var_dir": "var", "sessions_dir": "var/sessions", "logs_dir": "var/logs"},
+    "limits": {
+        "max_clients": 10,
+        "queue_size_per_client": 1024,
+        "max_context_length": 128000,
+        "timeout_token_generation": 300,
+    },
+    "download": {"allowed_url_prefixes": ["https://huggingface.co/"], "timeout_s": 3600},
+}
+
+# Keys whose value must be a whole number (the others of numeric default accept any finite number).
+INTEGER_KEYS = {"port", "max_message_size", "max_clients", "queue_size_per_client", "max_context_length",
+                "max_new_tokens", "top_k"}
+POSITIVE_KEYS = {"port", "max_message_size", "max_clients", "queue_size_per_client", "max_context_length",
+                 "timeout_token_generation", "timeout_s"}
+DTYPES = {"auto", "bfloat16", "float16", "float32"}
+
+
+class ConfigError(Exception):
+    """A config.json that cannot be used; the message names the file, line and key."""
+
+
+def validate_generation(settings: dict) -> dict:
+    """Check generation settings (a whole set or an update); raise ValueError naming the field."""
+    for key, value in settings.items():
+        if key not in DEFAULTS["generation_defaults"]:
+            raise ValueError(f"unknown generation setting '{key}' "
+                             f"(known: {', '.join(DEFAULTS['generation_defaults'])})")
+        if key == "do_sample":
+            if not isinstance(value, bool):
+                raise ValueError("do_sample must be true or false")
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number")
+        if key in INTEGER_KEYS and not isinstance(value, int):
+            raise ValueError(f"{key} must be a whole number")
+    _check_range(settings, "temperature", lambda v: v >= 0, "must be >= 0")
+    _check_range(settings, "top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
+    _check_range(settings, "top_k", lambda v: v >= 0, "must be >= 0")
+    _check_range(settings, "max_new_tokens", lambda v: v >= 1, "must be >= 1")
+    _check_range(settings, "repetition_penalty", lambda v: v > 0, "must be > 0")
+    return settings
+
+
+def _check_range(settings, key, ok, text):
+    if key in settings and not ok(settings[key]):
+        raise ValueError(f"{key} {text} (got {settings[key]})")
+
+
+class Config:
+    """The merged configuration; `paths` values are absolute Paths resolved against the config's folder."""
+
+    def __init__(self, data: dict, file: Path):
+        self.data = data
+        self.file = file
+        self.root = file.parent
+        for section in DEFAULTS:
+            setattr(self, section, data[section])
+        self.paths = {name: (self.root / value).resolve() for name, value in data["paths"].items()}
+
+    def resolve(self, value: str) -> Path:
+        return (self.root / value).resolve()
+
+
+def load_config(path) -> Config:
+    """Read config.json (writing the defaults if it is missing) and merge it over the defaults."""
+    file = Path(path).resolve()
+    if not file.exists():
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(json.dumps(DEFAULTS, indent=2) + "\n")
+    text = file.read_text(encoding="utf-8")
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{file}, line {exc.lineno}, column {exc.colno}: invalid JSON: {exc.msg}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{file}, line 1: the top level must be a JSON object")
+    data = copy.deepcopy(DEFAULTS)
+    for section, values in loaded.items():
+        where = lambda key: f"{file}, line {_line_of(text, key)}, key '{section}.{key}'"  # noqa: E731
+        if section not in DEFAULTS:
+            raise ConfigError(f"{file}, line {_line_of(text, section)}, key '{section}': unknown section")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{file}, line {_line_of(text, section)}, key '{section}': must be an object")
+        for key, value in values.items():
+            if key not in DEFAULTS[section]:
+                raise ConfigError(f"{where(key)}: unknown key")
+            problem = _type_problem(key, DEFAULTS[section][key], value)
+            if problem:
+                raise ConfigError(f"{where(key)}: {problem}")
+            data[section][key] = value
+    try:
+        validate_generation(data["generation_defaults"])
+    except ValueError as exc:
+        key = str(exc).split()[0]
+        raise ConfigError(f"{file}, line {_line_of(text, key)}, key 'generation_defaults.{key}': {exc}") from None
+    if data["optimization"]["dtype"] not in DTYPES:
+        raise ConfigError(f"{file}, line {_line_of(text, 'dtype')}, key 'optimization.dtype': "
+                          f"must be one of {', '.join(sorted(DTYPES))}")
+    return Config(data, file)
+
+
+def _type_problem(key, default, value):
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return "must be a number"
+        if key in INTEGER_KEYS and not isinstance(value, int):
+            return "must be a whole number"
+        if key in POSITIVE_KEYS and value <= 0:
+            return "must be greater than 0"
+        return None
+    if isinstance(default, list):
+        ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
+        return None if ok else "must be a list of strings"
+    if default is None:
+        return None if value is None or isinstance(value, str) else "must be a string or null"
+    return None if isinstance(value, str) else "must be a string"
+
+
+def _line_of(text: str, key: str) -> int:
+    match = re.search(r'"%s"\s*:' % re.escape(key), text)
+    return text.count("\n", 0, match.start()) + 1 if match else 1

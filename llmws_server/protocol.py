@@ -1,0 +1,119 @@
+"""Client frames: parsing and validation, before anything acts on them (shared/protocol.md)."""
+import json
+import re
+
+FIELDS = {
+    "inference": {"prompt", "messages", "config", "request_id"},
+    "config": {"data"},
+    "ack": set(),
+    "cancel": {"request_id"},
+    "get_resources": set(),
+    "list_models": set(),
+    "switch_model": {"model_path"},
+    "download_model": {"repo", "target_dir"},
+    "delete_model": {"model_name"},
+}
+HELLO_FIELDS = {"session_id", "last_seq"}
+ROLES = {"system", "user", "assistant"}
+LEGACY_TURN = re.compile(r"<\|(system|user|assistant)\|>(.*?)<\|end\|>", re.DOTALL)
+REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
+
+
+class ProtocolError(ValueError):
+    """A frame that cannot be acted on; the message is sent back as an `error`."""
+
+
+def parse_frame(raw) -> dict:
+    if isinstance(raw, bytes):
+        raise ProtocolError("Binary frames are not supported: send JSON text")
+    try:
+        message = json.loads(raw, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(f"Invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("A message must be a JSON object")
+    return message
+
+
+def _reject_constant(name):
+    raise ProtocolError(f"Invalid JSON: {name} is not allowed")
+
+
+def is_hello(message: dict) -> bool:
+    return "type" not in message
+
+
+def parse_hello(message: dict) -> tuple[object, int]:
+    """(requested session id, last seq seen). A bad session id is not an error: it gets a fresh session."""
+    _no_extra_fields(message, HELLO_FIELDS, "hello")
+    last_seq = message.get("last_seq", 0)
+    if isinstance(last_seq, bool) or not isinstance(last_seq, int) or last_seq < 0:
+        raise ProtocolError("last_seq must be a whole number >= 0")
+    return message.get("session_id"), last_seq
+
+
+def check_message(message: dict) -> str:
+    """The message's type, once its fields are known and of the right kind."""
+    kind = message.get("type")
+    if not isinstance(kind, str) or kind not in FIELDS:
+        raise ProtocolError(f"Unknown message type: {kind!r}" if isinstance(kind, str) else "type must be a string")
+    _no_extra_fields(message, FIELDS[kind] | {"type"}, kind)
+    if "request_id" in message and not (isinstance(message["request_id"], str)
+                                        and REQUEST_ID.match(message["request_id"])):
+        raise ProtocolError("request_id must be 1 to 128 letters, digits or . _ : -")
+    return kind
+
+
+def _no_extra_fields(message, allowed, kind):
+    extra = sorted(set(message) - allowed)
+    if extra:
+        raise ProtocolError(f"Unknown field(s) for {kind}: {', '.join(extra)}")
+
+
+def conversation(message: dict) -> list[dict]:
+    """The chat messages of an inference request, from any of its three prompt forms."""
+    if ("prompt" in message) == ("messages" in message):
+        raise ProtocolError("inference needs exactly one of prompt or messages")
+    if "messages" in message:
+        return _check_turns(message["messages"])
+    prompt = message["prompt"]
+    if isinstance(prompt, str):
+        return _legacy_turns(prompt)
+    if not isinstance(prompt, dict):
+        raise ProtocolError("prompt must be an object {system, user} or a string")
+    _no_extra_fields(prompt, {"system", "user"}, "prompt")
+    if not isinstance(prompt.get("user"), str) or not prompt["user"]:
+        raise ProtocolError("prompt.user must be a non-empty string")
+    if not isinstance(prompt.get("system", ""), str):
+        raise ProtocolError("prompt.system must be a string")
+    turns = [{"role": "system", "content": prompt["system"]}] if prompt.get("system") else []
+    return turns + [{"role": "user", "content": prompt["user"]}]
+
+
+def _legacy_turns(text: str) -> list[dict]:
+    """'<|system|>…<|end|><|user|>…<|end|>'; a string without tags is the user's text."""
+    turns = [{"role": role, "content": content.strip()} for role, content in LEGACY_TURN.findall(text)]
+    if not turns:
+        turns = [{"role": "user", "content": text}]
+    if not any(turn["content"] for turn in turns if turn["role"] == "user"):
+        raise ProtocolError("prompt has no user text")
+    return turns
+
+
+def _check_turns(turns) -> list[dict]:
+    if not isinstance(turns, list) or not turns:
+        raise ProtocolError("messages must be a non-empty list")
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, dict) or set(turn) != {"role", "content"}:
+            raise ProtocolError(f"messages[{index}] must be an object with exactly role and content")
+        if turn["role"] not in ROLES:
+            raise ProtocolError(f"messages[{index}].role must be one of {', '.join(sorted(ROLES))}")
+        if not isinstance(turn["content"], str):
+            raise ProtocolError(f"messages[{index}].content must be a string")
+    return [dict(turn) for turn in turns]
+
+
+def settings_update(value, field: str) -> dict:
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{field} must be an object")
+    return value

@@ -1,0 +1,221 @@
+"""The WebSocket side: handshake checks, one handler per connection, and a method per message type.
+
+A message's path: handler -> dispatch -> on_<type> -> (inference) worker FIFO -> worker thread ->
+job.emit -> Session.emit (seq, buffer) -> Connection.send -> the socket.
+"""
+import asyncio
+import hmac
+import json
+import logging
+from http import HTTPStatus
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
+
+from . import catalog, resources
+from .config import validate_generation
+from .protocol import ProtocolError, check_message, conversation, is_hello, parse_frame, parse_hello
+from .sessions import SessionStore
+from .worker import InferenceJob, Worker
+
+log = logging.getLogger("llmws.server")
+
+
+class Connection:
+    """One client socket with an ordered outbox, so emitting never waits on the network."""
+
+    def __init__(self, websocket):
+        self.websocket = websocket
+        self.outbox = asyncio.Queue()
+        self.sender = asyncio.create_task(self._send_all())
+
+    def send(self, message: dict) -> None:
+        self.outbox.put_nowait(json.dumps(message, ensure_ascii=False))
+
+    def close(self, code: int, reason: str) -> None:
+        asyncio.create_task(self.websocket.close(code, reason))
+
+    async def _send_all(self):
+        try:
+            while True:
+                await self.websocket.send(await self.outbox.get())
+        except ConnectionClosed:
+            pass  # what was not sent is in the session buffer
+
+    def stop(self) -> None:
+        self.sender.cancel()
+
+
+class LLMWSServer:
+    def __init__(self, config, engine):
+        self.config = config
+        self.sessions = SessionStore(config.paths["sessions_dir"], config.generation_defaults)
+        self.worker = Worker(engine)
+        self.connections: set[Connection] = set()
+
+    @property
+    def engine(self):
+        return self.worker.engine
+
+    def serve(self, host: str, port: int, ssl=None):
+        server = self.config.server
+        return serve(self.handler, host, port, ssl=ssl, process_request=self.check_request,
+                     max_size=server["max_message_size"], ping_interval=server["ping_interval"],
+                     ping_timeout=server["ping_timeout"])
+
+    # -- handshake -------------------------------------------------------------------------------
+
+    def check_request(self, connection, request):
+        """Refuse browsers from other origins (403) and, with auth_token set, wrong tokens (401)."""
+        origin = request.headers.get("Origin")
+        if origin is not None and not origin_allowed(origin, self.config.server["allowed_origins"]):
+            log.warning("refused a connection from origin %s", origin)
+            return connection.respond(HTTPStatus.FORBIDDEN, f"Origin {origin} is not allowed\n")
+        token = self.config.server["auth_token"]
+        if token and not hmac.compare_digest(presented_token(request).encode(), token.encode()):
+            return connection.respond(HTTPStatus.UNAUTHORIZED, "Missing or wrong token\n")
+        return None
+
+    # -- connection ------------------------------------------------------------------------------
+
+    async def handler(self, websocket):
+        if len(self.connections) >= self.config.limits["max_clients"]:
+            await websocket.close(1013, "Server full: too many clients, try again later")
+            return
+        connection = Connection(websocket)
+        self.connections.add(connection)
+        session = None
+        try:
+            session, pending = await self._open_session(websocket, connection)
+            if pending is not None:
+                await self.dispatch(session, pending)
+            async for raw in websocket:
+                await self.dispatch(session, raw)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.connections.discard(connection)
+            if session is not None:
+                session.detach(connection)
+            await asyncio.sleep(0)  # let the outbox drain what it can before it is dropped
+            connection.stop()
+
+    async def _open_session(self, websocket, connection):
+        """Read the hello and attach the session; return it with a first frame still to handle."""
+        raw = await websocket.recv()
+        requested, last_seq, pending, problem = None, 0, None, None
+        try:
+            message = parse_frame(raw)
+            if is_hello(message):
+                requested, last_seq = parse_hello(message)
+            else:
+                pending = message  # an implicit empty hello
+        except ProtocolError as exc:
+            problem = exc
+        session, resumed = self.sessions.open(requested)
+        session.attach(connection, self.welcome(session, resumed), last_seq)
+        log.info("session %s %s", session.id, "resumed" if resumed else "opened")
+        if problem:
+            session.reply(error(str(problem)))
+        return session, pending
+
+    def welcome(self, session, resumed: bool) -> dict:
+        engine = self.engine
+        return {"type": "welcome", "session_id": session.id, "resumed": resumed, "model": engine.name,
+                "capabilities": {"vision": engine.vision, "flash_attention": engine.attention == "flash_attention_2",
+                                 "compute_capability": engine.compute_capability,
+                                 "max_context": engine.max_context},
+                "resources": resources.device_summary()}
+
+    async def dispatch(self, session, raw) -> None:
+        try:
+            message = raw if isinstance(raw, dict) else parse_frame(raw)
+            kind = check_message(message)
+            await getattr(self, f"on_{kind}")(session, message)
+        except ProtocolError as exc:
+            session.reply(error(str(exc)))
+
+    # -- messages --------------------------------------------------------------------------------
+
+    async def on_inference(self, session, message):
+        turns = conversation(message)
+        settings = {**session.config, **generation_settings(message.get("config", {}), "config")}
+        if len(session.jobs) >= self.config.limits["queue_size_per_client"]:
+            raise ProtocolError("Queue full")
+        if message.get("request_id") in session.jobs:
+            raise ProtocolError(f"request_id {message['request_id']} is already in use")
+        job = InferenceJob(session, asyncio.get_running_loop(), message.get("request_id"), turns, settings,
+                           self.config.limits["timeout_token_generation"])
+        session.jobs[job.request_id] = job
+        self.worker.submit(job)
+
+    async def on_config(self, session, message):
+        session.config.update(generation_settings(message.get("data"), "data"))
+        session.reply({"type": "config_ack", "config": dict(session.config)})
+
+    async def on_ack(self, session, message):
+        session.clear_buffer()
+        session.reply({"type": "ack_received"})
+
+    async def on_cancel(self, session, message):
+        request_id = message.get("request_id") or next(iter(session.jobs), None)
+        job = session.jobs.get(request_id)
+        if job is None:
+            raise ProtocolError(f"No request {request_id} to cancel" if request_id else "No request to cancel")
+        if self.worker.remove(job):
+            session.jobs.pop(request_id, None)
+        else:
+            job.cancelled.set()  # the running stream ends with done, finish_reason "cancelled"
+        session.reply({"type": "cancelled", "request_id": request_id})
+
+    async def on_get_resources(self, session, message):
+        engine = self.engine
+        figures = await asyncio.to_thread(lambda: (resources.cuda_info(), resources.cpu_info(),
+                                                   catalog.scan(self.config)))
+        cuda, cpu, models = figures
+        session.reply({"type": "resources", "cuda": cuda, "cpu": cpu,
+                       "model": {"name": engine.name, "path": str(engine.path), "vision": engine.vision},
+                       "available_models": models})
+
+    async def on_list_models(self, session, message):
+        models = await asyncio.to_thread(catalog.scan, self.config)
+        session.reply({"type": "models_list", "models": models})
+
+    async def on_switch_model(self, session, message):
+        raise ProtocolError("switch_model is not available in this version")
+
+    async def on_download_model(self, session, message):
+        raise ProtocolError("download_model is not available in this version")
+
+    async def on_delete_model(self, session, message):
+        raise ProtocolError("delete_model is not available in this version")
+
+
+def error(message: str, **fields) -> dict:
+    return {"type": "error", "message": message, **fields}
+
+
+def generation_settings(value, field: str) -> dict:
+    """A validated settings update; a bad one is refused whole."""
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{field} must be an object")
+    try:
+        return validate_generation(dict(value))
+    except ValueError as exc:
+        raise ProtocolError(f"{field}: {exc}") from None
+
+
+def origin_allowed(origin: str, allowed: list[str]) -> bool:
+    """An Origin matches a listed one exactly, or by scheme and host with any port."""
+    if origin in allowed:
+        return True
+    parts = urlsplit(origin)
+    return f"{parts.scheme}://{parts.hostname}" in allowed
+
+
+def presented_token(request) -> str:
+    header = request.headers.get("Authorization", "")
+    if header.startswith("Bearer "):
+        return header[len("Bearer "):]
+    return parse_qs(urlsplit(request.path).query).get("token", [""])[0]

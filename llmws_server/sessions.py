@@ -1,0 +1,126 @@
+"""Sessions: a per-session `seq`, the obfuscated buffer file, and delivery to whichever connection is live.
+
+Every message that carries a `seq` is appended to var/sessions/<id>/buffer.jsonl *before* it is handed to
+the connection, so whatever a client may have seen can be replayed after a drop.
+"""
+import base64
+import binascii
+import json
+import logging
+import shutil
+import uuid
+from pathlib import Path
+
+log = logging.getLogger("llmws.sessions")
+
+KEY = b"llmws"
+TERMINAL_TYPES = {"done", "error"}
+
+
+def simple_encrypt(data: str) -> str:
+    """The seed's XOR + base64 obfuscation (not security)."""
+    raw = data.encode("utf-8")
+    return base64.b64encode(bytes(b ^ KEY[i % len(KEY)] for i, b in enumerate(raw))).decode("ascii")
+
+
+def simple_decrypt(data: str) -> str:
+    raw = base64.b64decode(data)
+    return bytes(b ^ KEY[i % len(KEY)] for i, b in enumerate(raw)).decode("utf-8")
+
+
+def parse_session_id(value) -> str | None:
+    """The canonical form of a UUID, or None: nothing else may ever become a path."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        return None
+    return str(parsed) if str(parsed) == value.lower() else None
+
+
+class Session:
+    def __init__(self, session_id: str, sessions_dir: Path, generation_config: dict):
+        self.id = session_id
+        self.buffer_file = sessions_dir / session_id / "buffer.jsonl"
+        self.config = dict(generation_config)
+        self.seq = 0
+        self.connection = None  # the live Connection, if any
+        self.jobs = {}  # request_id -> job, queued or running
+
+    def emit(self, message: dict) -> None:
+        """A stream message: numbered, buffered, then sent if a connection is live."""
+        self.seq += 1
+        message["seq"] = self.seq
+        self._append(message)
+        if message["type"] in TERMINAL_TYPES and "request_id" in message:
+            self.jobs.pop(message["request_id"], None)
+        self.reply(message)
+
+    def reply(self, message: dict) -> None:
+        """A direct answer: not numbered, not buffered."""
+        if self.connection is not None:
+            self.connection.send(message)
+
+    def attach(self, connection, welcome: dict, last_seq: int = 0) -> None:
+        """Make `connection` the live one: welcome, then what it has not seen, then live messages.
+        Nothing here awaits, so no message emitted meanwhile can fall between replay and live stream."""
+        if self.connection is not None:
+            self.connection.close(4000, "session taken over by another connection")
+        connection.send(welcome)
+        for message in self.buffered(last_seq):
+            connection.send(message)
+        self.connection = connection
+
+    def detach(self, connection) -> None:
+        if self.connection is connection:
+            self.connection = None
+
+    def buffered(self, after_seq: int = 0) -> list[dict]:
+        if not self.buffer_file.exists():
+            return []
+        messages = []
+        for line in self.buffer_file.read_text(encoding="utf-8").splitlines():
+            try:
+                message = json.loads(simple_decrypt(json.loads(line)["data"]))
+            except (ValueError, KeyError, binascii.Error) as exc:
+                log.warning("session %s: skipping an unreadable buffer line (%s)", self.id, exc)
+                continue
+            if message["seq"] > after_seq:
+                messages.append(message)
+        return messages
+
+    def clear_buffer(self) -> None:
+        shutil.rmtree(self.buffer_file.parent, ignore_errors=True)
+
+    def _append(self, message: dict) -> None:
+        line = json.dumps({"id": str(uuid.uuid4()), "data": simple_encrypt(json.dumps(message))})
+        try:
+            self.buffer_file.parent.mkdir(parents=True, exist_ok=True)
+            with self.buffer_file.open("a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
+        except OSError as exc:  # a full disk must not stop the stream
+            log.error("session %s: cannot write %s: %s", self.id, self.buffer_file, exc)
+
+
+class SessionStore:
+    def __init__(self, sessions_dir: Path, generation_defaults: dict):
+        self.dir = sessions_dir
+        self.generation_defaults = generation_defaults
+        self.sessions: dict[str, Session] = {}
+
+    def clear_all(self) -> None:
+        """On server start: the seed clears every buffer."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def open(self, requested_id=None) -> tuple[Session, bool]:
+        """The session to take up, or a fresh one; the bool says whether it was taken up."""
+        session_id = parse_session_id(requested_id)
+        session = self.sessions.get(session_id) if session_id else None
+        if session is not None:
+            return session, True
+        session = Session(str(uuid.uuid4()), self.dir, self.generation_defaults)
+        self.sessions[session.id] = session
+        return session, False
+

@@ -1,0 +1,134 @@
+"""The one FIFO and the one worker thread that runs its jobs, one at a time.
+
+The event loop submits jobs; the worker thread runs them against the engine. A job reports back only
+through `job.emit`, which hands each message to the event loop, so the loop never waits on torch and
+the worker never touches a socket. A batching worker can replace this class: it needs `submit`,
+`remove`, `start` and `stop`, and the same job interface.
+"""
+import collections
+import logging
+import threading
+import time
+import uuid
+
+import torch
+
+log = logging.getLogger("llmws.worker")
+
+OOM_MESSAGE = "CUDA out of memory. Context too long. Please retry with shorter input."
+
+
+class InferenceJob:
+    def __init__(self, session, loop, request_id, messages, settings, timeout_s):
+        self.session = session
+        self.loop = loop
+        self.request_id = request_id or str(uuid.uuid4())
+        self.messages = messages
+        self.settings = settings
+        self.timeout_s = timeout_s
+        self.cancelled = threading.Event()
+
+    def emit(self, message: dict) -> None:
+        """Thread-safe: the session numbers, buffers and sends it on the event loop."""
+        message["request_id"] = self.request_id
+        self.loop.call_soon_threadsafe(self.session.emit, message)
+
+    def run(self, worker) -> None:
+        engine = worker.engine
+        input_ids = engine.encode(self.messages)
+        tokens_in = len(input_ids)
+        if tokens_in >= engine.max_context:
+            self.emit({"type": "error", "message": f"Context too long ({tokens_in} tokens). "
+                       f"Max: {engine.max_context}. Please retry with shorter input.",
+                       "max_context": engine.max_context, "input_length": tokens_in})
+            return
+        max_tokens = min(self.settings["max_new_tokens"], engine.max_context - tokens_in)
+        self.emit({"type": "start", "tokens_in": tokens_in, "max_tokens": max_tokens})
+        started = time.monotonic()
+        deadline = started + self.timeout_s
+
+        def should_stop():
+            if self.cancelled.is_set():
+                return "cancelled"
+            return "timeout" if time.monotonic() > deadline else None
+
+        generated, reason = engine.generate(input_ids, self.settings, max_tokens,
+                                            lambda text: self.emit({"type": "token", "data": text}), should_stop)
+        elapsed = max(time.monotonic() - started, 1e-9)
+        self.emit({"type": "done", "total_tokens": generated, "finish_reason": reason,
+                   "tokens_per_s": round(generated / elapsed, 2)})
+
+    def fail(self, message: str) -> None:
+        self.emit({"type": "error", "message": message})
+
+
+class Worker:
+    def __init__(self, engine):
+        self.engine = engine
+        self.queue = collections.deque()
+        self.running = None
+        self.lock = threading.Condition()
+        self.thread = threading.Thread(target=self._loop, name="llmws-worker", daemon=True)
+        self.stopping = False
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel the running job, drop the queue, and let the thread end."""
+        with self.lock:
+            self.stopping = True
+            self.queue.clear()
+            if self.running is not None:
+                self.running.cancelled.set()
+            self.lock.notify_all()
+        self.thread.join(timeout)
+
+    def submit(self, job) -> int:
+        """Queue a job; return how many requests are ahead of it (the running one included)."""
+        with self.lock:
+            ahead = len(self.queue) + (self.running is not None)
+            self.queue.append(job)
+            self.lock.notify()
+        return ahead
+
+    def remove(self, job) -> bool:
+        """Take a job out of the queue if it has not started yet."""
+        with self.lock:
+            try:
+                self.queue.remove(job)
+            except ValueError:
+                return False
+            self._announce_positions()
+            return True
+
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while not self.queue and not self.stopping:
+                    self.lock.wait()
+                if self.stopping:
+                    return
+                job = self.running = self.queue.popleft()
+                self._announce_positions()
+            self._run(job)
+            with self.lock:
+                self.running = None
+
+    def _run(self, job) -> None:
+        """Run one job; whatever goes wrong is reported to its client and the worker carries on."""
+        try:
+            job.run(self)
+        except (torch.cuda.OutOfMemoryError, MemoryError):
+            log.warning("out of memory while running request %s", job.request_id)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            job.fail(OOM_MESSAGE)
+        except Exception as exc:
+            log.exception("request %s failed", job.request_id)
+            job.fail(f"Generation failed: {exc}")
+
+    def _announce_positions(self) -> None:
+        """Tell every waiting job how many requests are now ahead of it (lock held)."""
+        for index, waiting in enumerate(self.queue):
+            waiting.emit({"type": "queued", "position": index + (self.running is not None)})
