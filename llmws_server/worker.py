@@ -84,13 +84,15 @@ class Worker:
             self.lock.notify_all()
         self.thread.join(timeout)
 
-    def submit(self, job) -> int:
-        """Queue a job; return how many requests are ahead of it (the running one included)."""
+    def submit(self, job) -> None:
+        """Queue a job; one that must wait is told how many requests are ahead of it (running one included).
+        That is said under the lock, so it reaches the session before the job's `start`."""
         with self.lock:
             ahead = len(self.queue) + (self.running is not None)
             self.queue.append(job)
+            if ahead:
+                job.emit({"type": "queued", "position": ahead})
             self.lock.notify()
-        return ahead
 
     def remove(self, job) -> bool:
         """Take a job out of the queue if it has not started yet."""

@@ -1,0 +1,176 @@
+"""Fixtures: the real default model, a tiny random-weight model built here, and real servers on free ports."""
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from llmws_server.config import DEFAULTS  # noqa: E402
+from llmws_server.default_model import install_default_model  # noqa: E402
+
+TINY_MAX_POSITIONS = 4096
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    """models/SmolLM2-135M-Instruct, installed once (it is also the tiny model's tokenizer)."""
+    return install_default_model(REPO / "models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(default_model, tmp_path_factory) -> Path:
+    """A 2-layer Llama with random weights and the default model's tokenizer: fast and deterministic.
+    It has no end-of-sequence token, so it always writes max_new_tokens."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    tokenizer = AutoTokenizer.from_pretrained(default_model)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=TINY_MAX_POSITIONS,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """python llmws.py in its own project folder, with its own config.json."""
+
+    def __init__(self, root: Path, model: Path | None, overrides: dict):
+        self.root = root
+        self.port = free_port()
+        self.config = json.loads(json.dumps(DEFAULTS))
+        for section, values in overrides.items():
+            self.config[section].update(values)
+        self.config["server"]["host"] = "127.0.0.1"
+        (root / "config.json").write_text(json.dumps(self.config, indent=2))
+        self.log = (root / "server.out").open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO / "llmws.py"), "--config", str(root / "config.json"), "--port", str(self.port)]
+            + (["--model", str(model)] if model else []),
+            cwd=root, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self._wait_listening()
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def sessions_dir(self) -> Path:
+        return self.root / "var" / "sessions"
+
+    def output(self) -> str:
+        return (self.root / "server.out").read_text()
+
+    def _wait_listening(self, timeout=180):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.output()}")
+            if "listening on" in self.output():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"server did not start:\n{self.output()}")
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def start_server(tmp_path_factory):
+    """Start a server: start_server(model, limits={...}, ...) -> ServerProcess, stopped after the module."""
+    started = []
+
+    def start(model: Path, **overrides) -> ServerProcess:
+        server = ServerProcess(tmp_path_factory.mktemp("project"), model, overrides)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_server(start_server, tiny_model):
+    return start_server(tiny_model)
+
+
+class Client:
+    """A bare protocol client over a real WebSocket: what the tests need and nothing more."""
+
+    def __init__(self, websocket, welcome):
+        self.ws = websocket
+        self.welcome = welcome
+        self.session_id = welcome["session_id"]
+
+    @classmethod
+    async def open(cls, url, hello=None, **connect_args):
+        websocket = await connect(url, **connect_args)
+        await websocket.send(json.dumps(hello if hello is not None else {}))
+        welcome = json.loads(await asyncio.wait_for(websocket.recv(), 30))
+        assert welcome["type"] == "welcome", welcome
+        return cls(websocket, welcome)
+
+    async def send(self, message: dict):
+        await self.ws.send(json.dumps(message))
+
+    async def recv(self, timeout=60) -> dict:
+        return json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+
+    async def request(self, message: dict) -> dict:
+        """Send one message and return the next reply."""
+        await self.send(message)
+        return await self.recv()
+
+    async def until(self, *types, timeout=120) -> list[dict]:
+        """Messages up to and including the first whose type is one of `types`."""
+        received = []
+        while True:
+            received.append(await self.recv(timeout))
+            if received[-1]["type"] in types:
+                return received
+
+    async def close(self):
+        await self.ws.close()
+
+
+def inference(user="Hello there", max_new_tokens=40, request_id=None, **config) -> dict:
+    message = {"type": "inference", "prompt": {"user": user},
+               "config": {"temperature": 0, "max_new_tokens": max_new_tokens, **config}}
+    if request_id:
+        message["request_id"] = request_id
+    return message
+
+
+def text_of(messages: list[dict]) -> str:
+    return "".join(m["data"] for m in messages if m["type"] == "token")
+
+
+BLOCKER = inference("block", max_new_tokens=4000, request_id="blocker")  # runs for seconds: cancel it when done

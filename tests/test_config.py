@@ -1,0 +1,74 @@
+"""config.json: defaults written when missing, precise errors when malformed, paths relative to the file."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from llmws_server.config import DEFAULTS, ConfigError, load_config, validate_generation
+
+
+def test_repo_config_has_every_key_of_the_contract():
+    shipped = json.loads((REPO / "config.json").read_text())
+    assert shipped == DEFAULTS
+
+
+def test_missing_config_is_written_with_defaults(tmp_path):
+    config = load_config(tmp_path / "config.json")
+    assert json.loads((tmp_path / "config.json").read_text()) == DEFAULTS
+    assert config.server["port"] == 8765
+    assert config.paths["sessions_dir"] == tmp_path / "var" / "sessions"
+
+
+def test_partial_config_is_merged_over_defaults_and_paths_resolve_against_its_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    file = tmp_path / "sub" / "config.json"
+    file.write_text(json.dumps({"server": {"port": 9000}, "paths": {"models_dir": "../weights"}}))
+    config = load_config(file)
+    assert config.server["port"] == 9000 and config.server["host"] == "0.0.0.0"
+    assert config.paths["models_dir"] == tmp_path / "weights"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('{\n  "server": {\n    "port": 80,\n  }\n}', ["line 4", "invalid JSON"]),
+    ('{\n  "server": {\n    "port": "eighty"\n  }\n}', ["line 3", "server.port", "number"]),
+    ('{\n  "limits": {\n    "max_clientz": 3\n  }\n}', ["line 3", "limits.max_clientz", "unknown key"]),
+    ('{\n  "generation_defaults": {\n    "top_p": 2\n  }\n}', ["line 3", "generation_defaults.top_p"]),
+    ('{\n  "optimization": {\n    "dtype": "int3"\n  }\n}', ["line 3", "optimization.dtype"]),
+])
+def test_malformed_config_names_file_line_and_key(tmp_path, text, expected):
+    file = tmp_path / "config.json"
+    file.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(file)
+    message = str(caught.value)
+    assert str(file) in message
+    for part in expected:
+        assert part in message
+
+
+def test_server_refuses_to_start_on_a_malformed_config(tmp_path):
+    file = tmp_path / "config.json"
+    file.write_text('{"server": {"port": true}}')
+    result = subprocess.run([sys.executable, str(REPO / "llmws.py"), "--config", str(file)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert str(file) in result.stderr and "server.port" in result.stderr
+
+
+@pytest.mark.parametrize("settings, field", [
+    ({"temperature": -0.1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, "top_k"), ({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": 2.5}, "max_new_tokens"),
+    ({"repetition_penalty": 0}, "repetition_penalty"), ({"do_sample": 1}, "do_sample"),
+    ({"temperature": float("nan")}, "temperature"), ({"temperature": "hot"}, "temperature"), ({"colour": 1}, "colour"),
+])
+def test_generation_settings_out_of_range_are_refused(settings, field):
+    with pytest.raises(ValueError, match=field):
+        validate_generation(settings)
+
+
+def test_generation_settings_in_range_pass():
+    settings = {"temperature": 0, "top_p": 1, "top_k": 0, "max_new_tokens": 1, "repetition_penalty": 1.0,
+                "do_sample": False}
+    assert validate_generation(dict(settings)) == settings

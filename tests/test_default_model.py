@@ -1,0 +1,58 @@
+"""End to end with the real default model, SmolLM2-135M-Instruct, converted from the GGUF file on PyPI."""
+import json
+import shutil
+
+import pytest
+
+from conftest import Client, text_of
+
+QUESTION = {"type": "inference", "prompt": {"user": "What is the capital of France?"},
+            "config": {"temperature": 0, "max_new_tokens": 40}}
+
+
+def test_default_model_is_safetensors_with_tokenizer(default_model):
+    assert (default_model / "model.safetensors").stat().st_size > 100 * 1024 ** 2
+    assert json.loads((default_model / "config.json").read_text())["model_type"] == "llama"
+    assert "quantization_config" not in json.loads((default_model / "config.json").read_text())
+    assert (default_model / "tokenizer.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def real_server(start_server, default_model):
+    return start_server(default_model)
+
+
+async def test_greedy_answer_names_paris_and_survives_a_drop(real_server):
+    client = await Client.open(real_server.url)
+    assert client.welcome["model"] == "SmolLM2-135M-Instruct"
+    assert client.welcome["capabilities"]["max_context"] == 8192  # capped by the model's positions
+    await client.send(QUESTION)
+    whole = await client.until("done")
+    answer = text_of(whole)
+    assert "Paris" in answer and whole[-1]["finish_reason"] == "stop"
+
+    await client.send(QUESTION)
+    received = [await client.recv() for _ in range(4)]  # start and three tokens, then the line goes dead
+    await client.ws.close()
+    client = await Client.open(real_server.url, {"session_id": client.session_id, "last_seq": received[-1]["seq"]})
+    received += await client.until("done")
+    assert text_of(received) == answer
+    await client.close()
+
+
+async def test_startup_log_names_model_device_dtype_and_attention(real_server):
+    out = real_server.output()
+    assert "SmolLM2-135M-Instruct" in out and "device cpu" in out and "dtype float32" in out
+    assert "attention sdpa" in out
+
+
+def test_auto_select_prefers_models_over_var_models(start_server, tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("autoselect")
+    shutil.copytree(tiny_model, root / "var" / "models" / "a-var-model")
+    shutil.copytree(tiny_model, root / "models" / "z-models-model")
+    from conftest import ServerProcess
+    server = ServerProcess(root, None, {})
+    try:
+        assert "loaded z-models-model" in server.output()
+    finally:
+        server.stop()

@@ -1,0 +1,86 @@
+"""One FIFO for all clients: order, queue positions, per-client and client-count limits, the time limit."""
+import asyncio
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from conftest import BLOCKER, Client, inference
+
+
+@pytest.fixture(scope="module")
+def limited_server(start_server, tiny_model):
+    return start_server(tiny_model, limits={"max_clients": 5, "queue_size_per_client": 2})
+
+
+async def test_three_clients_are_served_in_arrival_order(limited_server):
+    blocker = await Client.open(limited_server.url)
+    await blocker.send(BLOCKER)
+    assert (await blocker.recv())["type"] == "start"
+    clients = [await Client.open(limited_server.url) for _ in range(3)]
+    for position, client in enumerate(clients, start=1):
+        await client.send(inference(f"client {position}", max_new_tokens=20))
+        queued = await client.recv()
+        assert queued["type"] == "queued" and queued["position"] == position
+    await blocker.send({"type": "cancel"})
+    await blocker.until("done")
+
+    order = []
+
+    async def follow(index, client):
+        for message in await client.until("done"):
+            order.append((message["type"], index, message.get("position")))
+
+    await asyncio.gather(*(follow(index, client) for index, client in enumerate(clients)))
+    starts_and_dones = [(kind, index) for kind, index, _ in order if kind in ("start", "done")]
+    assert starts_and_dones == [("start", 0), ("done", 0), ("start", 1), ("done", 1), ("start", 2), ("done", 2)]
+    # positions were updated as the queue moved: client 2 went 2 -> 1, client 3 went 3 -> 2 -> 1
+    updates = {index: [position for kind, i, position in order if kind == "queued" and i == index]
+               for index in range(3)}
+    assert updates == {0: [], 1: [1], 2: [2, 1]}
+    for client in clients + [blocker]:
+        await client.close()
+
+
+async def test_per_client_queue_limit_refuses_with_queue_full(limited_server):
+    client = await Client.open(limited_server.url)
+    await client.send(BLOCKER)
+    await client.until("start")
+    await client.send(inference(max_new_tokens=2, request_id="second"))
+    assert (await client.recv())["type"] == "queued"
+    refused = await client.request(inference(max_new_tokens=2, request_id="third"))
+    assert refused == {"type": "error", "message": "Queue full"}
+    other = await Client.open(limited_server.url)  # the limit is per client
+    await other.send(inference(max_new_tokens=2))
+    assert (await other.recv())["type"] == "queued"
+    cancelled = await client.request({"type": "cancel", "request_id": "second"})
+    assert cancelled == {"type": "cancelled", "request_id": "second"}
+    await client.send({"type": "cancel", "request_id": "blocker"})
+    received = await client.until("done")
+    assert received[-1]["request_id"] == "blocker" and received[-1]["finish_reason"] == "cancelled"
+    assert (await other.until("done"))[-1]["total_tokens"] == 2
+    assert not [m for m in received if m.get("request_id") == "second" and m["type"] == "start"]
+    await client.close()
+    await other.close()
+
+
+async def test_client_beyond_max_clients_is_closed_with_1013(limited_server):
+    clients = [await Client.open(limited_server.url) for _ in range(5)]
+    with pytest.raises(ConnectionClosed) as closed:
+        await Client.open(limited_server.url)
+    assert closed.value.rcvd.code == 1013
+    await clients[0].close()
+    await asyncio.sleep(0.2)
+    replacement = await Client.open(limited_server.url)  # a freed place can be taken again
+    for client in clients[1:] + [replacement]:
+        await client.close()
+
+
+async def test_runaway_generation_stops_at_the_time_limit(start_server, tiny_model):
+    server = start_server(tiny_model, limits={"timeout_token_generation": 0.5})
+    client = await Client.open(server.url)
+    await client.send(BLOCKER)
+    done = (await client.until("done"))[-1]
+    assert done["finish_reason"] == "timeout" and 0 < done["total_tokens"] < 4000
+    await client.send(inference(max_new_tokens=3))
+    assert (await client.until("done"))[-1]["finish_reason"] == "length"  # the worker carries on
+    await client.close()
