@@ -42,18 +42,18 @@ async def test_three_clients_are_served_in_arrival_order(limited_server):
 
 
 async def test_per_client_queue_limit_refuses_with_queue_full(limited_server):
-    client = await Client.open(limited_server.url)
+    client = await Client.open(limited_server.url)  # its own blocker streams tokens meanwhile: skip them
     await client.send(BLOCKER)
     await client.until("start")
     await client.send(inference(max_new_tokens=2, request_id="second"))
-    assert (await client.recv())["type"] == "queued"
-    refused = await client.request(inference(max_new_tokens=2, request_id="third"))
-    assert refused == {"type": "error", "message": "Queue full"}
+    assert (await client.until("queued"))[-1]["request_id"] == "second"
+    await client.send(inference(max_new_tokens=2, request_id="third"))
+    assert (await client.until("error"))[-1] == {"type": "error", "message": "Queue full"}
     other = await Client.open(limited_server.url)  # the limit is per client
     await other.send(inference(max_new_tokens=2))
     assert (await other.recv())["type"] == "queued"
-    cancelled = await client.request({"type": "cancel", "request_id": "second"})
-    assert cancelled == {"type": "cancelled", "request_id": "second"}
+    await client.send({"type": "cancel", "request_id": "second"})
+    assert (await client.until("cancelled"))[-1] == {"type": "cancelled", "request_id": "second"}
     await client.send({"type": "cancel", "request_id": "blocker"})
     received = await client.until("done")
     assert received[-1]["request_id"] == "blocker" and received[-1]["finish_reason"] == "cancelled"
@@ -64,6 +64,7 @@ async def test_per_client_queue_limit_refuses_with_queue_full(limited_server):
 
 
 async def test_client_beyond_max_clients_is_closed_with_1013(limited_server):
+    await asyncio.sleep(0.5)  # let the server finish closing the earlier tests' connections
     clients = [await Client.open(limited_server.url) for _ in range(5)]
     with pytest.raises(ConnectionClosed) as closed:
         await Client.open(limited_server.url)
