@@ -86,6 +86,10 @@ class LLMWSEnhancedClient:
                     self._route(json.loads(raw))
             except ConnectionClosed:
                 pass
+            except Exception as exc:  # a callback failed (a closed stdout, say): end every waiter with it
+                self._fail_all(exc)
+                await self._websocket.close()
+                return
             self._connected.clear()
             if self._closing or not await self._reconnect():
                 self._fail_all(ConnectionError("connection to the server lost"))
@@ -339,6 +343,205 @@ def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
 
+# -- interactive mode ----------------------------------------------------------------------------
+
+HELP = """Commands:
+  /config key=value ...   change generation settings (temperature, top_p, top_k, max_new_tokens, ...)
+  /system [text]          set the system prompt (no text: none)
+  /resources              device, memory, model, context limit
+  /models                 the models on the server
+  /switch <path>          load another model (models/NAME or var/models/NAME)
+  /download <repo> <dir>  download a model into models/<dir>
+  /delete <name>          delete a model from var/models/
+  /session                show this session's id
+  /cancel                 stop the running answer (Ctrl-C does the same)
+  /clear                  start a new conversation
+  /help                   this text
+  /quit                   leave (Ctrl-D does the same)"""
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    cells = [headers] + [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join([lines[0], "  ".join("-" * width for width in widths)] + lines[1:])
+
+
+def parse_settings(words: list[str]) -> dict:
+    """key=value words; values are read as JSON where they parse (0.8, 50, true), else as text."""
+    settings = {}
+    for word in words:
+        key, equals, value = word.partition("=")
+        if not equals or not key:
+            raise ValueError(f"expected key=value, got {word!r}")
+        try:
+            settings[key] = json.loads(value)
+        except ValueError:
+            settings[key] = value
+    return settings
+
+
+class Repl:
+    """A chat in the terminal. The client runs on an event loop in a background thread, so the main
+    thread can read lines and turn Ctrl-C into a cancel."""
+
+    def __init__(self, args):
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="llm-client", daemon=True).start()
+        self.client = LLMWSEnhancedClient(args.host, args.port, args.session, args.token, args.tls,
+                                          on_status=lambda text: print(f"\r[{text}]", file=sys.stderr))
+        self.system = args.system
+        self.settings = generation_config(args)
+        self.history = []
+
+    def call(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def run(self) -> int:
+        welcome = self.call(self.client.connect())
+        print(f"Connected to {welcome['model']} on {welcome['resources']['device']}, "
+              f"session {welcome['session_id']}. /help for commands, Ctrl-D to leave.")
+        _load_history()
+        try:
+            while True:
+                try:
+                    line = input("you> ").strip()
+                except EOFError:
+                    print()
+                    break
+                except KeyboardInterrupt:
+                    print()
+                    continue
+                if line and not self.handle(line):
+                    break
+        finally:
+            _save_history()
+            self.call(self.client.disconnect())
+        return 0
+
+    def handle(self, line: str) -> bool:
+        """Act on one line; False means leave."""
+        try:
+            if not line.startswith("/"):
+                self.chat(line)
+                return True
+            command, *words = line.split()
+            if command == "/quit":
+                return False
+            action = self.commands().get(command)
+            if action is None:
+                print(f"unknown command {command}; /help lists them")
+            else:
+                action(words, line[len(command):].strip())
+        except LLMWSError as exc:
+            print(f"error: {exc}")
+        except (ValueError, TypeError) as exc:
+            print(f"error: {exc}")
+        except ConnectionError as exc:
+            print(f"error: {exc}")
+            return False
+        return True
+
+    def commands(self) -> dict:
+        return {"/config": self.do_config, "/system": self.do_system, "/resources": self.do_resources,
+                "/models": self.do_models, "/switch": self.do_switch, "/download": self.do_download,
+                "/delete": self.do_delete, "/session": lambda words, rest: print(self.client.session_id),
+                "/cancel": self.do_cancel, "/clear": self.do_clear, "/help": lambda words, rest: print(HELP)}
+
+    def chat(self, text: str) -> None:
+        turn = {"role": "user", "content": text}
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        future = asyncio.run_coroutine_threadsafe(
+            self.client.inference(messages=system + self.history + [turn], on_token=_write, **self.settings),
+            self.loop)
+        while True:
+            try:
+                answer = future.result()
+                break
+            except KeyboardInterrupt:
+                self._cancel_quietly()
+        done = self.client.last_done
+        print(f"\n[{done['total_tokens']} tokens, {done['tokens_per_s']} tokens/s"
+              f"{'' if done['finish_reason'] == 'stop' else ', ' + done['finish_reason']}]")
+        self.history += [turn, {"role": "assistant", "content": answer}]
+
+    def _cancel_quietly(self) -> None:
+        try:
+            self.call(self.client.cancel())
+        except (LLMWSError, KeyboardInterrupt):
+            pass  # it had just finished
+
+    def do_config(self, words, rest):
+        if not words:
+            raise ValueError("usage: /config key=value ...")
+        config = self.call(self.client.set_config(**parse_settings(words)))
+        print(", ".join(f"{key}={value}" for key, value in config.items()))
+
+    def do_system(self, words, rest):
+        self.system = rest or None
+        print(f"system prompt: {self.system!r}" if self.system else "no system prompt")
+
+    def do_resources(self, words, rest):
+        figures = self.call(self.client.get_resources())
+        cuda, cpu = figures["cuda"], figures["cpu"]
+        rows = [["model", figures["model"]["name"]],
+                ["max context", self.client.welcome["capabilities"]["max_context"]]]
+        if cuda:
+            rows += [["device", cuda["device"]],
+                     ["GPU memory", f"{cuda['total_gb'] - cuda['free_gb']:.1f} GB used, {cuda['free_gb']:.1f} GB free "
+                                    f"of {cuda['total_gb']:.1f} GB"]]
+        rows += [["CPU", f"{cpu['processor']} ({cpu['cores']} cores)"],
+                 ["RAM", f"{cpu['available_gb']:.1f} GB free of {cpu['total_gb']:.1f} GB, "
+                         f"server uses {cpu['process_rss_gb']:.2f} GB"]]
+        print(table(["resource", "value"], rows))
+
+    def do_models(self, words, rest):
+        models = self.call(self.client.list_models())
+        print(table(["name", "source", "size MB", "path"],
+                    [[m["name"], m["source"], m["size_mb"], m["path"]] for m in models]) if models else "no models")
+
+    def do_switch(self, words, rest):
+        if len(words) != 1:
+            raise ValueError("usage: /switch <path>")
+        print(self.call(self.client.switch_model(words[0], on_log=print))["message"])
+
+    def do_download(self, words, rest):
+        if len(words) != 2:
+            raise ValueError("usage: /download <repo> <dir>")
+        print(self.call(self.client.download_model(words[0], words[1], on_log=print))["type"])
+
+    def do_delete(self, words, rest):
+        if len(words) != 1:
+            raise ValueError("usage: /delete <name>")
+        print(self.call(self.client.delete_model(words[0]))["message"])
+
+    def do_cancel(self, words, rest):
+        print(f"cancelled {self.call(self.client.cancel())['request_id']}")
+
+    def do_clear(self, words, rest):
+        self.history = []
+        print("new conversation")
+
+
+HISTORY_FILE = os.path.expanduser("~/.llmws_history")
+
+
+def _load_history():
+    try:
+        import readline
+        readline.read_history_file(HISTORY_FILE)
+    except (ImportError, OSError):
+        pass
+
+
+def _save_history():
+    try:
+        import readline
+        readline.set_history_length(1000)
+        readline.write_history_file(HISTORY_FILE)
+    except (ImportError, OSError):
+        pass
+
 
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -347,12 +550,14 @@ def main(argv=None) -> int:
         prompt = sys.stdin.read()
     try:
         if prompt is None:
-            from llm_repl import run_repl  # interactive mode lives in its own module
-            return run_repl(args)
+            return Repl(args).run()
         return asyncio.run(one_shot(args, prompt))
     except LLMWSError as exc:
         print(f"llm: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # stdout closed early (llm.py ... | head): not an error of ours
+        sys.stderr.close()
+        return 0
     except (OSError, ConnectionClosed, InvalidHandshake, asyncio.TimeoutError) as exc:
         print(f"llm: {describe_failure(exc, args)}", file=sys.stderr)
         return 1

@@ -1,0 +1,218 @@
+"""llm.py against a real server: the Python API, automatic reconnect, one-shot mode and the REPL."""
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+from conftest import REPO, free_port
+from llm import LLMWSEnhancedClient, LLMWSError
+
+GREEDY = {"temperature": 0, "max_new_tokens": 60}
+
+
+def client_for(server, **kwargs) -> LLMWSEnhancedClient:
+    return LLMWSEnhancedClient(host="127.0.0.1", port=server.port, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def reference_text(tiny_server):
+    async def answer():
+        async with client_for(tiny_server) as client:
+            return await client.inference("Tell me about rivers", **GREEDY)
+    return asyncio.run(answer())
+
+
+async def test_api_methods_work_as_the_seed_shows(tiny_server, reference_text):
+    client = client_for(tiny_server)
+    welcome = await client.connect()
+    assert welcome["type"] == "welcome" and client.session_id == welcome["session_id"]
+    config = await client.set_config(temperature=0.8, max_new_tokens=1024)
+    assert config["temperature"] == 0.8 and config["max_new_tokens"] == 1024 and config["top_k"] == 50
+    pieces = []
+    text = await client.inference(prompt="Tell me about rivers", on_token=pieces.append, **GREEDY)
+    assert text == reference_text == "".join(pieces) and len(pieces) > 5
+    assert client.last_done["total_tokens"] == 60
+    streamed = [piece async for piece in client.stream("Tell me about rivers", **GREEDY)]
+    assert "".join(streamed) == reference_text
+    with_system = await client.inference(prompt="What is AI?", system="You are a helpful assistant", **GREEDY)
+    assert with_system and with_system != reference_text
+    resources = await client.get_resources()
+    assert resources["type"] == "resources" and resources["model"]["name"] == "tiny-llama"
+    assert await client.list_models() == []
+    with pytest.raises(LLMWSError):
+        await client.switch_model("models/nothing-here")
+    await client.disconnect(send_ack=True)
+    assert not (tiny_server.sessions_dir / client.session_id / "buffer.jsonl").exists()
+
+
+async def test_errors_raise_one_exception_class_with_their_fields(tiny_server):
+    async with client_for(tiny_server) as client:
+        with pytest.raises(LLMWSError) as caught:
+            await client.inference("word " * 5000, **GREEDY)
+        assert caught.value.max_context == 4096 and caught.value.input_length > 4096
+        assert "Context too long" in str(caught.value)
+        with pytest.raises(LLMWSError, match="top_p"):
+            await client.inference("hi", top_p=7)
+        with pytest.raises(LLMWSError, match="temperature"):
+            await client.set_config(temperature=-2)
+        assert (await client.inference("hi", max_new_tokens=3, temperature=0)) != ""  # still usable
+
+
+async def test_cancel_from_the_api(tiny_server):
+    async with client_for(tiny_server) as client:
+        stream = client.stream("go on", temperature=0, max_new_tokens=4000)
+        await stream.__anext__()
+        await client.cancel()
+        rest = [piece async for piece in stream]
+        assert client.last_done["finish_reason"] == "cancelled" and len(rest) < 3999
+
+
+async def test_answers_are_acked_so_buffers_do_not_pile_up(tiny_server):
+    async with client_for(tiny_server) as client:
+        await client.inference("hi", max_new_tokens=5, temperature=0)
+        assert not (tiny_server.sessions_dir / client.session_id / "buffer.jsonl").exists()
+
+
+class CuttableProxy:
+    """A loopback TCP proxy whose live connections the test can cut, as a network fault would."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        self.writers = []
+
+    async def start(self):
+        self.server = await asyncio.start_server(self._pipe, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _pipe(self, client_reader, client_writer):
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers += [client_writer, server_writer]
+
+        async def copy(reader, writer):
+            try:
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                writer.close()
+        try:
+            await asyncio.gather(copy(client_reader, server_writer), copy(server_reader, client_writer))
+        except asyncio.CancelledError:
+            pass  # the test is over
+
+    def cut(self):
+        for writer in self.writers:
+            writer.transport.abort()
+        self.writers = []
+
+    async def stop(self):
+        self.cut()
+        self.server.close()
+
+
+@pytest.mark.parametrize("cuts_after", [[1], [3, 25], [2, 10, 30, 50]])
+async def test_reconnects_by_itself_and_the_text_is_byte_identical(tiny_server, reference_text, cuts_after):
+    proxy = CuttableProxy(tiny_server.port)
+    await proxy.start()
+    notices = []
+    client = LLMWSEnhancedClient("127.0.0.1", proxy.port, on_status=notices.append)
+    await client.connect()
+    pieces = []
+    async for piece in client.stream("Tell me about rivers", **GREEDY):
+        pieces.append(piece)
+        if len(pieces) in cuts_after:
+            proxy.cut()
+    assert "".join(pieces).encode() == reference_text.encode()
+    # The tiny model may finish while the client waits to reconnect; later cuts then meet a complete answer.
+    assert "reconnected" in notices
+    await client.disconnect()
+    await proxy.stop()
+
+
+def run_llm(*args, stdin=None, timeout=120):
+    return subprocess.run([sys.executable, str(REPO / "llm.py"), *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_one_shot_prints_the_answer_and_exits_0(tiny_server, reference_text):
+    result = run_llm("--prompt", "Tell me about rivers", "--port", str(tiny_server.port), "--host", "127.0.0.1",
+                     "--temperature", "0", "--max-tokens", "60")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == reference_text + "\n"
+
+
+def test_one_shot_reads_a_piped_prompt_and_prints_json(tiny_server):
+    result = run_llm("--port", str(tiny_server.port), "--host", "127.0.0.1", "--json", "--max-tokens", "5",
+                     stdin="Tell me about rivers")
+    assert result.returncode == 0, result.stderr
+    messages = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [m["type"] for m in messages][:2] == ["welcome", "start"] and messages[-2]["type"] == "done"
+    assert messages[-1]["type"] == "ack_received"
+    dash = run_llm("--prompt", "-", "--port", str(tiny_server.port), "--host", "127.0.0.1", "--max-tokens", "5",
+                   stdin="hello")
+    assert dash.returncode == 0 and dash.stdout.strip()
+
+
+def test_one_shot_fails_with_a_one_line_reason(tiny_server):
+    unreachable = run_llm("--prompt", "hi", "--port", str(free_port()), "--host", "127.0.0.1")
+    assert unreachable.returncode == 1 and "cannot reach the server" in unreachable.stderr
+    assert len(unreachable.stderr.strip().splitlines()) == 1
+    refused = run_llm("--prompt", "hi", "--port", str(tiny_server.port), "--host", "127.0.0.1",
+                      "--temperature", "-1")
+    assert refused.returncode == 1 and "temperature" in refused.stderr and refused.stdout == ""
+
+
+@pytest.fixture
+def repl(tiny_server, tmp_path):
+    child = pexpect.spawn(sys.executable, [str(REPO / "llm.py"), "--port", str(tiny_server.port),
+                                           "--host", "127.0.0.1"],
+                          env={**os.environ, "HOME": str(tmp_path)}, encoding="utf-8", timeout=60)
+    child.expect("/help for commands")
+    child.expect("you> ")
+    yield child
+    child.close(force=True)
+
+
+def test_repl_chats_runs_commands_and_quits(repl, tmp_path):
+    repl.sendline("Tell me about rivers")
+    repl.expect(r"\[(\d+) tokens, [\d.]+ tokens/s")
+    repl.expect("you> ")
+    for command, expected in [("/help", "/download <repo> <dir>"), ("/session", r"[0-9a-f-]{36}"),
+                              ("/config temperature=0 max_new_tokens=8", "temperature=0"),
+                              ("/config oops", "error: expected key=value"), ("/config top_p=9", "error: .*top_p"),
+                              ("/resources", "max context +4096"), ("/models", "no models"),
+                              ("/system Be terse.", "system prompt: 'Be terse.'"), ("/switch", "usage: /switch"),
+                              ("/download a", "usage: /download"), ("/delete", "usage: /delete"),
+                              ("/bogus", "unknown command"), ("/clear", "new conversation"),
+                              ("/cancel", "error: No request to cancel")]:
+        repl.sendline(command)
+        repl.expect(expected)
+        repl.expect("you> ")
+    repl.sendline("Again")
+    repl.expect(r"\[8 tokens")
+    repl.expect("you> ")
+    repl.sendline("/quit")
+    repl.expect(pexpect.EOF)
+    repl.wait()
+    assert repl.exitstatus == 0
+    assert "/config oops" in (tmp_path / ".llmws_history").read_text()
+
+
+def test_repl_ctrl_c_cancels_the_answer_and_stays(repl):
+    repl.sendline("/config temperature=0 max_new_tokens=4000")
+    repl.expect("you> ")
+    repl.sendline("Go on forever")
+    repl.expect(r"\S")  # the answer has begun
+    repl.sendintr()
+    repl.expect(r"tokens/s, cancelled\]")
+    repl.expect("you> ")
+    repl.sendline("/session")
+    repl.expect(r"[0-9a-f-]{36}")
+    repl.sendeof()
+    repl.expect(pexpect.EOF)
