@@ -52,7 +52,7 @@ class LLMWSEnhancedClient:
         self._reader = None
         self._replies = asyncio.Queue()  # direct answers, in the order the frames were sent
         self._streams = {}  # request_id -> Queue of its stream messages
-        self._events = asyncio.Queue()  # numbered messages without a request id (model logs)
+        self._listeners = set()  # a Queue per running switch or download: numbered messages without request id
         self._ask_lock = asyncio.Lock()
         self._connected = asyncio.Event()
         self._closing = False
@@ -126,12 +126,15 @@ class LLMWSEnhancedClient:
             if stream is not None:
                 stream.put_nowait(message)
             elif "request_id" not in message:
-                self._events.put_nowait(message)
+                for listener in self._listeners:
+                    listener.put_nowait(message)
+                if message["type"] == "log" and not self._listeners:
+                    self.on_status(message["message"])  # news for everyone, such as a model switch
         else:
             self._replies.put_nowait(message)
 
     def _fail_all(self, exc: Exception) -> None:
-        for queue in [self._replies, self._events, *self._streams.values()]:
+        for queue in [self._replies, *self._listeners, *self._streams.values()]:
             queue.put_nowait(exc)
 
     async def disconnect(self, send_ack=True) -> None:
@@ -266,26 +269,28 @@ class LLMWSEnhancedClient:
                                   "download_done", on_log)
 
     async def _follow(self, message: dict, final_type: str, on_log) -> dict:
-        """A long task: its numbered log lines go to `on_log` until `final_type` (or an error) arrives."""
-        async with self._ask_lock:
-            await self._send(message)
+        """A long task (switch, download): its log lines go to `on_log` until `final_type` or an error."""
+        events = asyncio.Queue()
+        self._listeners.add(events)
+        try:
+            async with self._ask_lock:  # until the frame is answered: a direct error, or the task's first word
+                await self._send(message)
+                replies = asyncio.create_task(self._next(self._replies))
+                first = asyncio.create_task(self._next(events))
+                done, pending = await asyncio.wait({replies, first}, return_when=asyncio.FIRST_COMPLETED)
+                for task in pending:
+                    task.cancel()
+            ready = [task.result() for task in (replies, first) if task in done]  # the direct answer first
             while True:
-                event = await self._next_event_or_reply()
+                event = ready.pop(0) if ready else await self._next(events)
                 if event["type"] == "error":
                     raise LLMWSError(event)
                 if event["type"] == final_type:
                     return event
                 if event["type"] == "log" and on_log:
                     on_log(event["message"])
-
-    async def _next_event_or_reply(self) -> dict:
-        replies = asyncio.create_task(self._next(self._replies))
-        events = asyncio.create_task(self._next(self._events))
-        done, pending = await asyncio.wait({replies, events}, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        winner = replies if replies in done else events
-        return winner.result()
+        finally:
+            self._listeners.discard(events)
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -506,9 +511,14 @@ class Repl:
         print(self.call(self.client.switch_model(words[0], on_log=print))["message"])
 
     def do_download(self, words, rest):
+        """Runs in the background: the chat goes on, progress lines appear as they come."""
         if len(words) != 2:
             raise ValueError("usage: /download <repo> <dir>")
-        print(self.call(self.client.download_model(words[0], words[1], on_log=print))["type"])
+        future = asyncio.run_coroutine_threadsafe(
+            self.client.download_model(words[0], words[1], on_log=lambda text: print(f"\r[download] {text}")),
+            self.loop)
+        future.add_done_callback(_report_download)
+        print(f"downloading {words[0]} into models/{words[1]} in the background")
 
     def do_delete(self, words, rest):
         if len(words) != 1:
@@ -521,6 +531,14 @@ class Repl:
     def do_clear(self, words, rest):
         self.history = []
         print("new conversation")
+
+
+def _report_download(future) -> None:
+    error = future.exception()
+    if error:
+        print(f"\r[download] error: {error}")
+    else:
+        print(f"\r[download] done: {future.result()['model']['path']}")
 
 
 HISTORY_FILE = os.path.expanduser("~/.llmws_history")

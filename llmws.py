@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     (config.paths["var_dir"] / "models").mkdir(parents=True, exist_ok=True)
     setup_logging(config.paths["logs_dir"])
     model_dir = choose_model(config, args.model)
-    engine = Engine(model_dir, config.model, config.optimization, config.limits["max_context_length"])
+    engine = Engine.for_config(model_dir, config)
     server = LLMWSServer(config, engine)
     server.sessions.clear_all()
     port = config.server["port"] if args.port is None else args.port

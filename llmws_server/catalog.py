@@ -1,5 +1,12 @@
-"""The model catalogue: folders under models/ and var/models/ that hold a config.json."""
+"""The model catalogue: folders under models/ and var/models/ holding a config.json, and the rules for
+turning a client's name or path into one of them."""
+import json
+import re
 from pathlib import Path
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+LFS_POINTER_PREFIX = b"version https://git-lfs"
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def model_dirs(config) -> list[tuple[str, Path]]:
@@ -7,28 +14,86 @@ def model_dirs(config) -> list[tuple[str, Path]]:
     return [("models", config.paths["models_dir"]), ("var", config.paths["var_dir"] / "models")]
 
 
-def folder_size_mb(folder: Path) -> float:
-    size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
-    return round(size / 1024 ** 2, 1)
+def is_lfs_pointer(path: Path) -> bool:
+    """A git-lfs pointer file left where the real weights should be."""
+    if path.stat().st_size > 1024:
+        return False
+    with path.open("rb") as handle:
+        return handle.read(len(LFS_POINTER_PREFIX)) == LFS_POINTER_PREFIX
 
 
-def scan(config) -> list[dict]:
-    """Every model folder, as the seed's models_list entries. Hidden folders (work in progress) are skipped."""
+def weights_problem(folder: Path) -> str | None:
+    """Why a folder cannot be loaded yet (no weights, LFS pointers in their place), or None."""
+    weights = [path for path in folder.rglob("*") if path.is_file() and path.suffix in WEIGHT_SUFFIXES]
+    if not weights:
+        return "no weight files"
+    pointers = [path.name for path in weights if is_lfs_pointer(path)]
+    if pointers:
+        return f"git-lfs pointers instead of weights: {', '.join(pointers)}"
+    return None
+
+
+def describe(folder: Path, source: str, root: Path, loaded: Path | None = None) -> dict:
+    """A models_list entry: the seed's fields plus what config.json tells without loading weights."""
+    try:
+        model_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        model_config = {}
+    architectures = model_config.get("architectures") or [model_config.get("model_type", "unknown")]
+    problem = weights_problem(folder)
+    files = [path for path in folder.rglob("*") if path.is_file()]
+    return {"name": folder.name, "path": _relative(folder, root), "source": source,
+            "size_mb": round(sum(path.stat().st_size for path in files) / 1024 ** 2, 1),
+            "architecture": architectures[0], "vision": "vision_config" in model_config,
+            "loaded": loaded is not None and folder.resolve() == Path(loaded).resolve(),
+            "complete": problem is None, **({"problem": problem} if problem else {})}
+
+
+def scan(config, loaded: Path | None = None) -> list[dict]:
+    """Every model folder. Hidden folders (downloads and installs under way) are skipped."""
     entries = []
     for source, directory in model_dirs(config):
         if not directory.is_dir():
             continue
         for folder in sorted(directory.iterdir()):
             if folder.is_dir() and not folder.name.startswith(".") and (folder / "config.json").is_file():
-                entries.append({"name": folder.name, "path": _relative(folder, config.root),
-                                "source": source, "size_mb": folder_size_mb(folder)})
+                entries.append(describe(folder, source, config.root, loaded))
     return entries
 
 
 def auto_select(config) -> Path | None:
-    """The seed's rule: models/ first, then var/models/; the first found in that order."""
-    entries = scan(config)
-    return config.resolve(entries[0]["path"]) if entries else None
+    """The seed's rule: models/ first, then var/models/; the first complete one in that order."""
+    for entry in scan(config):
+        if entry["complete"]:
+            return config.resolve(entry["path"])
+    return None
+
+
+def check_name(name) -> str:
+    """A plain folder name: no separators, no leading dot or dash, nothing odd."""
+    if not isinstance(name, str) or not SAFE_NAME.match(name) or name in (".", ".."):
+        raise ValueError(f"not a valid model name: {name!r} (letters, digits, . _ -; no leading dot)")
+    return name
+
+
+def find_model(config, given) -> tuple[str, Path]:
+    """(source, folder) for 'models/X', 'var/models/X' or a bare name X. Whatever is given must resolve,
+    symlinks followed, to a folder directly inside models/ or var/models/."""
+    if not isinstance(given, str) or not given or "\x00" in given or Path(given).is_absolute():
+        raise ValueError(f"Model not found: {given!r} (give models/NAME, var/models/NAME or NAME)")
+    parts = Path(given).parts
+    if len(parts) == 1:
+        check_name(given)
+        candidates = [(source, directory / given) for source, directory in model_dirs(config)]
+    else:
+        check_name(parts[-1])
+        candidates = [(source, config.root / given) for source, _ in model_dirs(config)][:1]
+    for source, candidate in candidates:
+        resolved = candidate.resolve()
+        for allowed_source, directory in model_dirs(config):
+            if resolved.parent == directory.resolve() and (resolved / "config.json").is_file():
+                return allowed_source, resolved
+    raise ValueError(f"Model not found: {given}")
 
 
 def _relative(path: Path, root: Path) -> str:

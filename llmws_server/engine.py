@@ -1,5 +1,6 @@
 """The transformers model: loading with the right dtype and attention, prompts, streamed generation.
 Only the worker thread calls into an Engine."""
+import gc
 import importlib
 import logging
 import threading
@@ -74,6 +75,10 @@ class Engine:
                  self.name, time.monotonic() - started, self.params / 1e6, self.device,
                  str(self.dtype).removeprefix("torch."), self.attention, self.max_context)
 
+    @classmethod
+    def for_config(cls, model_dir: Path, config) -> "Engine":
+        return cls(model_dir, config.model, config.optimization, config.limits["max_context_length"])
+
     def encode(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation, through the model's chat template when it has one."""
         if self.tokenizer.chat_template:
@@ -114,7 +119,8 @@ class Engine:
         return generated, reason
 
     def unload(self) -> None:
-        del self.model
+        self.model = None
+        gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -7,6 +7,7 @@ import asyncio
 import hmac
 import json
 import logging
+import shutil
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
@@ -15,9 +16,11 @@ from websockets.exceptions import ConnectionClosed
 
 from . import catalog, resources
 from .config import validate_generation
+from .downloads import Downloads
+from .engine import Engine
 from .protocol import ProtocolError, check_message, conversation, is_hello, parse_frame, parse_hello
 from .sessions import SessionStore
-from .worker import InferenceJob, Worker
+from .worker import InferenceJob, SwitchJob, Worker
 
 log = logging.getLogger("llmws.server")
 
@@ -52,6 +55,7 @@ class LLMWSServer:
         self.config = config
         self.sessions = SessionStore(config.paths["sessions_dir"], config.generation_defaults)
         self.worker = Worker(engine)
+        self.downloads = Downloads(config)
         self.connections: set[Connection] = set()
 
     @property
@@ -171,25 +175,72 @@ class LLMWSServer:
 
     async def on_get_resources(self, session, message):
         engine = self.engine
-        figures = await asyncio.to_thread(lambda: (resources.cuda_info(), resources.cpu_info(),
-                                                   catalog.scan(self.config)))
-        cuda, cpu, models = figures
+        cuda, cpu, models = await asyncio.to_thread(
+            lambda: (resources.cuda_info(), resources.cpu_info(), catalog.scan(self.config, engine.path)))
         session.reply({"type": "resources", "cuda": cuda, "cpu": cpu,
                        "model": {"name": engine.name, "path": str(engine.path), "vision": engine.vision},
                        "available_models": models})
 
     async def on_list_models(self, session, message):
-        models = await asyncio.to_thread(catalog.scan, self.config)
+        models = await asyncio.to_thread(catalog.scan, self.config, self.engine.path)
         session.reply({"type": "models_list", "models": models})
 
     async def on_switch_model(self, session, message):
-        raise ProtocolError("switch_model is not available in this version")
+        try:
+            _, path = catalog.find_model(self.config, message.get("model_path"))
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
+        problem = catalog.weights_problem(path)
+        if problem:
+            raise ProtocolError(f"Model {path.name} cannot be loaded yet: {problem}")
+        self.worker.submit(SwitchJob(session, asyncio.get_running_loop(), path,
+                                     lambda folder: Engine.for_config(folder, self.config),
+                                     lambda engine: self._announce_model(engine, session)))
+
+    def _announce_model(self, engine, switcher) -> None:
+        """Tell every other connected session which model now answers."""
+        for session in self.sessions.sessions.values():
+            if session is not switcher and session.connection is not None:
+                session.emit({"type": "log", "message": f"Model switched to {engine.name} "
+                                                        f"(max context {engine.max_context})"})
 
     async def on_download_model(self, session, message):
-        raise ProtocolError("download_model is not available in this version")
+        try:
+            url, destination = self.downloads.check(message.get("repo"), message.get("target_dir"))
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
+        session.reply({"type": "download_started", "message": "Download started in background"})
+        asyncio.create_task(self._download(session, url, destination))
+
+    async def _download(self, session, url, destination) -> None:
+        def log_line(text):
+            session.emit({"type": "log", "message": text})
+
+        log_line("Starting download...")
+        try:
+            entry = await self.downloads.download(url, destination, log_line)
+        except Exception as exc:
+            log.warning("download of %s failed: %s", url, exc)
+            session.emit(error(f"Download failed: {exc}"))
+            return
+        log_line("Download complete!")
+        session.emit({"type": "download_done", "model": entry})
 
     async def on_delete_model(self, session, message):
-        raise ProtocolError("delete_model is not available in this version")
+        try:
+            name = catalog.check_name(message.get("model_name"))
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
+        var_models = self.config.paths["var_dir"] / "models"
+        folder = var_models / name
+        if folder.is_symlink() or not folder.is_dir():
+            if (self.config.paths["models_dir"] / name).exists():
+                raise ProtocolError("Models in models/ must be deleted manually")
+            raise ProtocolError(f"Model not found: {name}")
+        if folder.resolve() == self.engine.path.resolve():
+            raise ProtocolError(f"Model {name} is loaded; switch to another model first")
+        await asyncio.to_thread(shutil.rmtree, folder)
+        session.reply({"type": "model_deleted", "message": f"Model {name} deleted"})
 
 
 def error(message: str, **fields) -> dict:

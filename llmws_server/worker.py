@@ -62,6 +62,48 @@ class InferenceJob:
         self.emit({"type": "error", "message": message})
 
 
+class SwitchJob:
+    """Swap the engine between two requests: unload, free memory, load; on failure, load the old one back."""
+
+    request_id = None
+
+    def __init__(self, session, loop, path, load, on_switched):
+        self.session = session
+        self.loop = loop
+        self.path = path
+        self.load = load  # path -> Engine
+        self.on_switched = on_switched  # called on the event loop with the new engine
+
+    def emit(self, message: dict) -> None:
+        self.loop.call_soon_threadsafe(self.session.emit, message)
+
+    def log(self, text: str) -> None:
+        self.emit({"type": "log", "message": text})
+
+    def fail(self, message: str) -> None:
+        self.emit({"type": "error", "message": message})
+
+    def run(self, worker) -> None:
+        old = worker.engine
+        self.log(f"Unloading {old.name}...")
+        old.unload()
+        self.log("Clearing CUDA cache..." if torch.cuda.is_available() else "Freeing memory...")
+        self.log(f"Loading model {self.path.name}...")
+        try:
+            new = self.load(self.path)
+        except Exception as exc:
+            log.exception("loading %s failed", self.path)
+            self.log(f"Loading {self.path.name} failed; reloading {old.name}...")
+            worker.engine = self.load(old.path)
+            self.fail(f"Model switch failed: {exc}. Still serving {old.name}.")
+            return
+        worker.engine = new
+        self.log(f"✓ Model loaded: {new.name}, {new.params / 1e6:.1f}M parameters, "
+                 f"{str(new.dtype).removeprefix('torch.')} on {new.device}, max context {new.max_context}")
+        self.emit({"type": "model_switched", "message": f"Model switched to {new.name}", "model": new.name})
+        self.loop.call_soon_threadsafe(self.on_switched, new)
+
+
 class Worker:
     def __init__(self, engine):
         self.engine = engine

@@ -28,17 +28,21 @@ def default_model() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(default_model, tmp_path_factory) -> Path:
+    return build_tiny_model(default_model, tmp_path_factory.mktemp("tiny") / "tiny-llama", seed=0)
+
+
+def build_tiny_model(default_model: Path, out: Path, seed: int) -> Path:
     """A 2-layer Llama with random weights and the default model's tokenizer: fast and deterministic.
     It has no end-of-sequence token, so it always writes max_new_tokens."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    out = tmp_path_factory.mktemp("tiny") / "tiny-llama"
     tokenizer = AutoTokenizer.from_pretrained(default_model)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=TINY_MAX_POSITIONS,
-                         bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=True)
-    torch.manual_seed(0)
+                         initializer_range=0.3, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                         tie_word_embeddings=True)  # a wide init gives varied text, not one repeated token
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = None
     model.save_pretrained(out)
@@ -107,8 +111,12 @@ def start_server(tmp_path_factory):
     """Start a server: start_server(model, limits={...}, ...) -> ServerProcess, stopped after the module."""
     started = []
 
-    def start(model: Path, **overrides) -> ServerProcess:
-        server = ServerProcess(tmp_path_factory.mktemp("project"), model, overrides)
+    def start(model: Path | None, populate=None, **overrides) -> ServerProcess:
+        """populate(root) may fill the project folder before the server starts."""
+        root = tmp_path_factory.mktemp("project")
+        if populate:
+            populate(root)
+        server = ServerProcess(root, model, overrides)
         started.append(server)
         return server
 

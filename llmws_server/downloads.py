@@ -1,0 +1,147 @@
+"""Model downloads in the background, into models/<target_dir>: git + git-lfs (the seed's way), or
+huggingface_hub.snapshot_download for Hugging Face repos when that package is present.
+
+Everything lands in a hidden folder beside the target first and is renamed into place only when
+complete and verified, so a failed or cancelled download leaves nothing half-made."""
+import asyncio
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from . import catalog
+
+MAX_CONCURRENT = 2
+GIT_LFS_ADVICE = ("git-lfs is not installed. Install it first: sudo apt-get install git-lfs && git lfs install")
+LFS_POINTER_SIZE = re.compile(rb"^size (\d+)$", re.MULTILINE)
+
+
+class Downloads:
+    def __init__(self, config):
+        self.allowed_prefixes = config.download["allowed_url_prefixes"]
+        self.timeout_s = config.download["timeout_s"]
+        self.models_dir = config.paths["models_dir"]
+        self.root = config.root
+        self.active: set[str] = set()
+
+    def check(self, repo, target_dir) -> tuple[str, Path]:
+        """(url, destination) for a request that may go ahead; ValueError says why not."""
+        if not isinstance(repo, str) or not repo or repo.startswith("-") or any(c.isspace() or ord(c) < 32
+                                                                                for c in repo):
+            raise ValueError("repo must be a URL")
+        if "@" in urlsplit(repo).netloc:
+            raise ValueError("repo URL must not carry credentials")
+        if "::" in repo or not any(repo.startswith(prefix) for prefix in self.allowed_prefixes):
+            raise ValueError(f"repo must start with one of: {', '.join(self.allowed_prefixes)}")
+        name = catalog.check_name(target_dir)
+        destination = self.models_dir / name
+        if destination.exists() or destination.is_symlink():
+            raise ValueError(f"models/{name} exists already")
+        if name in self.active:
+            raise ValueError(f"models/{name} is being downloaded already")
+        if len(self.active) >= MAX_CONCURRENT:
+            raise ValueError(f"{MAX_CONCURRENT} downloads are running; try again when one is done")
+        return repo, destination
+
+    async def download(self, url: str, destination: Path, log) -> dict:
+        """Fetch, verify, move into place; `log(text)` reports progress. Returns the catalogue entry."""
+        self.active.add(destination.name)
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".download-{destination.name}-", dir=self.models_dir))
+        try:
+            await asyncio.wait_for(self._fetch(url, work, log), self.timeout_s)
+            shutil.rmtree(work / ".git", ignore_errors=True)
+            shutil.rmtree(work / ".cache", ignore_errors=True)
+            if not (work / "config.json").is_file():
+                raise RuntimeError("the repository has no config.json: not a transformers model")
+            problem = catalog.weights_problem(work)
+            if problem:
+                raise RuntimeError(f"the download is incomplete: {problem}")
+            work.rename(destination)
+            return catalog.describe(destination, "models", self.root)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"timed out after {self.timeout_s} s") from None
+        finally:
+            self.active.discard(destination.name)
+            shutil.rmtree(work, ignore_errors=True)
+
+    async def _fetch(self, url, work, log):
+        if url.startswith("https://huggingface.co/") and importlib.util.find_spec("huggingface_hub"):
+            log("Using huggingface_hub.snapshot_download")
+            await self._snapshot(url, work, log)
+        else:
+            log("Using git + git-lfs")
+            await self._git(url, work, log)
+
+    async def _git(self, url, work, log):
+        if await _run(["git", "lfs", "version"], check=False) != 0:
+            raise RuntimeError(GIT_LFS_ADVICE)
+        progress_file = work.parent / f"{work.name}.progress"
+        env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_LFS_SKIP_SMUDGE": "1",
+               "GIT_LFS_PROGRESS": str(progress_file)}
+        try:
+            log("Cloning repository...")
+            await _run(["git", "clone", "--depth", "1", "--", url, str(work)], env=env)
+            total = sum(_pointer_size(path) for path in work.rglob("*") if path.is_file()
+                        and ".git" not in path.relative_to(work).parts)
+            log(f"Downloading LFS objects ({total / 1024 ** 2:.1f} MB)...")
+            pull = asyncio.create_task(_run(["git", "-C", str(work), "lfs", "pull"], env=env))
+            while not pull.done():
+                await asyncio.wait({pull}, timeout=0.5)
+                done = _lfs_bytes(progress_file)
+                if total and done:
+                    log(f"LFS objects: {done / 1024 ** 2:.1f}/{total / 1024 ** 2:.1f} MB ({100 * done // total}%)")
+            await pull
+        finally:
+            progress_file.unlink(missing_ok=True)
+
+    async def _snapshot(self, url, work, log):
+        from huggingface_hub import snapshot_download
+
+        repo_id = "/".join(urlsplit(url).path.strip("/").split("/")[:2])
+        fetch = asyncio.create_task(asyncio.to_thread(snapshot_download, repo_id=repo_id, local_dir=str(work)))
+        while not fetch.done():
+            await asyncio.wait({fetch}, timeout=2)
+            size = sum(path.stat().st_size for path in work.rglob("*") if path.is_file())
+            log(f"Downloaded {size / 1024 ** 2:.1f} MB")
+        await fetch
+
+
+async def _run(argv, env=None, check=True) -> int:
+    """Run a command (an argument list, never a shell); its output becomes the error if it fails."""
+    process = await asyncio.create_subprocess_exec(*argv, env=env, stdin=asyncio.subprocess.DEVNULL,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        output, _ = await process.communicate()
+    except asyncio.CancelledError:
+        process.kill()
+        await process.wait()
+        raise
+    if check and process.returncode != 0:
+        last_lines = output.decode(errors="replace").strip().splitlines()[-3:]
+        raise RuntimeError(f"{argv[0]} {argv[1]} failed: {' '.join(last_lines)}")
+    return process.returncode
+
+
+def _pointer_size(path: Path) -> int:
+    if not catalog.is_lfs_pointer(path):
+        return 0
+    match = LFS_POINTER_SIZE.search(path.read_bytes())
+    return int(match.group(1)) if match else 0
+
+
+def _lfs_bytes(progress_file: Path) -> int:
+    """Bytes fetched so far, from git-lfs's progress lines: '<dir> <n>/<files> <bytes>/<total> <name>'."""
+    try:
+        lines = progress_file.read_text().splitlines()
+    except OSError:
+        return 0
+    latest = {}
+    for line in lines:
+        parts = line.split(" ", 3)
+        if len(parts) == 4 and "/" in parts[2]:
+            latest[parts[3]] = int(parts[2].split("/")[0])
+    return sum(latest.values())

@@ -1,0 +1,224 @@
+"""Model management over the socket: list, switch, download (real git + git-lfs), delete; hostile input."""
+import asyncio
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import Client, build_tiny_model, inference, text_of
+from llm import LLMWSEnhancedClient, LLMWSError
+from llmws_server import downloads
+
+POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize 1234\n".format("0" * 64)
+
+
+@pytest.fixture(scope="module")
+def second_tiny_model(default_model, tmp_path_factory):
+    return build_tiny_model(default_model, tmp_path_factory.mktemp("tiny2") / "tiny-b", seed=1)
+
+
+def git(*args, cwd):
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
+                   env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                        "GIT_COMMITTER_EMAIL": "t@t"})
+
+
+@pytest.fixture(scope="module")
+def lfs_repo(tiny_model, tmp_path_factory) -> Path:
+    """A bare git repository on disk whose safetensors are LFS objects, as on Hugging Face."""
+    base = tmp_path_factory.mktemp("repos")
+    work, bare = base / "work", base / "tiny-lfs.git"
+    shutil.copytree(tiny_model, work)
+    git("init", "-q", "-b", "main", cwd=work)
+    git("lfs", "install", "--local", cwd=work)
+    git("lfs", "track", "*.safetensors", cwd=work)
+    git("add", "-A", cwd=work)
+    git("commit", "-qm", "model", cwd=work)
+    git("init", "-q", "--bare", "-b", "main", str(bare), cwd=base)
+    git("push", "-q", f"file://{bare}", "main", cwd=work)
+    return bare
+
+
+@pytest.fixture(scope="module")
+def models_server(start_server, tiny_model, second_tiny_model, lfs_repo):
+    def populate(root):
+        shutil.copytree(tiny_model, root / "models" / "tiny-a")
+        shutil.copytree(second_tiny_model, root / "var" / "models" / "tiny-b")
+        shutil.copytree(tiny_model, root / "var" / "models" / "spare")
+        broken = root / "var" / "models" / "broken"
+        shutil.copytree(tiny_model, broken)
+        (broken / "model.safetensors").write_bytes(b"\x00" * 4096)  # not a safetensors file
+        pointers = root / "var" / "models" / "half-done"
+        shutil.copytree(tiny_model, pointers)
+        (pointers / "model.safetensors").write_text(POINTER)
+        (root / "models" / ".download-x-123").mkdir(parents=True)
+        (root / "outside").mkdir()
+        (root / "outside" / "keep.txt").write_text("keep")
+        os.symlink(root / "outside", root / "var" / "models" / "escape")
+    return start_server(None, populate, download={"allowed_url_prefixes": ["https://huggingface.co/",
+                                                                           f"file://{lfs_repo.parent}/"]})
+
+
+def tree(root: Path) -> set:
+    return {str(path.relative_to(root)) for path in root.rglob("*") if "sessions" not in path.parts
+            and "logs" not in path.parts}
+
+
+async def answer(client, text="Which model are you?"):
+    await client.send(inference(text, max_new_tokens=12))
+    return text_of(await client.until("done"))
+
+
+async def test_catalogue_lists_both_folders_with_details(models_server):
+    client = await Client.open(models_server.url)
+    models = {m["name"]: m for m in (await client.request({"type": "list_models"}))["models"]}
+    assert set(models) == {"tiny-a", "tiny-b", "spare", "broken", "half-done"}  # hidden work folders are not models
+    assert models["tiny-a"] == {**models["tiny-a"], "path": "models/tiny-a", "source": "models", "loaded": True,
+                                "architecture": "LlamaForCausalLM", "vision": False, "complete": True}
+    assert models["tiny-b"]["source"] == "var" and models["tiny-b"]["loaded"] is False
+    assert models["tiny-a"]["size_mb"] > 1
+    assert models["half-done"]["complete"] is False and "pointers" in models["half-done"]["problem"]
+    resources = await client.request({"type": "get_resources"})
+    assert resources["available_models"] == list(models.values())
+    await client.close()
+
+
+async def test_switch_streams_logs_and_answers_come_from_the_new_model(models_server):
+    client = await Client.open(models_server.url)
+    watcher = await Client.open(models_server.url)
+    before = await answer(client)
+    await client.send({"type": "switch_model", "model_path": "var/models/tiny-b"})
+    messages = await client.until("model_switched", "error")
+    logs = [m["message"] for m in messages if m["type"] == "log"]
+    assert logs[0] == "Unloading tiny-a..." and "Loading model tiny-b..." in logs
+    assert logs[-1].startswith("✓ Model loaded: tiny-b") and "max context 4096" in logs[-1]
+    assert messages[-1] == {**messages[-1], "type": "model_switched", "model": "tiny-b"}
+    assert "Model switched to tiny-b" in (await watcher.until("log"))[-1]["message"]
+    after = await answer(client)
+    assert after != before
+    assert (await Client.open(models_server.url)).welcome["model"] == "tiny-b"
+    await client.send({"type": "switch_model", "model_path": "tiny-a"})  # a bare name works too
+    await client.until("model_switched")
+    assert await answer(client) == before
+    await client.close()
+    await watcher.close()
+
+
+async def test_a_failed_load_keeps_the_server_serving_the_old_model(models_server):
+    client = await Client.open(models_server.url)
+    before = await answer(client)
+    await client.send({"type": "switch_model", "model_path": "var/models/broken"})
+    messages = await client.until("error")
+    assert "Model switch failed" in messages[-1]["message"] and "Still serving tiny-a" in messages[-1]["message"]
+    assert any("reloading tiny-a" in m.get("message", "") for m in messages)
+    assert await answer(client) == before
+    await client.close()
+
+
+@pytest.mark.parametrize("path, words", [
+    ("../../etc", "Model not found"), ("/etc", "Model not found"), ("models/../../outside", "Model not found"),
+    ("models/nothing", "Model not found"), ("var/models/escape", "Model not found"), ("", "Model not found"),
+    ("var/models/half-done", "cannot be loaded yet"), (".download-x-123", "not a valid model name"),
+    ("models/.download-x-123", "not a valid model name"), (42, "Model not found"),
+])
+async def test_hostile_switches_are_refused(models_server, path, words):
+    client = await Client.open(models_server.url)
+    reply = await client.request({"type": "switch_model", "model_path": path})
+    assert reply["type"] == "error" and words in reply["message"]
+    assert (await client.request({"type": "ack"}))["type"] == "ack_received"
+    await client.close()
+
+
+@pytest.mark.parametrize("name, words", [
+    ("tiny-a", "must be deleted manually"), ("../outside", "not a valid model name"),
+    ("escape", "Model not found"), ("/etc", "not a valid model name"), ("nothing", "Model not found"),
+    ("", "not a valid model name"), (".", "not a valid model name"), ("..", "not a valid model name"),
+])
+async def test_hostile_deletes_are_refused_and_touch_nothing(models_server, name, words):
+    before = tree(models_server.root)
+    client = await Client.open(models_server.url)
+    reply = await client.request({"type": "delete_model", "model_name": name})
+    assert reply["type"] == "error" and words in reply["message"]
+    assert tree(models_server.root) == before
+    await client.close()
+
+
+async def test_delete_removes_a_var_model_but_never_the_loaded_one(models_server):
+    client = await Client.open(models_server.url)
+    await client.send({"type": "switch_model", "model_path": "var/models/spare"})
+    await client.until("model_switched")
+    refused = await client.request({"type": "delete_model", "model_name": "spare"})
+    assert refused["type"] == "error" and "loaded" in refused["message"]
+    await client.send({"type": "switch_model", "model_path": "models/tiny-a"})
+    await client.until("model_switched")
+    assert await client.request({"type": "delete_model", "model_name": "spare"}) == {
+        "type": "model_deleted", "message": "Model spare deleted"}
+    assert not (models_server.root / "var/models/spare").exists()
+    assert (models_server.root / "outside/keep.txt").exists()
+    await client.close()
+
+
+async def test_download_from_a_git_lfs_repo_while_chatting(models_server, lfs_repo, tiny_model):
+    url = f"file://{lfs_repo}"
+    async with LLMWSEnhancedClient("127.0.0.1", models_server.port) as client:
+        logs = []
+        done, text = await asyncio.gather(client.download_model(url, "downloaded", on_log=logs.append),
+                                          client.inference("chat meanwhile", temperature=0, max_new_tokens=30))
+        assert text
+        assert logs[0] == "Starting download..." and "Using git + git-lfs" in logs
+        assert any(line.startswith("Downloading LFS objects") for line in logs)
+        assert logs[-1] == "Download complete!"
+        entry = done["model"]
+        assert entry["name"] == "downloaded" and entry["path"] == "models/downloaded" and entry["complete"]
+        target = models_server.root / "models" / "downloaded"
+        assert not (target / ".git").exists()
+        assert (target / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
+        assert not [p for p in (models_server.root / "models").iterdir() if p.name.startswith(".download-downloaded")]
+        switch_logs = []
+        switched = await client.switch_model("models/downloaded", on_log=switch_logs.append)
+        assert switched["model"] == "downloaded" and switch_logs[0].startswith("Unloading")
+        assert await client.delete_model("tiny-b")
+        with pytest.raises(LLMWSError, match="exists already"):
+            await client.download_model(url, "downloaded")
+        await client.switch_model("models/tiny-a")
+
+
+@pytest.mark.parametrize("repo, target, words", [
+    ("https://example.com/x.git", "x", "must start with"), ("-uhttps://huggingface.co/a/b", "x", "must be a URL"),
+    ("ext::sh -c touch% /tmp/pwned", "x", "must be a URL"), ("ext::https://huggingface.co/a", "x", "must start with"),
+    ("https://user:pw@huggingface.co/a/b", "x", "credentials"), ("https://huggingface.co/a/b", "../x", "valid model"),
+    ("https://huggingface.co/a/b", ".x", "valid model"), ("https://huggingface.co/a/b", "/tmp/x", "valid model"),
+    ("https://huggingface.co/a/b", "tiny-a", "exists already"), (None, "x", "must be a URL"),
+])
+async def test_hostile_downloads_are_refused_and_write_nothing(models_server, repo, target, words):
+    before = tree(models_server.root)
+    client = await Client.open(models_server.url)
+    reply = await client.request({"type": "download_model", "repo": repo, "target_dir": target})
+    assert reply["type"] == "error" and words in reply["message"]
+    assert tree(models_server.root) == before
+    await client.close()
+
+
+async def test_a_failed_download_leaves_nothing_behind(models_server, lfs_repo):
+    before = tree(models_server.root)
+    client = await Client.open(models_server.url)
+    reply = await client.request({"type": "download_model", "repo": f"file://{lfs_repo.parent}/missing.git",
+                                  "target_dir": "missing"})
+    assert reply["type"] == "download_started"
+    failure = (await client.until("error"))[-1]
+    assert "Download failed" in failure["message"] and "git clone failed" in failure["message"]
+    assert tree(models_server.root) == before
+    await client.close()
+
+
+async def test_missing_git_lfs_gives_the_seeds_advice(tmp_path, lfs_repo, monkeypatch):
+    only_git = tmp_path / "bin"
+    only_git.mkdir()
+    os.symlink(shutil.which("git"), only_git / "git")
+    monkeypatch.setenv("PATH", str(only_git))
+    monkeypatch.setenv("GIT_EXEC_PATH", subprocess.run(["git", "--exec-path"], capture_output=True,
+                                                       text=True).stdout.strip())
+    with pytest.raises(RuntimeError, match="sudo apt-get install git-lfs"):
+        await downloads.Downloads.__new__(downloads.Downloads)._git(f"file://{lfs_repo}", tmp_path / "w", print)
