@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 from http import HTTPStatus
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import serve
@@ -23,6 +24,7 @@ from .sessions import SessionStore
 from .worker import InferenceJob, SwitchJob, Worker
 
 log = logging.getLogger("llmws.server")
+WEB_CLIENT = Path(__file__).resolve().parent.parent / "web_client_enhanced.html"
 
 
 class Connection:
@@ -71,7 +73,10 @@ class LLMWSServer:
     # -- handshake -------------------------------------------------------------------------------
 
     def check_request(self, connection, request):
-        """Refuse browsers from other origins (403) and, with auth_token set, wrong tokens (401)."""
+        """Serve the web client to a plain GET of /; refuse browsers from other origins (403) and, with
+        auth_token set, wrong tokens (401)."""
+        if "upgrade" not in request.headers.get("Connection", "").lower():
+            return self.http_page(connection, request)
         origin = request.headers.get("Origin")
         if origin is not None and not origin_allowed(origin, self.config.server["allowed_origins"]):
             log.warning("refused a connection from origin %s", origin)
@@ -80,6 +85,14 @@ class LLMWSServer:
         if token and not hmac.compare_digest(presented_token(request).encode(), token.encode()):
             return connection.respond(HTTPStatus.UNAUTHORIZED, "Missing or wrong token\n")
         return None
+
+    def http_page(self, connection, request):
+        if urlsplit(request.path).path not in ("/", "/index.html", "/web_client_enhanced.html"):
+            return connection.respond(HTTPStatus.NOT_FOUND, "Not found: the web client is at /\n")
+        response = connection.respond(HTTPStatus.OK, WEB_CLIENT.read_text(encoding="utf-8"))
+        del response.headers["Content-Type"]  # respond() made it text/plain
+        response.headers["Content-Type"] = "text/html; charset=utf-8"
+        return response
 
     # -- connection ------------------------------------------------------------------------------
 

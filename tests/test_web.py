@@ -1,0 +1,123 @@
+"""The web client in a real headless Chromium (Debian's), served by the server itself and opened from disk."""
+import asyncio
+import concurrent.futures
+import shutil
+
+import pytest
+
+from conftest import REPO
+from llm import LLMWSEnhancedClient
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-quic"]
+
+pytestmark = pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, tiny_server):
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(f"http://127.0.0.1:{tiny_server.port}/")
+    page.click("#connect")
+    page.wait_for_function("document.getElementById('status').textContent === 'connected'")
+    yield page
+    context.close()
+
+
+def reference(server, prompt, **config):
+    """The same request through the Python client (in a thread: Playwright's loop owns this one)."""
+    async def answer():
+        async with LLMWSEnhancedClient("127.0.0.1", server.port) as client:
+            return await client.inference(prompt, **config)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, answer()).result()
+
+
+def set_greedy(page, max_new_tokens):
+    page.fill("#temperature", "0")
+    page.fill("#max_new_tokens", str(max_new_tokens))
+    page.click("#applyConfig")
+    page.wait_for_function("document.getElementById('configState').textContent === 'applied'")
+
+
+def test_served_page_connects_and_shows_the_welcome(page, tiny_server):
+    assert page.text_content("#modelName") == "tiny-llama"
+    assert page.text_content("#device") == "cpu"
+    session_id = page.text_content("#sessionId")
+    assert len(session_id) == 36 and page.evaluate("localStorage.getItem('llmws.session')") == session_id
+    assert page.input_value("#address") == f"127.0.0.1:{tiny_server.port}"
+
+
+def test_chat_streams_an_answer_with_stats(page, tiny_server):
+    set_greedy(page, 30)
+    page.fill("#prompt", "Tell me about rivers")
+    page.press("#prompt", "Enter")
+    page.wait_for_function("state.history.length === 2")
+    assert page.evaluate("state.history[1].content") == reference(tiny_server, "Tell me about rivers",
+                                                                  temperature=0, max_new_tokens=30)
+    assert "30 tokens" in page.text_content(".turn.assistant .stats")
+    assert page.locator(".turn.user .body").text_content() == "Tell me about rivers"
+
+
+def test_a_dropped_connection_resumes_the_answer_with_no_gap(page, tiny_server):
+    set_greedy(page, 400)
+    page.fill("#prompt", "A long story")
+    page.click("#send")
+    page.wait_for_function("state.current && state.current.text.length > 10")
+    page.evaluate("state.ws.close()")  # the line drops mid-answer; the page reconnects by itself
+    page.wait_for_function("state.history.length === 2", timeout=60000)
+    assert page.evaluate("state.history[1].content") == reference(tiny_server, "A long story", temperature=0,
+                                                                  max_new_tokens=400)
+
+
+def test_stop_cancels_the_answer(page):
+    set_greedy(page, 4000)
+    page.fill("#prompt", "Go on and on")
+    page.click("#send")
+    page.wait_for_function("state.current && state.current.text.length > 5")
+    page.click("#stop")
+    page.wait_for_function("document.querySelector('.turn.assistant .stats').textContent.includes('cancelled')")
+
+
+def test_errors_show_inline(page):
+    page.fill("#temperature", "0")
+    page.evaluate("document.getElementById('top_k').value = -5")
+    page.click("#applyConfig")
+    page.wait_for_function("document.getElementById('notice').textContent.includes('top_k')")
+
+
+def test_markdown_is_rendered_and_model_html_is_never_run(page):
+    html = page.evaluate("""() => { const d = document.createElement('div');
+        render(d, '<img src=x onerror="window.pwned=1"> **bold** `x<y`\\n```python\\nprint("<b>")\\n```'); return d.innerHTML; }""")
+    assert "<img" not in html and "&lt;img" in html
+    assert "<strong>bold</strong>" in html and "<code>x&lt;y</code>" in html
+    assert '<pre><button class="copy">copy</button><code>print("&lt;b&gt;")' in html.replace("&quot;", '"')
+
+
+def test_resources_panel_shows_device_and_context(page):
+    page.click("#resourcesPanel summary")
+    page.wait_for_function("document.getElementById('resources').textContent.includes('max context')")
+    assert "4096" in page.text_content("#resources")
+
+
+def test_page_opened_from_disk_works_offline(browser, tiny_server):
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto((REPO / "web_client_enhanced.html").as_uri())
+    assert page.input_value("#address") == "localhost:8765"
+    page.fill("#address", f"127.0.0.1:{tiny_server.port}")
+    page.click("#connect")
+    page.wait_for_function("document.getElementById('status').textContent === 'connected'")
+    context.close()
