@@ -1,0 +1,63 @@
+"""Handshake checks: the auth token, browser origins, and the web client served over plain HTTP."""
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from conftest import REPO, Client
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def guarded_server(start_server, tiny_model):
+    return start_server(tiny_model, server={"auth_token": TOKEN})
+
+
+@pytest.mark.parametrize("url_suffix, headers", [("", {}), ("/?token=wrong", {}),
+                                                 ("", {"Authorization": "Bearer wrong"})])
+async def test_missing_or_wrong_token_is_refused_with_401(guarded_server, url_suffix, headers):
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(guarded_server.url + url_suffix, additional_headers=headers)
+    assert refused.value.response.status_code == 401
+
+
+async def test_right_token_in_query_or_header_is_let_in(guarded_server):
+    client = await Client.open(f"{guarded_server.url}/?token={TOKEN}")
+    await client.close()
+    client = await Client.open(guarded_server.url, additional_headers={"Authorization": f"Bearer {TOKEN}"})
+    await client.close()
+
+
+def test_llm_py_passes_the_token(guarded_server):
+    base = [sys.executable, str(REPO / "llm.py"), "--host", "127.0.0.1", "--port", str(guarded_server.port),
+            "--prompt", "hi", "--max-tokens", "3"]
+    assert subprocess.run(base + ["--token", TOKEN], capture_output=True, timeout=120).returncode == 0
+    refused = subprocess.run(base, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "HTTP 401" in refused.stderr
+
+
+@pytest.mark.parametrize("origin, allowed", [("https://evil.example", False), ("http://localhost.evil.example", False),
+                                             ("http://localhost:3000", True), ("http://127.0.0.1:8080", True),
+                                             ("null", True)])
+async def test_browser_origins_are_checked(tiny_server, origin, allowed):
+    if allowed:
+        client = await Client.open(tiny_server.url, origin=origin)
+        await client.close()
+    else:
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(tiny_server.url, origin=origin)
+        assert refused.value.response.status_code == 403
+
+
+def test_web_client_is_served_at_the_root(tiny_server):
+    with urllib.request.urlopen(f"http://127.0.0.1:{tiny_server.port}/") as response:
+        assert response.headers["Content-Type"] == "text/html; charset=utf-8"
+        assert response.read() == (REPO / "web_client_enhanced.html").read_bytes()
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(f"http://127.0.0.1:{tiny_server.port}/../config.json")
+    assert missing.value.code == 404
