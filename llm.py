@@ -202,7 +202,9 @@ class LLMWSEnhancedClient:
             message["config"] = config
         stream = self._streams[request_id] = asyncio.Queue()
         try:
-            item = await self._submit(message, stream)
+            item = (await self._send_and_wait(message, stream))[0]
+            if "seq" not in item:  # a direct answer to an inference is a refusal (bad field, Queue full)
+                raise LLMWSError(item)
             while True:
                 if item["type"] == "token":
                     yield item["data"]
@@ -219,19 +221,17 @@ class LLMWSEnhancedClient:
         if not self._streams:  # nothing else in flight: the server may drop the buffer
             await self.ack()
 
-    async def _submit(self, message: dict, stream: asyncio.Queue) -> dict:
-        """Send an inference and return its first stream message. A direct error (a bad field, Queue full)
-        answers the frame before any stream message does, so it is raised."""
+    async def _send_and_wait(self, message: dict, queue: asyncio.Queue) -> list[dict]:
+        """Send a frame that starts a stream or task and wait for what answers it first: a direct reply
+        (an error, or download_started) and/or the first numbered message on `queue`, in that order."""
         async with self._ask_lock:
             await self._send(message)
             replies = asyncio.create_task(self._next(self._replies))
-            first = asyncio.create_task(self._next(stream))
+            first = asyncio.create_task(self._next(queue))
             done, pending = await asyncio.wait({replies, first}, return_when=asyncio.FIRST_COMPLETED)
             for task in pending:
                 task.cancel()
-            if replies in done:
-                raise LLMWSError(replies.result())
-            return first.result()
+        return [task.result() for task in (replies, first) if task in done]
 
     async def inference(self, prompt=None, system=None, messages=None, on_token=None, **config) -> str:
         """The whole answer; `on_token(text)` sees each piece as it arrives."""
@@ -273,14 +273,7 @@ class LLMWSEnhancedClient:
         events = asyncio.Queue()
         self._listeners.add(events)
         try:
-            async with self._ask_lock:  # until the frame is answered: a direct error, or the task's first word
-                await self._send(message)
-                replies = asyncio.create_task(self._next(self._replies))
-                first = asyncio.create_task(self._next(events))
-                done, pending = await asyncio.wait({replies, first}, return_when=asyncio.FIRST_COMPLETED)
-                for task in pending:
-                    task.cancel()
-            ready = [task.result() for task in (replies, first) if task in done]  # the direct answer first
+            ready = await self._send_and_wait(message, events)
             while True:
                 event = ready.pop(0) if ready else await self._next(events)
                 if event["type"] == "error":
