@@ -85,3 +85,17 @@ async def test_runaway_generation_stops_at_the_time_limit(start_server, tiny_mod
     await client.send(inference(max_new_tokens=3))
     assert (await client.until("done"))[-1]["finish_reason"] == "length"  # the worker carries on
     await client.close()
+
+
+async def test_sigterm_closes_clients_with_1001_and_exits_0(start_server, tiny_model):
+    server = start_server(tiny_model)
+    client = await Client.open(server.url)
+    await client.send(BLOCKER)
+    await client.until("start")
+    server.process.terminate()
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            await client.recv(timeout=20)
+    assert closed.value.rcvd.code == 1001
+    assert await asyncio.to_thread(server.process.wait, 20) == 0
+    assert "shutting down" in server.output()
