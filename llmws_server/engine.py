@@ -3,6 +3,7 @@ Only the worker thread calls into an Engine."""
 import gc
 import importlib
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -14,6 +15,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Stopp
 from . import resources
 
 log = logging.getLogger("llmws.engine")
+# Fault injection for the tests: a prompt containing this text runs out of memory after its first token.
+FAULT_OOM_MARKER = os.environ.get("LLMWS_FAULT_OOM")
 
 
 def choose_dtype(name: str, compute_capability) -> torch.dtype:
@@ -64,16 +67,28 @@ class Engine:
             use_safetensors=model_options["use_safetensors"],
             device_map=model_options["device_map"] if cuda else None)
         self.model.eval()
-        if optimization["compile"]:
-            log.warning("optimization.compile is not used by this server yet; running uncompiled")
+        self.compiled = optimization["compile"]
+        if self.compiled:  # compiles on the first requests of each new shape; dynamic=True keeps that rare
+            self.model.forward = torch.compile(self.model.forward, dynamic=True)
         self.device = str(self.model.device)
         self.params = self.model.num_parameters()
         self.vision = hasattr(self.config, "vision_config")
         self.max_context = resources.estimate_max_context(
             self.config, resources.free_memory_bytes(), self.dtype.itemsize, max_context_cap, self.params)
-        log.info("loaded %s in %.1f s: %.1fM parameters, device %s, dtype %s, attention %s, max context %d",
-                 self.name, time.monotonic() - started, self.params / 1e6, self.device,
-                 str(self.dtype).removeprefix("torch."), self.attention, self.max_context)
+        log.info("loaded %s in %.1f s: %.1fM parameters, device %s, dtype %s, attention %s, compile %s, "
+                 "max context %d", self.name, time.monotonic() - started, self.params / 1e6, self.device,
+                 self.dtype_name, self.attention, self.compiled, self.max_context)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def capabilities(self) -> dict:
+        """The welcome's capabilities: the seed's four, and how the model runs (added)."""
+        return {"vision": self.vision, "flash_attention": self.attention == "flash_attention_2",
+                "compute_capability": self.compute_capability, "max_context": self.max_context,
+                "dtype": self.dtype_name, "attention": self.attention, "compile": self.compiled,
+                "device": self.device}
 
     @classmethod
     def for_config(cls, model_dir: Path, config) -> "Engine":
@@ -90,6 +105,8 @@ class Engine:
     def generate(self, input_ids: list[int], settings: dict, max_new_tokens: int, on_text, should_stop):
         """Stream text pieces to `on_text`; return (tokens generated, finish reason)."""
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        if FAULT_OOM_MARKER and FAULT_OOM_MARKER in self.tokenizer.decode(input_ids):
+            should_stop = _injected_oom
         stopper = _StopWhen(should_stop)
         inputs = torch.tensor([input_ids], device=self.model.device)
         kwargs = dict(input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
@@ -120,9 +137,22 @@ class Engine:
 
     def unload(self) -> None:
         self.model = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
+
+    def lower_max_context(self, failed_at: int) -> None:
+        """After running out of memory at `failed_at` tokens, keep well below that for the rest of the run."""
+        self.max_context = max(1, min(self.max_context, failed_at * 3 // 4))
+        log.warning("out of memory at %d tokens: max context lowered to %d", failed_at, self.max_context)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _injected_oom():
+    raise torch.cuda.OutOfMemoryError("injected by LLMWS_FAULT_OOM")
 
 
 def sampling_arguments(settings: dict) -> dict:

@@ -1,4 +1,9 @@
-"""Memory and device figures, and the context limit they allow."""
+"""Memory and device figures, and the context limit they allow.
+
+GPU figures come from NVML (nvidia-ml-py) with torch.cuda as the fallback; both are passed in as
+modules, so tests can hand in a fake where a machine has no GPU. None of this may run on the event loop:
+callers use asyncio.to_thread.
+"""
 import os
 import platform
 
@@ -8,70 +13,131 @@ GB = 1024 ** 3
 ACTIVATION_RESERVE = 0.4  # the seed keeps 40 % of free memory for activations
 
 
-def _round(value_bytes: float) -> float:
+def _gb(value_bytes: float) -> float:
     return round(value_bytes / GB, 2)
 
 
-def cuda_info() -> dict | None:
-    """The seed's `cuda` block for GPU 0, or None without CUDA."""
+def load_nvml():
+    """pynvml, initialised, or None where the package or the driver is missing."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception:  # ImportError, or NVMLError when there is no driver
+        return None
+
+
+def _torch_cuda():
     import torch
 
-    if not torch.cuda.is_available():
+    return torch.cuda if torch.cuda.is_available() else None
+
+
+def gpus(nvml=None, cuda=None) -> list[dict]:
+    """Every visible GPU: name, memory, compute capability, and utilisation/temperature when NVML has them.
+    nvml=False means: do not use NVML (the torch.cuda fallback)."""
+    cuda = cuda if cuda is not None else _torch_cuda()
+    if cuda is None:
+        return []
+    nvml = nvml if nvml is not None else _NVML
+    devices = []
+    for index in range(cuda.device_count()):
+        allocated = _gb(cuda.memory_allocated(index))
+        if nvml:
+            devices.append({**_nvml_figures(nvml, index), "allocated_gb": allocated})
+        else:
+            free, total = cuda.mem_get_info(index)
+            major, minor = cuda.get_device_capability(index)
+            devices.append({"index": index, "device": cuda.get_device_name(index), "total_gb": _gb(total),
+                            "free_gb": _gb(free), "allocated_gb": allocated, "compute_capability": [major, minor]})
+    return devices
+
+
+def _nvml_figures(nvml, index: int) -> dict:
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+    name = nvml.nvmlDeviceGetName(handle)
+    figures = {"index": index, "device": name.decode() if isinstance(name, bytes) else name,
+               "total_gb": _gb(memory.total), "free_gb": _gb(memory.free),
+               "compute_capability": list(nvml.nvmlDeviceGetCudaComputeCapability(handle))}
+    try:
+        figures["utilization_pct"] = nvml.nvmlDeviceGetUtilizationRates(handle).gpu
+        figures["temperature_c"] = nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)
+    except Exception:  # not every GPU reports these
+        pass
+    return figures
+
+
+def cuda_info(nvml=None, cuda=None) -> dict | None:
+    """The seed's `cuda` block (GPU 0) with every GPU under `devices`, or None without CUDA."""
+    devices = gpus(nvml, cuda)
+    if not devices:
         return None
-    free, total = torch.cuda.mem_get_info(0)
-    props = torch.cuda.get_device_properties(0)
-    return {"device": props.name, "total_gb": _round(total), "free_gb": _round(free),
-            "allocated_gb": _round(torch.cuda.memory_allocated(0)),
-            "compute_capability": [props.major, props.minor]}
+    first = devices[0]
+    return {key: first[key] for key in ("device", "total_gb", "free_gb", "allocated_gb", "compute_capability")} | {
+        "devices": devices}
 
 
 def cpu_info() -> dict:
     memory = psutil.virtual_memory()
     return {"processor": _processor_name(), "cores": psutil.cpu_count(logical=True),
-            "total_gb": _round(memory.total), "available_gb": _round(memory.available),
-            "process_rss_gb": _round(psutil.Process(os.getpid()).memory_info().rss)}
+            "total_gb": _gb(memory.total), "available_gb": _gb(memory.available),
+            "process_rss_gb": _gb(psutil.Process(os.getpid()).memory_info().rss)}
 
 
-def device_summary() -> dict:
+def device_summary(nvml=None, cuda=None) -> dict:
     """The welcome's `resources`: the GPU when there is one, else the CPU's RAM."""
-    cuda = cuda_info()
-    if cuda:
-        return {key: cuda[key] for key in ("device", "total_gb", "free_gb", "compute_capability")}
+    gpu = cuda_info(nvml, cuda)
+    if gpu:
+        return {key: gpu[key] for key in ("device", "total_gb", "free_gb", "compute_capability")}
     cpu = cpu_info()
     return {"device": "cpu", "total_gb": cpu["total_gb"], "free_gb": cpu["available_gb"], "compute_capability": None}
 
 
-def free_memory_bytes() -> int:
-    cuda = cuda_info()
-    return int(cuda["free_gb"] * GB) if cuda else psutil.virtual_memory().available
+def free_memory_bytes(nvml=None, cuda=None) -> int:
+    """Free memory where the model's KV cache will live: all GPUs together, else available RAM."""
+    devices = gpus(nvml, cuda)
+    if devices:
+        return int(sum(device["free_gb"] for device in devices) * GB)
+    return psutil.virtual_memory().available
 
 
-def kv_bytes_per_token(model_config, bytes_per_element: int) -> int | None:
-    """K and V for every layer: 2 x layers x key/value heads x head dim x element size."""
-    text_config = getattr(model_config, "text_config", None) or model_config
-    layers = getattr(text_config, "num_hidden_layers", None)
-    heads = getattr(text_config, "num_attention_heads", None)
-    hidden = getattr(text_config, "hidden_size", None)
+def _text_config(model_config):
+    return getattr(model_config, "text_config", None) or model_config
+
+
+def kv_cache_cost(model_config, bytes_per_element: int) -> tuple[int, int] | None:
+    """(bytes per token, fixed bytes): K and V = 2 x layers x key/value heads x head dim x element size.
+    Sliding-window layers hold at most `sliding_window` tokens, so they cost a fixed amount instead."""
+    config = _text_config(model_config)
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
     if not (layers and heads and hidden):
         return None
-    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(text_config, "head_dim", None) or hidden // heads
-    return 2 * layers * kv_heads * head_dim * bytes_per_element
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    per_layer = 2 * kv_heads * head_dim * bytes_per_element
+    layer_types = getattr(config, "layer_types", None) or []
+    window = getattr(config, "sliding_window", None)
+    sliding = sum(1 for kind in layer_types if kind == "sliding_attention") if window else 0
+    return (layers - sliding) * per_layer, sliding * per_layer * (window or 0)
 
 
 def estimate_max_context(model_config, free_bytes: int, bytes_per_element: int, cap: int,
                          params: int | None = None) -> int:
-    """How many tokens of KV cache fit in what is free after the activation reserve, capped by the
-    model's position limit and the configured maximum. Falls back to the seed's formula."""
+    """How many tokens of KV cache fit in 60 % of what is free, capped by the model's position limit and
+    the configured maximum. Falls back to the seed's formula when the config lacks the fields."""
     usable = free_bytes * (1 - ACTIVATION_RESERVE)
-    per_token = kv_bytes_per_token(model_config, bytes_per_element)
-    if per_token is None:
-        per_token = (params or 1e9) * 2 / 1000  # the seed's formula
-    limit = min(int(usable / per_token), cap)
-    positions = getattr(getattr(model_config, "text_config", None) or model_config, "max_position_embeddings", None)
-    if positions:
-        limit = min(limit, positions)
-    return max(limit, 0)
+    cost = kv_cache_cost(model_config, bytes_per_element)
+    per_token, fixed = cost if cost else ((params or 1e9) * 2 / 1000, 0)  # the seed's formula
+    if per_token == 0:  # every layer slides: the cache never grows past the windows
+        limit = cap
+    else:
+        limit = min(int(max(usable - fixed, 0) / per_token), cap)
+    positions = getattr(_text_config(model_config), "max_position_embeddings", None)
+    return max(min(limit, positions) if positions else limit, 0)
 
 
 def _processor_name() -> str:
@@ -83,3 +149,6 @@ def _processor_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+_NVML = load_nvml()

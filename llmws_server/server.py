@@ -130,20 +130,15 @@ class LLMWSServer:
                 pending = message  # an implicit empty hello
         except ProtocolError as exc:
             problem = exc
+        device = await asyncio.to_thread(resources.device_summary)
         session, resumed = self.sessions.open(requested)
-        session.attach(connection, self.welcome(session, resumed), last_seq)
+        welcome = {"type": "welcome", "session_id": session.id, "resumed": resumed, "model": self.engine.name,
+                   "capabilities": self.engine.capabilities(), "resources": device}
+        session.attach(connection, welcome, last_seq)
         log.info("session %s %s", session.id, "resumed" if resumed else "opened")
         if problem:
             session.reply(error(str(problem)))
         return session, pending
-
-    def welcome(self, session, resumed: bool) -> dict:
-        engine = self.engine
-        return {"type": "welcome", "session_id": session.id, "resumed": resumed, "model": engine.name,
-                "capabilities": {"vision": engine.vision, "flash_attention": engine.attention == "flash_attention_2",
-                                 "compute_capability": engine.compute_capability,
-                                 "max_context": engine.max_context},
-                "resources": resources.device_summary()}
 
     async def dispatch(self, session, raw) -> None:
         try:

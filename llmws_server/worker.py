@@ -13,6 +13,8 @@ import uuid
 
 import torch
 
+from .engine import free_memory
+
 log = logging.getLogger("llmws.worker")
 
 OOM_MESSAGE = "CUDA out of memory. Context too long. Please retry with shorter input."
@@ -27,6 +29,7 @@ class InferenceJob:
         self.settings = settings
         self.timeout_s = timeout_s
         self.cancelled = threading.Event()
+        self.context_needed = None  # tokens in + tokens allowed out, once known
 
     def emit(self, message: dict) -> None:
         """Thread-safe: the session numbers, buffers and sends it on the event loop."""
@@ -43,6 +46,7 @@ class InferenceJob:
                        "max_context": engine.max_context, "input_length": tokens_in})
             return
         max_tokens = min(self.settings["max_new_tokens"], engine.max_context - tokens_in)
+        self.context_needed = tokens_in + max_tokens
         self.emit({"type": "start", "tokens_in": tokens_in, "max_tokens": max_tokens})
         started = time.monotonic()
         deadline = started + self.timeout_s
@@ -99,7 +103,7 @@ class SwitchJob:
             return
         worker.engine = new
         self.log(f"✓ Model loaded: {new.name}, {new.params / 1e6:.1f}M parameters, "
-                 f"{str(new.dtype).removeprefix('torch.')} on {new.device}, max context {new.max_context}")
+                 f"{new.dtype_name} on {new.device}, max context {new.max_context}")
         self.emit({"type": "model_switched", "message": f"Model switched to {new.name}", "model": new.name})
         self.loop.call_soon_threadsafe(self.on_switched, new)
 
@@ -165,8 +169,9 @@ class Worker:
             job.run(self)
         except (torch.cuda.OutOfMemoryError, MemoryError):
             log.warning("out of memory while running request %s", job.request_id)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            free_memory()
+            if getattr(job, "context_needed", None) and self.engine.model is not None:
+                self.engine.lower_max_context(job.context_needed)
             job.fail(OOM_MESSAGE)
         except Exception as exc:
             log.exception("request %s failed", job.request_id)

@@ -20,6 +20,18 @@ from llmws_server.default_model import install_default_model  # noqa: E402
 TINY_MAX_POSITIONS = 4096
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run only where CUDA is present."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def default_model() -> Path:
     """models/SmolLM2-135M-Instruct, installed once (it is also the tiny model's tokenizer)."""
@@ -59,7 +71,7 @@ def free_port() -> int:
 class ServerProcess:
     """python llmws.py in its own project folder, with its own config.json."""
 
-    def __init__(self, root: Path, model: Path | None, overrides: dict):
+    def __init__(self, root: Path, model: Path | None, overrides: dict, environment: dict | None = None):
         self.root = root
         self.port = free_port()
         self.config = json.loads(json.dumps(DEFAULTS))
@@ -71,7 +83,8 @@ class ServerProcess:
         self.process = subprocess.Popen(
             [sys.executable, str(REPO / "llmws.py"), "--config", str(root / "config.json"), "--port", str(self.port)]
             + (["--model", str(model)] if model else []),
-            cwd=root, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            cwd=root, stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(environment or {})})
         self._wait_listening()
 
     @property
@@ -111,12 +124,13 @@ def start_server(tmp_path_factory):
     """Start a server: start_server(model, limits={...}, ...) -> ServerProcess, stopped after the module."""
     started = []
 
-    def start(model: Path | None, populate=None, **overrides) -> ServerProcess:
-        """populate(root) may fill the project folder before the server starts."""
+    def start(model: Path | None, populate=None, environment=None, **overrides) -> ServerProcess:
+        """populate(root) may fill the project folder before the server starts; overrides are config
+        sections; environment adds variables to the server's."""
         root = tmp_path_factory.mktemp("project")
         if populate:
             populate(root)
-        server = ServerProcess(root, model, overrides)
+        server = ServerProcess(root, model, overrides, environment)
         started.append(server)
         return server
 

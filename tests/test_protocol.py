@@ -11,7 +11,8 @@ async def test_welcome_carries_every_field(tiny_server):
     client = await Client.open(tiny_server.url)
     welcome = client.welcome
     assert welcome["resumed"] is False and welcome["model"] == "tiny-llama"
-    assert set(welcome["capabilities"]) == {"vision", "flash_attention", "compute_capability", "max_context"}
+    assert {"vision", "flash_attention", "compute_capability", "max_context"} <= set(welcome["capabilities"])
+    assert welcome["capabilities"]["dtype"] == "float32" and welcome["capabilities"]["attention"] == "sdpa"
     assert welcome["capabilities"]["max_context"] == TINY_MAX_POSITIONS
     assert welcome["capabilities"]["flash_attention"] is False
     assert set(welcome["resources"]) == {"device", "total_gb", "free_gb", "compute_capability"}
