@@ -17,6 +17,7 @@ HELLO_FIELDS = {"session_id", "last_seq"}
 ROLES = {"system", "user", "assistant"}
 LEGACY_TURN = re.compile(r"<\|(system|user|assistant)\|>(.*?)<\|end\|>", re.DOTALL)
 REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
+MAX_DEPTH = 16  # no valid message nests deeper than 4
 
 
 class ProtocolError(ValueError):
@@ -30,9 +31,25 @@ def parse_frame(raw) -> dict:
         message = json.loads(raw, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise ProtocolError(f"Invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    except RecursionError:
+        raise ProtocolError(f"JSON nested too deeply (more than {MAX_DEPTH} levels)") from None
     if not isinstance(message, dict):
         raise ProtocolError("A message must be a JSON object")
+    if _depth(message) > MAX_DEPTH:
+        raise ProtocolError(f"JSON nested too deeply (more than {MAX_DEPTH} levels)")
     return message
+
+
+def _depth(value) -> int:
+    """How deeply containers nest, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
 
 
 def _reject_constant(name):

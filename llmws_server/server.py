@@ -8,6 +8,8 @@ import hmac
 import json
 import logging
 import shutil
+import socket
+import time
 from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -24,19 +26,48 @@ from .sessions import SessionStore
 from .worker import InferenceJob, SwitchJob, Worker
 
 log = logging.getLogger("llmws.server")
+HELLO_TIMEOUT_S = 30
+MESSAGES_PER_SECOND, MESSAGE_BURST = 50, 100
+SEND_BUFFER_BYTES = 64 * 1024  # the kernel's share of a client's unread output: token streams need little
+PROMPT_CHARS_PER_TOKEN = 8  # a prompt longer than this many characters per context token is refused unread
 WEB_CLIENT = Path(__file__).resolve().parent.parent / "web_client_enhanced.html"
 
 
 class Connection:
     """One client socket with an ordered outbox, so emitting never waits on the network."""
 
-    def __init__(self, websocket):
+    def __init__(self, websocket, outbox_limit: int):
         self.websocket = websocket
         self.outbox = asyncio.Queue()
+        self.outbox_bytes, self.outbox_limit = 0, outbox_limit
         self.sender = asyncio.create_task(self._send_all())
+        self.allowance, self.checked_at = MESSAGE_BURST, time.monotonic()
+        self.dropped = False
 
-    def send(self, message: dict) -> None:
-        self.outbox.put_nowait(json.dumps(message, ensure_ascii=False))
+    def send(self, message: dict, replay: bool = False) -> None:
+        """Queue a message. Live ones count against the limit; a replay from the buffer does not (it is
+        bounded by the buffer, and a client taking up a long session must be able to catch up)."""
+        if self.dropped:
+            return
+        text = json.dumps(message, ensure_ascii=False)
+        counted = 0 if replay else len(text)
+        if self.outbox_bytes + counted > self.outbox_limit:  # it does not read: let it go; the buffer keeps the rest
+            self.dropped = True
+            log.warning("dropping a client that does not read (%d bytes waiting)", self.outbox_bytes)
+            self.close(1013, "Client too slow: reconnect with last_seq to resume")
+            return
+        self.outbox_bytes += counted
+        self.outbox.put_nowait((text, counted))
+
+    def within_rate(self) -> bool:
+        """A token bucket: MESSAGES_PER_SECOND on average, bursts of MESSAGE_BURST."""
+        now = time.monotonic()
+        self.allowance = min(MESSAGE_BURST, self.allowance + (now - self.checked_at) * MESSAGES_PER_SECOND)
+        self.checked_at = now
+        if self.allowance < 1:
+            return False
+        self.allowance -= 1
+        return True
 
     def close(self, code: int, reason: str) -> None:
         asyncio.create_task(self.websocket.close(code, reason))
@@ -44,7 +75,9 @@ class Connection:
     async def _send_all(self):
         try:
             while True:
-                await self.websocket.send(await self.outbox.get())
+                text, counted = await self.outbox.get()
+                await self.websocket.send(text)
+                self.outbox_bytes -= counted
         except ConnectionClosed:
             pass  # what was not sent is in the session buffer
 
@@ -100,15 +133,24 @@ class LLMWSServer:
         if len(self.connections) >= self.config.limits["max_clients"]:
             await websocket.close(1013, "Server full: too many clients, try again later")
             return
-        connection = Connection(websocket)
+        # A client may leave unread what the kernel holds, plus as much as it may send in one frame.
+        sock = websocket.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        connection = Connection(websocket, self.config.server["max_message_size"])
         self.connections.add(connection)
         session = None
         try:
             session, pending = await self._open_session(websocket, connection)
+            if session is None:
+                return
             if pending is not None:
                 await self.dispatch(session, pending)
             async for raw in websocket:
-                await self.dispatch(session, raw)
+                if connection.within_rate():
+                    await self.dispatch(session, raw)
+                else:
+                    session.reply(error(f"Too many messages: at most {MESSAGES_PER_SECOND} a second"))
         except ConnectionClosed:
             pass
         finally:
@@ -119,8 +161,13 @@ class LLMWSServer:
             connection.stop()
 
     async def _open_session(self, websocket, connection):
-        """Read the hello and attach the session; return it with a first frame still to handle."""
-        raw = await websocket.recv()
+        """Read the hello and attach the session; return it with a first frame still to handle
+        (or None, None when no hello came)."""
+        try:
+            raw = await asyncio.wait_for(websocket.recv(), HELLO_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            await websocket.close(1008, f"No hello within {HELLO_TIMEOUT_S} s")
+            return None, None
         requested, last_seq, pending, problem = None, 0, None, None
         try:
             message = parse_frame(raw)
@@ -152,6 +199,11 @@ class LLMWSServer:
 
     async def on_inference(self, session, message):
         turns = conversation(message)
+        characters = sum(len(turn["content"]) for turn in turns)
+        most = PROMPT_CHARS_PER_TOKEN * self.engine.max_context
+        if characters > most:
+            raise ProtocolError(f"Prompt too long ({characters} characters). Max: {most} characters. "
+                                "Please retry with shorter input.")
         settings = {**session.config, **generation_settings(message.get("config", {}), "config")}
         if len(session.jobs) >= self.config.limits["queue_size_per_client"]:
             raise ProtocolError("Queue full")

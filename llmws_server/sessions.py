@@ -47,6 +47,7 @@ class Session:
         self.seq = 0
         self.connection = None  # the live Connection, if any
         self.jobs = {}  # request_id -> job, queued or running
+        self.buffer_failed = False
 
     def emit(self, message: dict) -> None:
         """A stream message: numbered, buffered, then sent if a connection is live."""
@@ -69,7 +70,7 @@ class Session:
             self.connection.close(4000, "session taken over by another connection")
         connection.send(welcome)
         for message in self.buffered(last_seq):
-            connection.send(message)
+            connection.send(message, replay=True)
         self.connection = connection
 
     def detach(self, connection) -> None:
@@ -99,8 +100,14 @@ class Session:
             self.buffer_file.parent.mkdir(parents=True, exist_ok=True)
             with self.buffer_file.open("a", encoding="utf-8") as handle:
                 handle.write(line + "\n")
-        except OSError as exc:  # a full disk must not stop the stream
+        except OSError as exc:  # a full disk must not stop the stream, but the client must know
             log.error("session %s: cannot write %s: %s", self.id, self.buffer_file, exc)
+            if not self.buffer_failed:
+                self.buffer_failed = True
+                self.reply({"type": "error", "message": f"Cannot write the session buffer ({exc.strerror or exc}): "
+                                                        "answers go on live, but cannot be resumed after a drop"})
+            return
+        self.buffer_failed = False
 
 
 class SessionStore:

@@ -1,0 +1,209 @@
+"""Hostile clients: oversize and nested frames, floods, slow readers, a failing disk, take-over races, and
+property-based fuzzing. The server must answer each with a well-formed message, stay up, and write nothing
+outside its folders."""
+import asyncio
+import base64
+import itertools
+import json
+import os
+import re
+import socket
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as connect_sync
+
+from conftest import Client, inference, text_of
+
+FRAME_LIMIT = 65536
+
+
+@pytest.fixture(scope="module")
+def hostile_server(start_server, tiny_model, tmp_path_factory):
+    return start_server(tiny_model, server={"max_message_size": FRAME_LIMIT},
+                        limits={"timeout_token_generation": 15},
+                        download={"allowed_url_prefixes": ["file:///nonexistent-llmws-test/"]})
+
+
+def files_outside(root):
+    """Everything in the project folder except sessions and logs, which the server writes as it runs."""
+    return {str(p.relative_to(root)) for p in root.rglob("*") if not {"sessions", "logs"} & set(p.parts)}
+
+
+async def test_a_frame_over_max_message_size_is_closed_with_1009(hostile_server):
+    client = await Client.open(hostile_server.url)
+    await client.send({"type": "config", "data": {"x": "a" * FRAME_LIMIT}})
+    with pytest.raises(ConnectionClosed) as closed:
+        await client.recv(timeout=10)
+    assert closed.value.sent.code == 1009 or closed.value.rcvd.code == 1009
+
+
+@pytest.mark.parametrize("frame", ["[" * 100000 + "]" * 100000, '{"a":' * 5000 + "1" + "}" * 5000,
+                                   json.dumps({"type": "config", "data": {"x": [[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]}})])
+async def test_deeply_nested_json_is_refused(hostile_server, frame):
+    if len(frame) > FRAME_LIMIT:
+        frame = frame[:FRAME_LIMIT // 2] + frame[-FRAME_LIMIT // 2:]
+    client = await Client.open(hostile_server.url)
+    await client.ws.send(frame)
+    assert "nested too deeply" in (await client.recv())["message"]
+    assert (await client.request({"type": "ack"}))["type"] == "ack_received"
+    await client.close()
+
+
+async def test_a_flood_gets_errors_not_unbounded_work(hostile_server):
+    client = await Client.open(hostile_server.url)
+    for _ in range(400):
+        await client.send({"type": "ack"})
+    replies = [await client.recv() for _ in range(400)]
+    refused = [r for r in replies if r["type"] == "error"]
+    assert refused and all("Too many messages" in r["message"] for r in refused)
+    assert len(refused) + len([r for r in replies if r["type"] == "ack_received"]) == 400
+    await asyncio.sleep(2.5)  # the allowance comes back
+    assert (await client.request({"type": "ack"}))["type"] == "ack_received"
+    await client.close()
+
+
+async def test_prompt_too_long_is_refused_before_tokenizing(hostile_server):
+    client = await Client.open(hostile_server.url)
+    reply = await client.request(inference("x" * 40000))
+    assert reply["type"] == "error" and reply["message"].startswith("Prompt too long (40")
+    await client.close()
+
+
+def masked_frame(text: str) -> bytes:
+    """One client-to-server WebSocket text frame, written by hand (RFC 6455 section 5.2)."""
+    payload, mask = text.encode(), os.urandom(4)
+    length = bytes([0x80 | len(payload)]) if len(payload) < 126 else bytes([0x80 | 126]) + struct.pack("!H", len(payload))
+    return bytes([0x81]) + length + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def open_non_reader(port: int, frames: list[dict]) -> socket.socket:
+    """A client that handshakes, sends its frames, and never reads a byte (a small receive window too)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    for message in frames:
+        sock.sendall(masked_frame(json.dumps(message)))
+    return sock
+
+
+async def test_a_client_that_never_reads_is_let_go_without_stalling_others(hostile_server):
+    floods = [inference("flood me", max_new_tokens=3000, request_id=f"flood{index}") for index in range(2)]
+    slow = open_non_reader(hostile_server.port, [{}] + floods)
+    other = await Client.open(hostile_server.url)
+    await other.send(inference("meanwhile", max_new_tokens=5))
+    assert (await other.until("done", timeout=60))[-1]["total_tokens"] == 5  # the worker did not stall
+    await asyncio.sleep(1)
+    out = hostile_server.output()
+    assert "dropping a client that does not read" in out
+    opened = re.findall(r"session (\S+) opened", out)
+    session_id = opened[opened.index(other.session_id) - 1]  # the slow client's, opened just before
+    slow.close()
+    back = await Client.open(hostile_server.url, {"session_id": session_id, "last_seq": 0})
+    assert back.welcome["resumed"] is True
+    replayed = await back.until("done")
+    replayed += await back.until("done")
+    assert [m["request_id"] for m in replayed if m["type"] == "done"] == ["flood0", "flood1"]  # nothing lost
+    assert [m["seq"] for m in replayed] == list(range(1, len(replayed) + 1))
+    await back.close()
+    await other.close()
+
+
+async def test_a_failing_buffer_write_is_reported_and_the_answer_still_arrives(hostile_server):
+    client = await Client.open(hostile_server.url)
+    blocked = hostile_server.sessions_dir / client.session_id / "buffer.jsonl"
+    blocked.mkdir(parents=True)  # a directory where the file should go: every write fails, as on a full disk
+    await client.send(inference("write me", max_new_tokens=8))
+    messages = await client.until("done")
+    problems = [m for m in messages if m["type"] == "error"]
+    assert len(problems) == 1 and "Cannot write the session buffer" in problems[0]["message"]
+    assert messages[-1]["total_tokens"] == 8 and text_of(messages)
+    blocked.rmdir()
+    await client.send(inference("write me", max_new_tokens=3))
+    await client.until("done")
+    assert blocked.is_file()  # buffering works again
+    await client.close()
+
+
+async def test_a_take_over_race_leaves_exactly_one_connection(hostile_server):
+    first = await Client.open(hostile_server.url)
+    hello = {"session_id": first.session_id}
+    racers = await asyncio.gather(*(Client.open(hostile_server.url, hello) for _ in range(8)))
+    await asyncio.sleep(1)
+    alive = []
+    for client in [first, *racers]:
+        try:
+            reply = await client.request({"type": "ack"})
+            alive.append(reply["type"] == "ack_received")
+        except ConnectionClosed as closed:
+            assert closed.rcvd.code == 4000
+    assert alive == [True]
+    assert all(client.session_id == first.session_id for client in racers)
+
+
+messages = st.fixed_dictionaries({}, optional={
+    "type": st.sampled_from(["inference", "config", "ack", "cancel", "get_resources", "list_models", "switch_model",
+                             "download_model", "delete_model", "bogus"]) | st.text(max_size=5),
+    "prompt": st.text(max_size=30) | st.dictionaries(st.sampled_from(["user", "system", "x"]), st.text(max_size=10)),
+    "messages": st.lists(st.dictionaries(st.sampled_from(["role", "content"]),
+                                         st.sampled_from(["user", "assistant", "wizard"]) | st.text(max_size=8)),
+                         max_size=3),
+    "config": st.dictionaries(st.sampled_from(["temperature", "top_k", "top_p", "max_new_tokens", "beam"]),
+                              st.integers(-5, 3) | st.floats(allow_nan=False) | st.text(max_size=3)),
+    "data": st.dictionaries(st.sampled_from(["temperature", "max_new_tokens", "zzz"]), st.integers(-2, 2)),
+    "request_id": st.text(max_size=12),
+    "model_path": st.sampled_from(["../../etc", "/etc", "models/x", "var/models/../..", "", "a\x00b"]) | st.text(),
+    "model_name": st.sampled_from(["..", ".", "../x", "x/y", "\x01"]) | st.text(max_size=10),
+    "repo": st.sampled_from(["-oProxyCommand=x", "ext::sh -c id", "file:///etc", "https://a@b/c"]) | st.text(),
+    "target_dir": st.sampled_from(["..", "../x", "/tmp", ".git"]) | st.text(max_size=10),
+    "session_id": st.text(max_size=40),
+})
+
+
+@pytest.fixture(scope="module")
+def fuzz_connections(hostile_server):
+    """Several connections taken in turn, so the fuzzing stays under each one's rate limit."""
+    connections = []
+    for _ in range(6):  # of max_clients 10
+        websocket = connect_sync(hostile_server.url)
+        websocket.send(json.dumps({}))
+        json.loads(websocket.recv())
+        websocket.send(json.dumps({"type": "config", "data": {"max_new_tokens": 2}}))
+        json.loads(websocket.recv())
+        connections.append(websocket)
+    yield itertools.cycle(connections)
+    for websocket in connections:
+        websocket.close()
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(message=messages)
+def test_fuzzed_messages_get_well_formed_answers(hostile_server, fuzz_connections, message):
+    before = files_outside(hostile_server.root)
+    websocket = next(fuzz_connections)
+    websocket.send(json.dumps(message))
+    websocket.send(json.dumps({"type": "list_models"}))  # a marker: everything before it is answered
+    while True:
+        reply = json.loads(websocket.recv(timeout=30))
+        assert isinstance(reply, dict) and isinstance(reply.get("type"), str)
+        if reply["type"] == "error":
+            assert isinstance(reply["message"], str) and reply["message"]
+            assert "Too many messages" not in reply["message"]
+        if reply["type"] == "models_list":
+            break
+    assert files_outside(hostile_server.root) == before
+
+
+async def test_the_server_is_still_well_after_all_that(hostile_server):
+    client = await Client.open(hostile_server.url)
+    await client.send(inference("still there?", max_new_tokens=4))
+    assert (await client.until("done"))[-1]["total_tokens"] == 4
+    assert hostile_server.process.poll() is None
+    await client.close()
