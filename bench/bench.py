@@ -1,0 +1,305 @@
+#!/usr/bin/env python3
+"""Benchmark: LLMWS against raw `model.generate` and `transformers serve`, same model, prompt and greedy
+settings, in one run. Prints a table, writes bench/results/bench.json and bench/results/bench.png.
+
+    python bench/bench.py [--quick] [--model models/SmolLM2-135M-Instruct] [--no-serve]
+
+It runs itself in bench/.venv (made on first use, with the system's packages visible), where it installs
+matplotlib and transformers[serving]; neither is a requirement of the server.
+"""
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+VENV = BENCH / ".venv"
+PROMPT = "Write a long story about a dragon who learns to program computers."
+
+
+def ensure_venv() -> None:
+    """Re-run inside bench/.venv, creating it first if need be."""
+    if Path(sys.prefix).resolve() == VENV.resolve():
+        return
+    python = VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "matplotlib", "transformers[serving]"],
+                       check=True)
+    os.execv(str(python), [str(python), *sys.argv])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Stream:
+    """One request's timings."""
+
+    def __init__(self):
+        self.sent = time.monotonic()
+        self.first = self.last = None
+        self.tokens = 0
+        self.text = ""
+
+    def piece(self, text: str) -> None:
+        self.last = time.monotonic()
+        self.first = self.first or self.last
+        self.text += text
+
+    @property
+    def ttft(self) -> float:
+        return self.first - self.sent
+
+    @property
+    def decode_rate(self) -> float:
+        return (self.tokens - 1) / max(self.last - self.first, 1e-9)
+
+
+# -- targets ---------------------------------------------------------------------------------------
+
+class RawGenerate:
+    """The limit: generate() with a TextIteratorStreamer in this process, one request at a time."""
+
+    name = "raw generate"
+
+    def __init__(self, model_dir, max_tokens):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+
+        self.torch, self.streamer_class = torch, TextIteratorStreamer
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if not torch.cuda.is_available()
+                                                          else torch.bfloat16, device_map="auto")
+        self.max_tokens = max_tokens
+        self.pid = os.getpid()
+
+    def run(self, clients: int) -> list[Stream]:
+        return [self._one() for _ in range(clients)]
+
+    def _one(self) -> Stream:
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
+                                                  add_generation_prompt=True)
+        stream = Stream()
+        inputs = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").to(self.model.device)
+        streamer = self.streamer_class(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(out=self.model.generate(
+            **inputs, streamer=streamer, max_new_tokens=self.max_tokens, do_sample=False, temperature=None,
+            top_p=None, top_k=None)))
+        thread.start()
+        for piece in streamer:
+            if piece:
+                stream.piece(piece)
+        thread.join()
+        stream.tokens = result["out"].shape[1] - inputs["input_ids"].shape[1]
+        return stream
+
+    def stop(self):
+        pass
+
+
+class LLMWSTarget:
+    name = "llmws"
+
+    def __init__(self, model_dir, max_tokens, folder):
+        self.port, self.max_tokens = free_port(), max_tokens
+        (folder / "config.json").write_text(json.dumps({"server": {"host": "127.0.0.1"},
+                                                        "generation_defaults": {"repetition_penalty": 1.0}}))
+        self.process = subprocess.Popen([sys.executable, str(REPO / "llmws.py"), "--config", str(folder / "config.json"),
+                                         "--port", str(self.port), "--model", str(model_dir)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in self.process.stdout:
+            if "listening on" in line:
+                break
+        threading.Thread(target=self.process.stdout.read, daemon=True).start()
+        self.pid = self.process.pid
+
+    def run(self, clients: int) -> list[Stream]:
+        return asyncio.run(self._run(clients))
+
+    async def _run(self, clients):
+        from websockets.asyncio.client import connect
+
+        async def one():
+            async with connect(f"ws://127.0.0.1:{self.port}") as websocket:
+                await websocket.send("{}")
+                await websocket.recv()
+                stream = Stream()
+                await websocket.send(json.dumps({"type": "inference", "prompt": {"user": PROMPT}, "config": {
+                    "temperature": 0, "max_new_tokens": self.max_tokens, "repetition_penalty": 1.0}}))
+                async for raw in websocket:
+                    message = json.loads(raw)
+                    if message["type"] == "token":
+                        stream.piece(message["data"])
+                    elif message["type"] == "done":
+                        stream.tokens = message["total_tokens"]
+                        await websocket.send('{"type": "ack"}')
+                        return stream
+        return await asyncio.gather(*(one() for _ in range(clients)))
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(30)
+
+
+class ServeTarget:
+    """`transformers serve` (OpenAI-compatible SSE), optionally with continuous batching."""
+
+    def __init__(self, model_dir, max_tokens, batching):
+        self.name = "transformers serve" + (" --continuous-batching" if batching else "")
+        self.port, self.max_tokens, self.model = free_port(), max_tokens, str(model_dir)
+        command = [str(VENV / "bin" / "transformers"), "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                   *(["--continuous-batching"] if batching else []), self.model]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        self.pid = self.process.pid
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2)
+                return
+            except OSError:
+                time.sleep(1)
+        raise RuntimeError(f"{self.name} did not start")
+
+    def run(self, clients: int) -> list[Stream]:
+        streams = [None] * clients
+        threads = [threading.Thread(target=lambda i=i: streams.__setitem__(i, self._one())) for i in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return streams
+
+    def _one(self) -> Stream:
+        body = json.dumps({"model": self.model, "stream": True, "max_tokens": self.max_tokens, "temperature": 0,
+                           "messages": [{"role": "user", "content": PROMPT}]}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        stream = Stream()
+        with urllib.request.urlopen(request, timeout=600) as response:
+            for line in response:
+                line = line.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if chunk.get("usage"):
+                    stream.tokens = chunk["usage"].get("completion_tokens", stream.tokens)
+                for choice in chunk.get("choices", []):
+                    piece = (choice.get("delta") or {}).get("content")
+                    if piece:
+                        stream.piece(piece)
+                        stream.tokens += 0 if chunk.get("usage") else 1
+        return stream
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(30)
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+class PeakMemory:
+    def __init__(self, pid):
+        import psutil
+
+        self.process, self.peak, self.running = psutil.Process(pid), 0, True
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.1)
+
+
+def measure(target, clients: int) -> dict:
+    memory = PeakMemory(target.pid)
+    started = time.monotonic()
+    streams = target.run(clients)
+    elapsed = time.monotonic() - started
+    memory.running = False
+    ttfts = [stream.ttft for stream in streams]
+    return {"target": target.name, "clients": clients, "ttft_p50_s": round(statistics.median(ttfts), 3),
+            "ttft_max_s": round(max(ttfts), 3),
+            "decode_tokens_per_s": round(statistics.median(stream.decode_rate for stream in streams), 2),
+            "aggregate_tokens_per_s": round(sum(stream.tokens for stream in streams) / elapsed, 2),
+            "peak_rss_mb": round(memory.peak / 1024 ** 2), "texts": sorted({stream.text for stream in streams})}
+
+
+def chart(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in dict.fromkeys(row["target"] for row in rows):
+        mine = [row for row in rows if row["target"] == name]
+        left.plot([r["clients"] for r in mine], [r["aggregate_tokens_per_s"] for r in mine], marker="o", label=name)
+        right.plot([r["clients"] for r in mine], [r["ttft_p50_s"] for r in mine], marker="o", label=name)
+    left.set(xlabel="concurrent clients", ylabel="aggregate tokens/s", title="Throughput")
+    right.set(xlabel="concurrent clients", ylabel="p50 time to first token (s)", title="Latency", yscale="log")
+    left.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(REPO / "models" / "SmolLM2-135M-Instruct"))
+    parser.add_argument("--quick", action="store_true", help="32 tokens, 1 and 4 clients")
+    parser.add_argument("--no-serve", action="store_true", help="leave out transformers serve")
+    parser.add_argument("--out", default=str(BENCH / "results"))
+    args = parser.parse_args()
+    ensure_venv()
+    import tempfile
+
+    max_tokens, counts = (32, [1, 4]) if args.quick else (128, [1, 4, 8])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="llmws-bench-") as folder:
+        makers = [lambda: RawGenerate(args.model, max_tokens), lambda: LLMWSTarget(args.model, max_tokens, Path(folder))]
+        if not args.no_serve:
+            makers += [lambda: ServeTarget(args.model, max_tokens, False), lambda: ServeTarget(args.model, max_tokens, True)]
+        for make in makers:
+            target = make()
+            try:
+                target.run(1)  # warm-up
+                for clients in ([1] if isinstance(target, RawGenerate) else counts):
+                    rows.append(measure(target, clients))
+                    print(f"  {target.name}, {clients} clients: {rows[-1]['aggregate_tokens_per_s']} tokens/s",
+                          file=sys.stderr)
+            finally:
+                target.stop()
+    texts = {text for row in rows for text in row["texts"]}
+    print(f"\n{'target':42} {'clients':>7} {'aggregate tok/s':>15} {'decode tok/s':>12} {'TTFT p50':>9} "
+          f"{'TTFT max':>9} {'peak MB':>8}")
+    for row in rows:
+        print(f"{row['target']:42} {row['clients']:>7} {row['aggregate_tokens_per_s']:>15} "
+              f"{row['decode_tokens_per_s']:>12} {row['ttft_p50_s']:>8}s {row['ttft_max_s']:>8}s {row['peak_rss_mb']:>8}")
+    raw, ours = rows[0], next(row for row in rows if row["target"] == "llmws" and row["clients"] == 1)
+    ratio = ours["decode_tokens_per_s"] / raw["decode_tokens_per_s"]
+    print(f"\nllmws / raw generate, 1 client: decode {ratio:.3f}, TTFT {1000 * (ours['ttft_p50_s'] - raw['ttft_p50_s']):+.0f} ms")
+    print(f"identical texts across targets: {'yes' if len(texts) == 1 else f'no ({len(texts)} different)'}")
+    (out / "bench.json").write_text(json.dumps({"max_new_tokens": max_tokens, "prompt": PROMPT, "rows": rows,
+                                                "decode_ratio_1_client": ratio}, indent=2))
+    chart(rows, out / "bench.png")
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
