@@ -160,7 +160,8 @@ class ServeTarget:
     def __init__(self, model_dir, max_tokens, batching):
         self.name = "transformers serve" + (" --continuous-batching" if batching else "")
         self.port, self.max_tokens, self.model = free_port(), max_tokens, str(model_dir)
-        command = [str(VENV / "bin" / "transformers"), "serve", "--host", "127.0.0.1", "--port", str(self.port),
+        cli = "import sys; from transformers.cli.transformers import main; sys.argv[0] = 'transformers'; main()"
+        command = [sys.executable, "-c", cli, "serve", "--host", "127.0.0.1", "--port", str(self.port),
                    *(["--continuous-batching"] if batching else []), self.model]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
