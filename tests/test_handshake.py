@@ -1,4 +1,5 @@
 """Handshake checks: the auth token, browser origins, and the web client served over plain HTTP."""
+import os
 import subprocess
 import sys
 import urllib.error
@@ -61,3 +62,25 @@ def test_web_client_is_served_at_the_root(tiny_server):
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(f"http://127.0.0.1:{tiny_server.port}/../config.json")
     assert missing.value.code == 404
+
+
+@pytest.fixture(scope="module")
+def tls_server(start_server, tiny_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    server = start_server(tiny_model, server={"tls_cert": str(cert), "tls_key": str(key)})
+    server.cert = cert
+    return server
+
+
+def test_tls_serves_wss_to_llm_py(tls_server):
+    base = [sys.executable, str(REPO / "llm.py"), "--host", "127.0.0.1", "--port", str(tls_server.port),
+            "--prompt", "hi", "--max-tokens", "3"]
+    trusted = subprocess.run(base + ["--tls"], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "SSL_CERT_FILE": str(tls_server.cert)})
+    assert trusted.returncode == 0, trusted.stderr
+    plain = subprocess.run(base, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 1
