@@ -68,6 +68,7 @@ async def serve(server: LLMWSServer, host: str, port: int) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     server.worker.start()
+    expiry = asyncio.create_task(server.expire_sessions())
     async with server.serve(host, port, ssl=tls_context(server.config.server)) as listener:
         bound = ", ".join(f"{sock.getsockname()[0]}:{sock.getsockname()[1]}" for sock in listener.sockets)
         log.info("listening on %s", bound)
@@ -76,6 +77,7 @@ async def serve(server: LLMWSServer, host: str, port: int) -> None:
         listener.close(close_connections=False)
         for connection in list(server.connections):
             await connection.websocket.close(1001, "Server shutting down")
+    expiry.cancel()
     server.worker.stop()
 
 

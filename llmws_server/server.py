@@ -29,6 +29,7 @@ log = logging.getLogger("llmws.server")
 HELLO_TIMEOUT_S = 30
 MESSAGES_PER_SECOND, MESSAGE_BURST = 50, 100
 SEND_BUFFER_BYTES = 64 * 1024  # the kernel's share of a client's unread output: token streams need little
+SESSION_IDLE_S = 24 * 3600  # a session nobody takes up for a day is forgotten, buffer and all
 PROMPT_CHARS_PER_TOKEN = 8  # a prompt longer than this many characters per context token is refused unread
 WEB_CLIENT = Path(__file__).resolve().parent.parent / "web_client_enhanced.html"
 
@@ -96,6 +97,14 @@ class LLMWSServer:
     @property
     def engine(self):
         return self.worker.engine
+
+    async def expire_sessions(self) -> None:
+        """Runs for the server's life: forget sessions left idle for SESSION_IDLE_S."""
+        while True:
+            await asyncio.sleep(600)
+            gone = await asyncio.to_thread(self.sessions.expire, SESSION_IDLE_S)
+            if gone:
+                log.info("forgot %d idle sessions", gone)
 
     def serve(self, host: str, port: int, ssl=None):
         server = self.config.server

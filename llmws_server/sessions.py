@@ -8,6 +8,7 @@ import binascii
 import json
 import logging
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class Session:
         self.connection = None  # the live Connection, if any
         self.jobs = {}  # request_id -> job, queued or running
         self.buffer_failed = False
+        self.detached_at = None  # when the last connection left, while none is live
 
     def emit(self, message: dict) -> None:
         """A stream message: numbered, buffered, then sent if a connection is live."""
@@ -76,6 +78,7 @@ class Session:
     def detach(self, connection) -> None:
         if self.connection is connection:
             self.connection = None
+            self.detached_at = time.monotonic()
 
     def buffered(self, after_seq: int = 0) -> list[dict]:
         if not self.buffer_file.exists():
@@ -120,6 +123,17 @@ class SessionStore:
         """On server start: the seed clears every buffer."""
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True, exist_ok=True)
+
+    def expire(self, idle_s: float, now: float | None = None) -> int:
+        """Forget sessions nobody has taken up for idle_s seconds and that run nothing, with their buffers.
+        Returns how many went."""
+        now = time.monotonic() if now is None else now
+        idle = [session for session in self.sessions.values() if session.connection is None and not session.jobs
+                and session.detached_at is not None and now - session.detached_at > idle_s]
+        for session in idle:
+            session.clear_buffer()
+            del self.sessions[session.id]
+        return len(idle)
 
     def open(self, requested_id=None) -> tuple[Session, bool]:
         """The session to take up, or a fresh one; the bool says whether it was taken up."""

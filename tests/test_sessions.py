@@ -142,3 +142,21 @@ def test_sessions_are_cleared_on_start(start_server, tiny_model, tmp_path_factor
         assert "listening on" in (server.root / "var/logs/llmws.log").read_text()
     finally:
         restarted.stop()
+
+
+def test_idle_sessions_are_forgotten_with_their_buffers(tmp_path):
+    from llmws_server.sessions import SessionStore
+
+    store = SessionStore(tmp_path, {})
+    left, busy, live = (store.open()[0] for _ in range(3))
+    for session in (left, busy, live):
+        session.emit({"type": "log", "message": "x"})
+    for session in (left, busy):
+        session.detach(None)  # no connection was live: they were left at once
+        session.detached_at = 100.0
+    busy.jobs["r1"] = object()
+    live.connection = object()
+    assert store.expire(idle_s=50, now=140.0) == 0  # not idle long enough yet
+    assert store.expire(idle_s=50, now=200.0) == 1
+    assert set(store.sessions) == {busy.id, live.id} and not left.buffer_file.exists()
+    assert store.open(left.id)[1] is False  # a forgotten id gets a fresh session
