@@ -18,7 +18,7 @@ import uuid
 from urllib.parse import quote
 
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 RETRY_CLOSE_CODES = {1001, 1006, 1011, 1012, 1013}  # going away, lost, server error/restart, try later
 

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -20,8 +19,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from common import REPO, PeakMemory, free_port, start_server
+
 BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
 VENV = BENCH / ".venv"
 PROMPT = "Write a long story about a dragon who learns to program computers."
 
@@ -36,12 +36,6 @@ def ensure_venv() -> None:
         subprocess.run([str(python), "-m", "pip", "install", "--quiet", "matplotlib", "transformers[serving]"],
                        check=True)
     os.execv(str(python), [str(python), *sys.argv])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Stream:
@@ -115,15 +109,7 @@ class LLMWSTarget:
 
     def __init__(self, model_dir, max_tokens, folder):
         self.port, self.max_tokens = free_port(), max_tokens
-        (folder / "config.json").write_text(json.dumps({"server": {"host": "127.0.0.1"},
-                                                        "generation_defaults": {"repetition_penalty": 1.0}}))
-        self.process = subprocess.Popen([sys.executable, str(REPO / "llmws.py"), "--config", str(folder / "config.json"),
-                                         "--port", str(self.port), "--model", str(model_dir)],
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in self.process.stdout:
-            if "listening on" in line:
-                break
-        threading.Thread(target=self.process.stdout.read, daemon=True).start()
+        self.process = start_server(model_dir, self.port, folder, {"generation_defaults": {"repetition_penalty": 1.0}})
         self.pid = self.process.pid
 
     def run(self, clients: int) -> list[Stream]:
@@ -211,19 +197,6 @@ class ServeTarget:
 
 
 # -- measuring -------------------------------------------------------------------------------------
-
-class PeakMemory:
-    def __init__(self, pid):
-        import psutil
-
-        self.process, self.peak, self.running = psutil.Process(pid), 0, True
-        threading.Thread(target=self._sample, daemon=True).start()
-
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.1)
-
 
 def measure(target, clients: int) -> dict:
     memory = PeakMemory(target.pid)

@@ -9,59 +9,18 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
+from common import REPO, PeakMemory, free_port, start_server
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
 from llm import LLMWSEnhancedClient, LLMWSError  # noqa: E402
 
 PROMPT = "Write a long story about a dragon who learns to program computers."
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(model: str, port: int, folder: Path) -> subprocess.Popen:
-    (folder / "config.json").write_text(json.dumps({"server": {"host": "127.0.0.1"}}))
-    process = subprocess.Popen([sys.executable, str(REPO / "llmws.py"), "--config", str(folder / "config.json"),
-                                "--port", str(port), "--model", model], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:
-        if "listening on" in line:
-            threading.Thread(target=process.stdout.read, daemon=True).start()  # keep the pipe drained
-            return process
-    raise RuntimeError("the server did not start")
-
-
-class PeakMemory:
-    """The server process's peak resident memory, sampled every 0.2 s."""
-
-    def __init__(self, pid: int):
-        self.process = psutil.Process(pid)
-        self.peak = 0
-        self.running = True
-        threading.Thread(target=self._sample, daemon=True).start()
-
-    def _sample(self):
-        while self.running:
-            try:
-                self.peak = max(self.peak, self.process.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(0.2)
 
 
 async def one_client(port, requests, max_tokens, drop_rate, reference, deadline, results, rng):
