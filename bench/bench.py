@@ -198,15 +198,18 @@ class ServeTarget:
 
 # -- measuring -------------------------------------------------------------------------------------
 
-def measure(target, clients: int) -> dict:
+def measure(target, clients: int, repeats: int) -> dict:
+    """Run `clients` requests at once, `repeats` times; medians over every stream, the aggregate over all."""
     memory = PeakMemory(target.pid)
-    started = time.monotonic()
-    streams = target.run(clients)
-    elapsed = time.monotonic() - started
+    streams, elapsed = [], 0.0
+    for _ in range(repeats):
+        started = time.monotonic()
+        streams += target.run(clients)
+        elapsed += time.monotonic() - started
     memory.running = False
     ttfts = [stream.ttft for stream in streams]
-    return {"target": target.name, "clients": clients, "ttft_p50_s": round(statistics.median(ttfts), 3),
-            "ttft_max_s": round(max(ttfts), 3),
+    return {"target": target.name, "clients": clients, "repeats": repeats,
+            "ttft_p50_s": round(statistics.median(ttfts), 3), "ttft_max_s": round(max(ttfts), 3),
             "decode_tokens_per_s": round(statistics.median(stream.decode_rate for stream in streams), 2),
             "aggregate_tokens_per_s": round(sum(stream.tokens for stream in streams) / elapsed, 2),
             "peak_rss_mb": round(memory.peak / 1024 ** 2), "texts": sorted({stream.text for stream in streams})}
@@ -235,6 +238,7 @@ def main() -> int:
     parser.add_argument("--model", default=str(REPO / "models" / "SmolLM2-135M-Instruct"))
     parser.add_argument("--quick", action="store_true", help="32 tokens, 1 and 4 clients")
     parser.add_argument("--no-serve", action="store_true", help="leave out transformers serve")
+    parser.add_argument("--repeat", type=int, default=5, help="single-client requests to take medians over")
     parser.add_argument("--out", default=str(BENCH / "results"))
     args = parser.parse_args()
     ensure_venv()
@@ -253,7 +257,7 @@ def main() -> int:
             try:
                 target.run(1)  # warm-up
                 for clients in ([1] if isinstance(target, RawGenerate) else counts):
-                    rows.append(measure(target, clients))
+                    rows.append(measure(target, clients, args.repeat if clients == 1 else 1))
                     print(f"  {target.name}, {clients} clients: {rows[-1]['aggregate_tokens_per_s']} tokens/s",
                           file=sys.stderr)
             finally:
