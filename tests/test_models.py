@@ -222,3 +222,21 @@ async def test_missing_git_lfs_gives_the_seeds_advice(tmp_path, lfs_repo, monkey
                                                        text=True).stdout.strip())
     with pytest.raises(RuntimeError, match="sudo apt-get install git-lfs"):
         await downloads.Downloads.__new__(downloads.Downloads)._git(f"file://{lfs_repo}", tmp_path / "w", print)
+
+
+async def test_a_model_folder_deleted_under_the_server(models_server, tiny_model):
+    """The loaded model keeps answering from memory; a deleted folder is no longer listed or loadable."""
+    root = models_server.root
+    shutil.copytree(tiny_model, root / "var" / "models" / "doomed")
+    client = await Client.open(models_server.url)
+    await client.send({"type": "switch_model", "model_path": "doomed"})
+    await client.until("model_switched")
+    shutil.rmtree(root / "var" / "models" / "doomed")
+    assert await answer(client)  # still served from memory
+    listed = await client.request({"type": "list_models"})
+    assert "doomed" not in {m["name"] for m in listed["models"]}
+    await client.send({"type": "switch_model", "model_path": "models/tiny-a"})
+    await client.until("model_switched")
+    refused = await client.request({"type": "switch_model", "model_path": "doomed"})
+    assert refused["type"] == "error" and "Model not found" in refused["message"]
+    await client.close()
