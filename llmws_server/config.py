@@ -18,7 +18,7 @@ DEFAULTS = {
         "tls_key": None,
     },
     "model": {"path": None, "use_safetensors": True, "trust_remote_code": False, "device_map": "auto"},
-    "optimization": {"use_flash_attention": True, "dtype": "auto", "compile": False},
+    "optimization": {"use_flash_attention": True, "dtype": "auto", "compile": False, "max_batch_size": 1},
     "generation_defaults": {
         "max_new_tokens": 2048,
         "do_sample": True,

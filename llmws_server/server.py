@@ -18,6 +18,7 @@ from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
 from . import catalog, resources
+from .batching import BatchingWorker
 from .config import validate_generation
 from .downloads import Downloads
 from .engine import Engine
@@ -90,7 +91,8 @@ class LLMWSServer:
     def __init__(self, config, engine):
         self.config = config
         self.sessions = SessionStore(config.paths["sessions_dir"], config.generation_defaults)
-        self.worker = Worker(engine)
+        batch = config.optimization["max_batch_size"]
+        self.worker = BatchingWorker(engine, batch) if batch > 1 else Worker(engine)
         self.downloads = Downloads(config)
         self.connections: set[Connection] = set()
 

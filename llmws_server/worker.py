@@ -134,7 +134,7 @@ class Worker:
         """Queue a job; one that must wait is told how many requests are ahead of it (running one included).
         That is said under the lock, so it reaches the session before the job's `start`."""
         with self.lock:
-            ahead = len(self.queue) + (self.running is not None)
+            ahead = len(self.queue) + self._busy()
             self.queue.append(job)
             if ahead:
                 job.emit({"type": "queued", "position": ahead})
@@ -180,4 +180,8 @@ class Worker:
     def _announce_positions(self) -> None:
         """Tell every waiting job how many requests are now ahead of it (lock held)."""
         for index, waiting in enumerate(self.queue):
-            waiting.emit({"type": "queued", "position": index + (self.running is not None)})
+            waiting.emit({"type": "queued", "position": index + self._busy()})
+
+    def _busy(self) -> int:
+        """1 while no new request can start at once (lock held)."""
+        return int(self.running is not None)

@@ -1,0 +1,204 @@
+"""The batching worker: the same FIFO, but up to `max_batch_size` requests generate at once, through
+transformers' continuous batching (`model.init_continuous_batching()`).
+
+Requests are admitted in arrival order, each as soon as a slot frees. One batch runs one set of sampling
+settings; a request whose settings differ waits, in order, until the batch drains. Continuous batching
+cannot apply a repetition penalty, so a request with repetition_penalty other than 1.0 runs alone, as
+with the one-at-a-time worker, once the batch has drained; so does a model switch. Nothing is admitted
+past a request that waits.
+"""
+import logging
+import math
+import time
+import uuid
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+from .worker import OOM_MESSAGE, InferenceJob, Worker
+
+log = logging.getLogger("llmws.batching")
+PAGE_SIZE = 256
+
+
+def settings_key(settings: dict) -> tuple:
+    """What must be equal for two requests to share a batch."""
+    if settings["do_sample"] and settings["temperature"] > 0:
+        return ("sample", settings["temperature"], settings["top_p"], settings["top_k"])
+    return ("greedy",)
+
+
+def batchable(job) -> bool:
+    return isinstance(job, InferenceJob) and job.settings["repetition_penalty"] == 1.0
+
+
+class Running:
+    """One request in the batch: its job, limits, and how much of its text has been sent."""
+
+    def __init__(self, job, max_tokens):
+        self.job = job
+        self.max_tokens = max_tokens
+        self.started = time.monotonic()
+        self.deadline = self.started + job.timeout_s
+        self.sent = 0  # characters of the decoded text already emitted
+
+
+class BatchingWorker(Worker):
+    def __init__(self, engine, max_batch_size: int):
+        super().__init__(engine)
+        self.max_batch_size = max_batch_size
+        self.batch: dict[str, Running] = {}  # internal id -> request
+        self.manager = None
+        self.manager_key = None
+
+    def _busy(self) -> int:
+        return int(len(self.batch) >= self.max_batch_size or self.running is not None)
+
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while not self.queue and not self.batch and not self.stopping:
+                    self.lock.wait()
+                if self.stopping:
+                    break
+                admitted = self._admit()
+            for job in admitted:
+                self._start(job)
+            if self.batch:
+                self._collect()
+        for running in list(self.batch.values()):
+            self._finish(running, len(running.job.tokens), "cancelled")
+        self._stop_manager()
+
+    def _admit(self) -> list:
+        """Jobs to start now, from the head of the queue (lock held)."""
+        admitted = []
+        while self.queue and len(self.batch) + len(admitted) < self.max_batch_size:
+            job = self.queue[0]
+            joins = batchable(job) and (not (self.batch or admitted) or settings_key(job.settings) == self.manager_key)
+            if not joins and (self.batch or admitted):
+                break  # it must run alone, or with other settings: wait for the batch to drain
+            admitted.append(self.queue.popleft())
+            if not batchable(job):
+                break
+        if admitted:
+            self._announce_positions()
+        return admitted
+
+    def _start(self, job) -> None:
+        if not batchable(job):  # a model switch or a repetition penalty, with nothing else generating
+            self._stop_manager()
+            self.running = job
+            self._run(job)
+            self.running = None
+            return
+        try:
+            self._add(job)
+        except Exception as exc:
+            log.exception("request %s could not start", job.request_id)
+            job.fail(f"Generation failed: {exc}")
+
+    def _add(self, job) -> None:
+        engine = self.engine
+        input_ids = engine.encode(job.messages)
+        tokens_in = len(input_ids)
+        if tokens_in >= engine.max_context:
+            job.emit({"type": "error", "message": f"Context too long ({tokens_in} tokens). "
+                      f"Max: {engine.max_context}. Please retry with shorter input.",
+                      "max_context": engine.max_context, "input_length": tokens_in})
+            return
+        max_tokens = min(job.settings["max_new_tokens"], engine.max_context - tokens_in)
+        job.context_needed = tokens_in + max_tokens
+        job.tokens = []
+        self._ensure_manager(settings_key(job.settings), job.settings)
+        internal_id = uuid.uuid4().hex
+        self.batch[internal_id] = Running(job, max_tokens)
+        job.emit({"type": "start", "tokens_in": tokens_in, "max_tokens": max_tokens})
+        self.manager.add_request(input_ids, request_id=internal_id, max_new_tokens=max_tokens, streaming=True)
+
+    def _ensure_manager(self, key, settings) -> None:
+        if self.manager is not None and self.manager_key == key and self.manager.is_running():
+            return
+        self._stop_manager()
+        engine = self.engine
+        eos = engine.model.generation_config.eos_token_id
+        sampling = key[0] == "sample"
+        generation = GenerationConfig(
+            max_new_tokens=settings["max_new_tokens"], do_sample=sampling, eos_token_id=eos if eos is not None else -1,
+            pad_token_id=engine.tokenizer.pad_token_id or engine.tokenizer.eos_token_id,
+            temperature=settings["temperature"] if sampling else None, top_p=settings["top_p"] if sampling else None,
+            top_k=settings["top_k"] if sampling else None)
+        # KV pages for every slot at the full context: the memory the context estimate allows for one request,
+        # times the batch. The scheduler shares them out as requests grow.
+        pages = math.ceil(self.max_batch_size * engine.max_context / PAGE_SIZE)
+        batching = ContinuousBatchingConfig(max_requests_per_batch=self.max_batch_size, page_size=PAGE_SIZE,
+                                            num_blocks=pages)
+        self.manager = engine.model.init_continuous_batching(generation_config=generation,
+                                                             continuous_batching_config=batching)
+        self.manager.start()
+        self.manager_key = key
+
+    def _stop_manager(self) -> None:
+        if self.manager is not None:
+            self.manager.stop(block=True, timeout=30)
+            if hasattr(self.engine.model, "destroy_cached_continuous_batching_manager"):
+                self.engine.model.destroy_cached_continuous_batching_manager()
+            self.manager = self.manager_key = None
+
+    def _collect(self) -> None:
+        """Hand on what the batch produced in the last moment; end cancelled and overdue requests."""
+        result = self.manager.get_result(timeout=0.02)
+        while result is not None:
+            running = self.batch.get(result.request_id)
+            if running is not None:
+                self._progress(running, result)
+            result = self.manager.get_result(timeout=0)
+        now = time.monotonic()
+        for internal_id, running in list(self.batch.items()):
+            reason = "cancelled" if running.job.cancelled.is_set() else "timeout" if now > running.deadline else None
+            if reason:
+                self.manager.cancel_request(internal_id)
+                self._finish(running, len(running.job.tokens), reason)
+        if self.batch and not self.manager.is_running():
+            self._fail_batch()
+
+    def _progress(self, running, result) -> None:
+        job = running.job
+        job.tokens = list(result.generated_tokens)
+        if result.error:
+            self._end(running)
+            job.fail(OOM_MESSAGE if "out of memory" in result.error.lower() else f"Generation failed: {result.error}")
+            return
+        text = self.engine.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        finished = result.is_finished()
+        ready = text if finished or not text.endswith("\ufffd") else text[:len(text) - 1]  # a half character waits
+        if len(ready) > running.sent:
+            job.emit({"type": "token", "data": ready[running.sent:]})
+            running.sent = len(ready)
+        if finished:
+            self._finish(running, len(job.tokens), "length" if len(job.tokens) >= running.max_tokens else "stop")
+
+    def _finish(self, running, generated: int, reason: str) -> None:
+        self._end(running)
+        elapsed = max(time.monotonic() - running.started, 1e-9)
+        running.job.emit({"type": "done", "total_tokens": generated, "finish_reason": reason,
+                          "tokens_per_s": round(generated / elapsed, 2)})
+
+    def _end(self, running) -> None:
+        for internal_id, candidate in list(self.batch.items()):
+            if candidate is running:
+                del self.batch[internal_id]
+        with self.lock:
+            self._announce_positions()
+
+    def _fail_batch(self) -> None:
+        """The batching thread died (out of memory, say): fail its requests, start afresh for the next."""
+        error = getattr(self.manager.background_thread_status, "fatal_error", None)
+        log.error("continuous batching stopped: %s", error)
+        message = OOM_MESSAGE if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) else (
+            f"Generation failed: {error}")
+        for running in list(self.batch.values()):
+            self._end(running)
+            running.job.fail(message)
+        self.manager = self.manager_key = None

@@ -1,0 +1,125 @@
+"""The batching worker (optimization.max_batch_size > 1): many requests at once, in arrival order, with
+everything else as with one worker."""
+import asyncio
+import shutil
+
+import pytest
+
+from conftest import BLOCKER, Client, inference, text_of
+
+PROMPTS = ["Tell me about rivers", "A long story", "Name a colour", "Why is the sky blue?"]
+
+
+@pytest.fixture(scope="module")
+def batch_server(start_server, tiny_model):
+    # Continuous batching cannot apply a repetition penalty: 1.0 lets every request join a batch.
+    def populate(root):
+        shutil.copytree(tiny_model, root / "models" / "tiny-a")
+        shutil.copytree(tiny_model, root / "models" / "tiny-b")
+    return start_server(None, populate, optimization={"max_batch_size": 3},
+                        generation_defaults={"repetition_penalty": 1.0})
+
+
+async def answers(server, prompts, max_new_tokens=40, **config):
+    """Send every prompt at once from its own client; return each client's messages."""
+    clients = [await Client.open(server.url) for _ in prompts]
+    for client, prompt in zip(clients, prompts):
+        await client.send(inference(prompt, max_new_tokens=max_new_tokens, **config))
+    results = await asyncio.gather(*(client.until("done", "error") for client in clients))
+    for client in clients:
+        await client.close()
+    return results
+
+
+async def answers_alone(server, prompts, max_new_tokens=40, **config):
+    return [text_of((await answers(server, [prompt], max_new_tokens, **config))[0]) for prompt in prompts]
+
+
+async def test_greedy_text_is_the_same_batched_as_alone(batch_server, tiny_server):
+    alone = await answers_alone(tiny_server, PROMPTS, repetition_penalty=1.0)
+    batched = [text_of(messages) for messages in await answers(batch_server, PROMPTS)]
+    assert batched == alone
+
+
+async def test_a_repetition_penalty_runs_alone_and_is_honoured(batch_server, tiny_server):
+    alone = await answers_alone(tiny_server, PROMPTS[:2], repetition_penalty=1.3)
+    batched = [text_of(messages) for messages in await answers(batch_server, PROMPTS[:2], repetition_penalty=1.3)]
+    assert batched == alone
+
+
+async def test_requests_run_together_and_the_fourth_waits_for_a_slot(batch_server):
+    clients = [await Client.open(batch_server.url) for _ in range(4)]
+    for index, client in enumerate(clients):
+        await client.send(inference(PROMPTS[index], max_new_tokens=300))
+    events = []
+
+    async def follow(index, client):
+        while True:  # message by message, so `events` is in arrival order across clients
+            message = await client.recv()
+            events.append((message["type"], index))
+            if message["type"] == "done":
+                assert message["total_tokens"] == 300
+                return
+
+    await asyncio.gather(*(follow(index, client) for index, client in enumerate(clients)))
+    first_done = events.index(next(event for event in events if event[0] == "done"))
+    assert {index for kind, index in events[:first_done] if kind == "start"} == {0, 1, 2}  # three slots at once
+    assert events.index(("start", 3)) > first_done  # the fourth waited for a slot to free
+    assert ("queued", 3) in events
+    for client in clients:
+        await client.close()
+
+
+async def test_cancel_timeout_and_resume_in_a_batch(batch_server):
+    keeper, canceller = await Client.open(batch_server.url), await Client.open(batch_server.url)
+    await keeper.send(inference("keep going", max_new_tokens=200))
+    await canceller.send(BLOCKER)
+    await canceller.until("token")
+    await canceller.send({"type": "cancel"})
+    done = (await canceller.until("done"))[-1]
+    assert done["finish_reason"] == "cancelled" and done["total_tokens"] < 4000
+    received = [await keeper.recv() for _ in range(5)]
+    await keeper.ws.close()
+    back = await Client.open(batch_server.url, {"session_id": keeper.session_id, "last_seq": received[-1]["seq"]})
+    received += await back.until("done")
+    whole = await answers(batch_server, ["keep going"], max_new_tokens=200)
+    assert text_of(received) == text_of(whole[0]) and received[-1]["total_tokens"] == 200
+    await back.close()
+    await canceller.close()
+
+
+async def test_different_settings_wait_for_the_batch_to_drain(batch_server):
+    greedy, sampled = await Client.open(batch_server.url), await Client.open(batch_server.url)
+    await greedy.send(inference("first", max_new_tokens=150))
+    await greedy.until("start")
+    await sampled.send(inference("second", max_new_tokens=5, temperature=1.0, top_k=0, top_p=1.0))
+    assert (await sampled.recv())["type"] == "queued"  # a slot is free, but not for these settings
+    first = await greedy.until("done")
+    second = await sampled.until("done")
+    assert first[-1]["total_tokens"] == 150 and second[-1]["total_tokens"] == 5
+    await greedy.close()
+    await sampled.close()
+
+
+async def test_a_switch_waits_for_the_batch_to_drain(batch_server):
+    worker, switcher = await Client.open(batch_server.url), await Client.open(batch_server.url)
+    await worker.send(inference("busy", max_new_tokens=300))
+    await worker.until("start")
+    await switcher.send({"type": "switch_model", "model_path": "tiny-b"})
+    await switcher.send(inference("after the switch", max_new_tokens=3))
+    worker_done = (await worker.until("done"))[-1]
+    switched = await switcher.until("model_switched")
+    assert worker_done["total_tokens"] == 300 and switched[-1]["model"] == "tiny-b"
+    assert not [m for m in switched if m["type"] == "start"]  # nothing was admitted during the switch
+    assert (await switcher.until("done"))[-1]["total_tokens"] == 3
+    await worker.close()
+    await switcher.close()
+
+
+async def test_context_limit_with_batching(batch_server):
+    client = await Client.open(batch_server.url)
+    await client.send(inference("word " * 5000))
+    assert "Context too long" in (await client.until("error"))[-1]["message"]
+    await client.send(inference("still fine", max_new_tokens=3))
+    assert (await client.until("done"))[-1]["total_tokens"] == 3
+    await client.close()
