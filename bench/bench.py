@@ -105,11 +105,11 @@ class RawGenerate:
 
 
 class LLMWSTarget:
-    name = "llmws"
-
-    def __init__(self, model_dir, max_tokens, folder):
+    def __init__(self, model_dir, max_tokens, folder, batch=1):
+        self.name = "llmws" + (f" max_batch_size={batch}" if batch > 1 else "")
         self.port, self.max_tokens = free_port(), max_tokens
-        self.process = start_server(model_dir, self.port, folder, {"generation_defaults": {"repetition_penalty": 1.0}})
+        self.process = start_server(model_dir, self.port, folder, {"generation_defaults": {"repetition_penalty": 1.0},
+                                                                   "optimization": {"max_batch_size": batch}})
         self.pid = self.process.pid
 
     def run(self, clients: int) -> list[Stream]:
@@ -249,7 +249,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="llmws-bench-") as folder:
-        makers = [lambda: RawGenerate(args.model, max_tokens), lambda: LLMWSTarget(args.model, max_tokens, Path(folder))]
+        makers = [lambda: RawGenerate(args.model, max_tokens), lambda: LLMWSTarget(args.model, max_tokens, Path(folder)),
+                  lambda: LLMWSTarget(args.model, max_tokens, Path(folder), batch=max(counts))]
         if not args.no_serve:
             makers += [lambda: ServeTarget(args.model, max_tokens, False), lambda: ServeTarget(args.model, max_tokens, True)]
         for make in makers:
