@@ -7,7 +7,9 @@ import pytest
 
 from conftest import BLOCKER, Client, inference, text_of
 
-PROMPTS = ["Tell me about rivers", "A long story", "Name a colour", "Why is the sky blue?"]
+PROMPTS = ["Tell me about rivers", "A long story", "Name a colour", "Why is the sky blue?", "Count to ten",
+           "What is a dragon?"]
+SLOTS = 4
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +18,7 @@ def batch_server(start_server, tiny_model):
     def populate(root):
         shutil.copytree(tiny_model, root / "models" / "tiny-a")
         shutil.copytree(tiny_model, root / "models" / "tiny-b")
-    return start_server(None, populate, optimization={"max_batch_size": 3},
+    return start_server(None, populate, optimization={"max_batch_size": SLOTS},
                         generation_defaults={"repetition_penalty": 1.0})
 
 
@@ -47,8 +49,8 @@ async def test_a_repetition_penalty_runs_alone_and_is_honoured(batch_server, tin
     assert batched == alone
 
 
-async def test_requests_run_together_and_the_fourth_waits_for_a_slot(batch_server):
-    clients = [await Client.open(batch_server.url) for _ in range(4)]
+async def test_requests_start_in_arrival_order_and_the_fifth_waits_for_a_slot(batch_server):
+    clients = [await Client.open(batch_server.url) for _ in PROMPTS]
     for index, client in enumerate(clients):
         await client.send(inference(PROMPTS[index], max_new_tokens=300))
     events = []
@@ -62,15 +64,17 @@ async def test_requests_run_together_and_the_fourth_waits_for_a_slot(batch_serve
                 return
 
     await asyncio.gather(*(follow(index, client) for index, client in enumerate(clients)))
+    starts = [index for kind, index in events if kind == "start"]
+    assert starts == list(range(len(PROMPTS)))  # in arrival order
     first_done = events.index(next(event for event in events if event[0] == "done"))
-    assert {index for kind, index in events[:first_done] if kind == "start"} == {0, 1, 2}  # three slots at once
-    assert events.index(("start", 3)) > first_done  # the fourth waited for a slot to free
-    assert ("queued", 3) in events
+    assert set(starts[:SLOTS]) <= {index for kind, index in events[:first_done] if kind == "start"}  # together
+    assert events.index(("start", SLOTS)) > first_done  # the fifth waited for a slot to free
+    assert ("queued", SLOTS) in events
     for client in clients:
         await client.close()
 
 
-async def test_cancel_timeout_and_resume_in_a_batch(batch_server):
+async def test_a_cancel_stops_only_that_request_and_a_resume_mid_batch_is_exact(batch_server):
     keeper, canceller = await Client.open(batch_server.url), await Client.open(batch_server.url)
     await keeper.send(inference("keep going", max_new_tokens=200))
     await canceller.send(BLOCKER)
@@ -123,3 +127,15 @@ async def test_context_limit_with_batching(batch_server):
     await client.send(inference("still fine", max_new_tokens=3))
     assert (await client.until("done"))[-1]["total_tokens"] == 3
     await client.close()
+
+
+async def test_the_time_limit_holds_in_a_batch(start_server, tiny_model):
+    server = start_server(tiny_model, optimization={"max_batch_size": SLOTS}, limits={"timeout_token_generation": 0.5},
+                          generation_defaults={"repetition_penalty": 1.0})
+    clients = [await Client.open(server.url) for _ in range(2)]
+    for client in clients:
+        await client.send(BLOCKER)
+    for client in clients:
+        done = (await client.until("done"))[-1]
+        assert done["finish_reason"] == "timeout" and 0 < done["total_tokens"] < 4000
+        await client.close()
