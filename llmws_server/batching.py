@@ -100,21 +100,14 @@ class BatchingWorker(Worker):
             job.fail(f"Generation failed: {exc}")
 
     def _add(self, job) -> None:
-        engine = self.engine
-        input_ids = engine.encode(job.messages)
-        tokens_in = len(input_ids)
-        if tokens_in >= engine.max_context:
-            job.emit({"type": "error", "message": f"Context too long ({tokens_in} tokens). "
-                      f"Max: {engine.max_context}. Please retry with shorter input.",
-                      "max_context": engine.max_context, "input_length": tokens_in})
-            return
-        max_tokens = min(job.settings["max_new_tokens"], engine.max_context - tokens_in)
-        job.context_needed = tokens_in + max_tokens
         job.tokens = []
+        prepared = job.prepare(self.engine)
+        if prepared is None:
+            return
+        input_ids, max_tokens = prepared
         self._ensure_manager(settings_key(job.settings), job.settings)
         internal_id = uuid.uuid4().hex
         self.batch[internal_id] = Running(job, max_tokens)
-        job.emit({"type": "start", "tokens_in": tokens_in, "max_tokens": max_tokens})
         self.manager.add_request(input_ids, request_id=internal_id, max_new_tokens=max_tokens, streaming=True)
 
     def _ensure_manager(self, key, settings) -> None:

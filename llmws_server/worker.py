@@ -36,18 +36,27 @@ class InferenceJob:
         message["request_id"] = self.request_id
         self.loop.call_soon_threadsafe(self.session.emit, message)
 
-    def run(self, worker) -> None:
-        engine = worker.engine
+    def prepare(self, engine) -> tuple[list[int], int] | None:
+        """Tokenize, refuse a prompt that leaves no room (the seed's error), clamp max_new_tokens to the
+        room left, and say `start`. Returns (input ids, max tokens), or None when refused."""
         input_ids = engine.encode(self.messages)
         tokens_in = len(input_ids)
         if tokens_in >= engine.max_context:
             self.emit({"type": "error", "message": f"Context too long ({tokens_in} tokens). "
                        f"Max: {engine.max_context}. Please retry with shorter input.",
                        "max_context": engine.max_context, "input_length": tokens_in})
-            return
+            return None
         max_tokens = min(self.settings["max_new_tokens"], engine.max_context - tokens_in)
         self.context_needed = tokens_in + max_tokens
         self.emit({"type": "start", "tokens_in": tokens_in, "max_tokens": max_tokens})
+        return input_ids, max_tokens
+
+    def run(self, worker) -> None:
+        engine = worker.engine
+        prepared = self.prepare(engine)
+        if prepared is None:
+            return
+        input_ids, max_tokens = prepared
         started = time.monotonic()
         deadline = started + self.timeout_s
 
