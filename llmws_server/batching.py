@@ -36,7 +36,8 @@ def batchable(job) -> bool:
 class Running:
     """One request in the batch: its job, limits, and how much of its text has been sent."""
 
-    def __init__(self, job, max_tokens):
+    def __init__(self, internal_id, job, max_tokens):
+        self.id = internal_id  # the batching manager's name for it
         self.job = job
         self.max_tokens = max_tokens
         self.started = time.monotonic()
@@ -107,7 +108,7 @@ class BatchingWorker(Worker):
         input_ids, max_tokens = prepared
         self._ensure_manager(settings_key(job.settings), job.settings)
         internal_id = uuid.uuid4().hex
-        self.batch[internal_id] = Running(job, max_tokens)
+        self.batch[internal_id] = Running(internal_id, job, max_tokens)
         self.manager.add_request(input_ids, request_id=internal_id, max_new_tokens=max_tokens, streaming=True)
 
     def _ensure_manager(self, key, settings) -> None:
@@ -179,9 +180,7 @@ class BatchingWorker(Worker):
                           "tokens_per_s": round(generated / elapsed, 2)})
 
     def _end(self, running) -> None:
-        for internal_id, candidate in list(self.batch.items()):
-            if candidate is running:
-                del self.batch[internal_id]
+        self.batch.pop(running.id, None)
         with self.lock:
             self._announce_positions()
 

@@ -129,8 +129,3 @@ def _check_turns(turns) -> list[dict]:
             raise ProtocolError(f"messages[{index}].content must be a string")
     return [dict(turn) for turn in turns]
 
-
-def settings_update(value, field: str) -> dict:
-    if not isinstance(value, dict):
-        raise ProtocolError(f"{field} must be an object")
-    return value
