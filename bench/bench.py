@@ -199,7 +199,7 @@ class ServeTarget:
 # -- measuring -------------------------------------------------------------------------------------
 
 def measure(target, clients: int, repeats: int) -> dict:
-    """Run `clients` requests at once, `repeats` times; medians over every stream, the aggregate over all."""
+    """Run `clients` requests at once, `repeats` times: every stream's timings, the wall time, peak memory."""
     memory = PeakMemory(target.pid)
     streams, elapsed = [], 0.0
     for _ in range(repeats):
@@ -207,12 +207,21 @@ def measure(target, clients: int, repeats: int) -> dict:
         streams += target.run(clients)
         elapsed += time.monotonic() - started
     memory.running = False
-    ttfts = [stream.ttft for stream in streams]
-    return {"target": target.name, "clients": clients, "repeats": repeats,
-            "ttft_p50_s": round(statistics.median(ttfts), 3), "ttft_max_s": round(max(ttfts), 3),
+    return {"streams": streams, "elapsed": elapsed, "peak": memory.peak}
+
+
+def summarize(name: str, clients: int, runs: list[dict]) -> dict:
+    """One table row from a case's rounds: medians over every stream and over the rounds' aggregates."""
+    streams = [stream for run in runs for stream in run["streams"]]
+    aggregates = [sum(stream.tokens for stream in run["streams"]) / run["elapsed"] for run in runs]
+    return {"target": name, "clients": clients, "rounds": len(runs), "streams": len(streams),
+            "ttft_p50_s": round(statistics.median(stream.ttft for stream in streams), 3),
+            "ttft_max_s": round(max(stream.ttft for stream in streams), 3),
             "decode_tokens_per_s": round(statistics.median(stream.decode_rate for stream in streams), 2),
-            "aggregate_tokens_per_s": round(sum(stream.tokens for stream in streams) / elapsed, 2),
-            "peak_rss_mb": round(memory.peak / 1024 ** 2), "texts": sorted({stream.text for stream in streams})}
+            "aggregate_tokens_per_s": round(statistics.median(aggregates), 2),
+            "aggregate_per_round": [round(value, 2) for value in aggregates],
+            "peak_rss_mb": round(max(run["peak"] for run in runs) / 1024 ** 2),
+            "texts": sorted({stream.text for stream in streams})}
 
 
 def chart(rows, path: Path) -> None:
@@ -233,51 +242,82 @@ def chart(rows, path: Path) -> None:
     figure.savefig(path, dpi=100)
 
 
+TARGETS = ["raw", "llmws", "llmws-batched", "serve", "serve-cb"]
+
+
+def make_target(kind: str, model: str, max_tokens: int, folder: Path, batch: int):
+    return {"raw": lambda: RawGenerate(model, max_tokens),
+            "llmws": lambda: LLMWSTarget(model, max_tokens, folder),
+            "llmws-batched": lambda: LLMWSTarget(model, max_tokens, folder, batch=batch),
+            "serve": lambda: ServeTarget(model, max_tokens, False),
+            "serve-cb": lambda: ServeTarget(model, max_tokens, True)}[kind]()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(REPO / "models" / "SmolLM2-135M-Instruct"))
-    parser.add_argument("--quick", action="store_true", help="32 tokens, 1 and 4 clients")
+    parser.add_argument("--quick", action="store_true", help="32 tokens, 1 and 4 clients, one round")
+    parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, from {', '.join(TARGETS)}")
     parser.add_argument("--no-serve", action="store_true", help="leave out transformers serve")
-    parser.add_argument("--repeat", type=int, default=5, help="single-client requests to take medians over")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over every target, for medians")
+    parser.add_argument("--repeat", type=int, default=3, help="single-client requests per round")
     parser.add_argument("--out", default=str(BENCH / "results"))
     args = parser.parse_args()
     ensure_venv()
     import tempfile
 
-    max_tokens, counts = (32, [1, 4]) if args.quick else (128, [1, 4, 8])
+    max_tokens, counts, rounds = (32, [1, 4], 1) if args.quick else (128, [1, 4, 8], args.rounds)
+    kinds = [kind for kind in args.targets.split(",") if not (args.no_serve and kind.startswith("serve"))]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
     with tempfile.TemporaryDirectory(prefix="llmws-bench-") as folder:
-        makers = [lambda: RawGenerate(args.model, max_tokens), lambda: LLMWSTarget(args.model, max_tokens, Path(folder)),
-                  lambda: LLMWSTarget(args.model, max_tokens, Path(folder), batch=max(counts))]
-        if not args.no_serve:
-            makers += [lambda: ServeTarget(args.model, max_tokens, False), lambda: ServeTarget(args.model, max_tokens, True)]
-        for make in makers:
-            target = make()
-            try:
-                target.run(1)  # warm-up
-                for clients in ([1] if isinstance(target, RawGenerate) else counts):
-                    rows.append(measure(target, clients, args.repeat if clients == 1 else 1))
-                    print(f"  {target.name}, {clients} clients: {rows[-1]['aggregate_tokens_per_s']} tokens/s",
-                          file=sys.stderr)
-            finally:
+        targets = []
+        try:
+            for kind in kinds:
+                targets.append(make_target(kind, args.model, max_tokens, Path(folder), max(counts)))
+                targets[-1].run(1)  # warm-up
+            cases = [(target, clients) for target in targets
+                     for clients in ([1] if isinstance(target, RawGenerate) else counts)]
+            runs = {case: [] for case in cases}
+            # Every target stays up and the rounds alternate their order, so a noisy minute hits them all alike.
+            for number in range(rounds):
+                for target, clients in (cases if number % 2 == 0 else cases[::-1]):
+                    runs[target, clients].append(measure(target, clients, args.repeat if clients == 1 else 1))
+                    print(f"  round {number + 1}: {target.name}, {clients} clients", file=sys.stderr)
+        finally:
+            for target in targets:
                 target.stop()
+    rows = [summarize(target.name, clients, case_runs) for (target, clients), case_runs in runs.items()]
+    report(rows, max_tokens, out)
+    return 0
+
+
+def report(rows: list[dict], max_tokens: int, out: Path) -> None:
     texts = {text for row in rows for text in row["texts"]}
     print(f"\n{'target':42} {'clients':>7} {'aggregate tok/s':>15} {'decode tok/s':>12} {'TTFT p50':>9} "
           f"{'TTFT max':>9} {'peak MB':>8}")
     for row in rows:
         print(f"{row['target']:42} {row['clients']:>7} {row['aggregate_tokens_per_s']:>15} "
               f"{row['decode_tokens_per_s']:>12} {row['ttft_p50_s']:>8}s {row['ttft_max_s']:>8}s {row['peak_rss_mb']:>8}")
-    raw, ours = rows[0], next(row for row in rows if row["target"] == "llmws" and row["clients"] == 1)
-    ratio = ours["decode_tokens_per_s"] / raw["decode_tokens_per_s"]
-    print(f"\nllmws / raw generate, 1 client: decode {ratio:.3f}, TTFT {1000 * (ours['ttft_p50_s'] - raw['ttft_p50_s']):+.0f} ms")
+    summary = {"max_new_tokens": max_tokens, "prompt": PROMPT, "rows": rows}
+    by_name = {(row["target"], row["clients"]): row for row in rows}
+    raw, ours = by_name.get(("raw generate", 1)), by_name.get(("llmws", 1))
+    if raw and ours:
+        summary["decode_ratio_1_client"] = ratio = ours["decode_tokens_per_s"] / raw["decode_tokens_per_s"]
+        print(f"\nllmws / raw generate, 1 client: decode {ratio:.3f}, "
+              f"TTFT {1000 * (ours['ttft_p50_s'] - raw['ttft_p50_s']):+.0f} ms")
+    clients = max(row["clients"] for row in rows)
+    batched, serve = (by_name.get((name, clients)) for name in
+                      (next((row["target"] for row in rows if "max_batch_size" in row["target"]), None),
+                       "transformers serve --continuous-batching"))
+    if batched and serve:
+        summary["batched_vs_serve_cb"] = ratio = batched["aggregate_tokens_per_s"] / serve["aggregate_tokens_per_s"]
+        print(f"llmws batched / serve --continuous-batching, {clients} clients: aggregate {ratio:.3f}, "
+              f"TTFT p50 {batched['ttft_p50_s']} s vs {serve['ttft_p50_s']} s")
     print(f"identical texts across targets: {'yes' if len(texts) == 1 else f'no ({len(texts)} different)'}")
-    (out / "bench.json").write_text(json.dumps({"max_new_tokens": max_tokens, "prompt": PROMPT, "rows": rows,
-                                                "decode_ratio_1_client": ratio}, indent=2))
+    (out / "bench.json").write_text(json.dumps(summary, indent=2))
     chart(rows, out / "bench.png")
     print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
-    return 0
 
 
 if __name__ == "__main__":

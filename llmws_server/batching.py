@@ -20,6 +20,9 @@ from .worker import OOM_MESSAGE, InferenceJob, Worker
 
 log = logging.getLogger("llmws.batching")
 PAGE_SIZE = 256
+# Tokens one batching step may take in (longer prompts are prefilled in pieces). transformers' default of
+# 8192 makes a float mask of 8192 x (cache + 8192) tokens: gigabytes, filled on every new manager.
+MAX_BATCH_TOKENS = 512
 
 
 def settings_key(settings: dict) -> tuple:
@@ -127,7 +130,7 @@ class BatchingWorker(Worker):
         # times the batch. The scheduler shares them out as requests grow.
         pages = math.ceil(self.max_batch_size * engine.max_context / PAGE_SIZE)
         batching = ContinuousBatchingConfig(max_requests_per_batch=self.max_batch_size, page_size=PAGE_SIZE,
-                                            num_blocks=pages)
+                                            num_blocks=pages, max_batch_tokens=MAX_BATCH_TOKENS)
         self.manager = engine.model.init_continuous_batching(generation_config=generation,
                                                              continuous_batching_config=batching)
         self.manager.start()

@@ -58,6 +58,8 @@ class Engine:
         self.compute_capability = list(torch.cuda.get_device_capability(0)) if cuda else None
         self.dtype = choose_dtype(optimization["dtype"], self.compute_capability)
         self.attention = choose_attention(optimization["use_flash_attention"], self.compute_capability)
+        if not cuda:
+            use_grouped_query_sdpa()
         trust = model_options["trust_remote_code"]
         started = time.monotonic()
         self.config = AutoConfig.from_pretrained(self.path, trust_remote_code=trust)
@@ -143,6 +145,14 @@ class Engine:
         """After running out of memory at `failed_at` tokens, keep well below that for the rest of the run."""
         self.max_context = max(1, min(self.max_context, failed_at * 3 // 4))
         log.warning("out of memory at %d tokens: max context lowered to %d", failed_at, self.max_context)
+
+
+def use_grouped_query_sdpa() -> None:
+    """On a CPU, let SDPA share key/value heads itself (enable_gqa) even with an attention mask, instead of
+    transformers copying them per query head first. Continuous batching always passes a mask; the same
+    text comes out, about 8 % faster at 8 requests (bench/bench.py). On CUDA a mask with GQA would fall
+    back to the slow math kernel, so this is for CPUs only."""
+    os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
 
 
 def free_memory() -> None:

@@ -43,6 +43,15 @@ async def test_greedy_text_is_the_same_batched_as_alone(batch_server, tiny_serve
     assert batched == alone
 
 
+async def test_a_prompt_longer_than_one_batching_step_gives_the_same_text(batch_server, tiny_server):
+    # Over MAX_BATCH_TOKENS (512) tokens, the prompt is prefilled in pieces while the others decode.
+    prompts = [" ".join(["river stone"] * 400), *PROMPTS[:3]]
+    alone = await answers_alone(tiny_server, prompts, repetition_penalty=1.0)
+    results = await answers(batch_server, prompts)
+    assert next(m for m in results[0] if m["type"] == "start")["tokens_in"] > 512
+    assert [text_of(messages) for messages in results] == alone
+
+
 async def test_a_repetition_penalty_runs_alone_and_is_honoured(batch_server, tiny_server):
     alone = await answers_alone(tiny_server, PROMPTS[:2], repetition_penalty=1.3)
     batched = [text_of(messages) for messages in await answers(batch_server, PROMPTS[:2], repetition_penalty=1.3)]
