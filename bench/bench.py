@@ -2,7 +2,10 @@
 """Benchmark: LLMWS against raw `model.generate` and `transformers serve`, same model, prompt and greedy
 settings, in one run. Prints a table, writes bench/results/bench.json and bench/results/bench.png.
 
-    python bench/bench.py [--quick] [--model models/SmolLM2-135M-Instruct] [--no-serve]
+    python bench/bench.py [--quick] [--model DIR] [--targets raw,llmws,...] [--no-serve] [--rounds 3]
+
+Every target stays up for the whole run and the rounds go over them in alternating order, so a slow
+minute on a noisy machine falls on all of them alike; each row is the median over the rounds.
 
 It runs itself in bench/.venv (made on first use, with the system's packages visible), where it installs
 matplotlib and transformers[serving]; neither is a requirement of the server.
