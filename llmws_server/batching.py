@@ -32,6 +32,16 @@ def settings_key(settings: dict) -> tuple:
     return ("greedy",)
 
 
+def cache_pages(slots: int, max_context: int, kv_token_budget: int | None) -> int:
+    """KV pages for the batch: every slot at the full context, but no more than free memory holds. The
+    scheduler shares the pages out as requests grow; when they run short it admits no new prompt until
+    some free up."""
+    tokens = slots * max_context
+    if kv_token_budget is not None:
+        tokens = max(min(tokens, kv_token_budget), max_context)
+    return math.ceil(tokens / PAGE_SIZE)
+
+
 def batchable(job) -> bool:
     return isinstance(job, InferenceJob) and job.settings["repetition_penalty"] == 1.0
 
@@ -126,9 +136,7 @@ class BatchingWorker(Worker):
             pad_token_id=engine.tokenizer.pad_token_id or engine.tokenizer.eos_token_id,
             temperature=settings["temperature"] if sampling else None, top_p=settings["top_p"] if sampling else None,
             top_k=settings["top_k"] if sampling else None)
-        # KV pages for every slot at the full context: the memory the context estimate allows for one request,
-        # times the batch. The scheduler shares them out as requests grow.
-        pages = math.ceil(self.max_batch_size * engine.max_context / PAGE_SIZE)
+        pages = cache_pages(self.max_batch_size, engine.max_context, engine.kv_token_budget)
         batching = ContinuousBatchingConfig(max_requests_per_batch=self.max_batch_size, page_size=PAGE_SIZE,
                                             num_blocks=pages, max_batch_tokens=MAX_BATCH_TOKENS)
         self.manager = engine.model.init_continuous_batching(generation_config=generation,

@@ -75,8 +75,11 @@ class Engine:
         self.device = str(self.model.device)
         self.params = self.model.num_parameters()
         self.vision = hasattr(self.config, "vision_config")
-        self.max_context = resources.estimate_max_context(
-            self.config, resources.free_memory_bytes(), self.dtype.itemsize, max_context_cap, self.params)
+        free = resources.free_memory_bytes()
+        self.max_context = resources.estimate_max_context(self.config, free, self.dtype.itemsize, max_context_cap,
+                                                          self.params)
+        # All the KV cache memory allows, for requests together (a batch); None: no limit
+        self.kv_token_budget = resources.kv_tokens_that_fit(self.config, free, self.dtype.itemsize, self.params)
         log.info("loaded %s in %.1f s: %.1fM parameters, device %s, dtype %s, attention %s, compile %s, "
                  "max context %d", self.name, time.monotonic() - started, self.params / 1e6, self.device,
                  self.dtype_name, self.attention, self.compiled, self.max_context)
@@ -144,6 +147,8 @@ class Engine:
     def lower_max_context(self, failed_at: int) -> None:
         """After running out of memory at `failed_at` tokens, keep well below that for the rest of the run."""
         self.max_context = max(1, min(self.max_context, failed_at * 3 // 4))
+        if self.kv_token_budget is not None:
+            self.kv_token_budget = min(self.kv_token_budget, failed_at * 3 // 4)
         log.warning("out of memory at %d tokens: max context lowered to %d", failed_at, self.max_context)
 
 

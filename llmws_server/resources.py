@@ -125,17 +125,22 @@ def kv_cache_cost(model_config, bytes_per_element: int) -> tuple[int, int] | Non
     return (layers - sliding) * per_layer, sliding * per_layer * (window or 0)
 
 
-def estimate_max_context(model_config, free_bytes: int, bytes_per_element: int, cap: int,
-                         params: int | None = None) -> int:
-    """How many tokens of KV cache fit in 60 % of what is free, capped by the model's position limit and
-    the configured maximum. Falls back to the seed's formula when the config lacks the fields."""
+def kv_tokens_that_fit(model_config, free_bytes: int, bytes_per_element: int, params: int | None = None) -> int | None:
+    """How many tokens of KV cache fit in 60 % of what is free; None when the cache never grows past the
+    sliding windows. Falls back to the seed's formula when the config lacks the fields."""
     usable = free_bytes * (1 - ACTIVATION_RESERVE)
     cost = kv_cache_cost(model_config, bytes_per_element)
     per_token, fixed = cost if cost else ((params or 1e9) * 2 / 1000, 0)  # the seed's formula
-    if per_token == 0:  # every layer slides: the cache never grows past the windows
-        limit = cap
-    else:
-        limit = min(int(max(usable - fixed, 0) / per_token), cap)
+    if per_token == 0:
+        return None
+    return int(max(usable - fixed, 0) / per_token)
+
+
+def estimate_max_context(model_config, free_bytes: int, bytes_per_element: int, cap: int,
+                         params: int | None = None) -> int:
+    """The tokens that fit (kv_tokens_that_fit), capped by the model's position limit and the configured maximum."""
+    fitting = kv_tokens_that_fit(model_config, free_bytes, bytes_per_element, params)
+    limit = cap if fitting is None else min(fitting, cap)
     positions = getattr(_text_config(model_config), "max_position_embeddings", None)
     return max(min(limit, positions) if positions else limit, 0)
 

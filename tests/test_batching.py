@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 from conftest import BLOCKER, Client, inference, text_of
+from llmws_server.batching import PAGE_SIZE, cache_pages
 
 PROMPTS = ["Tell me about rivers", "A long story", "Name a colour", "Why is the sky blue?", "Count to ten",
            "What is a dragon?"]
@@ -148,3 +149,9 @@ async def test_the_time_limit_holds_in_a_batch(start_server, tiny_model):
         done = (await client.until("done"))[-1]
         assert done["finish_reason"] == "timeout" and done["total_tokens"] < 4000  # on a slow machine maybe 0
         await client.close()
+
+
+def test_the_kv_cache_holds_every_slot_at_full_context_unless_memory_is_short():
+    assert cache_pages(8, 8192, 300_000) == 8 * 8192 // PAGE_SIZE
+    assert cache_pages(8, 8192, None) == 8 * 8192 // PAGE_SIZE  # sliding windows only: no growth to bound
+    assert cache_pages(8, 90931, 90931) == -(-90931 // PAGE_SIZE)  # a big model on a small GPU: what fits

@@ -35,6 +35,9 @@ def test_the_seeds_example_gets_a_sane_context():
     assert resources.estimate_max_context(LLAMA_31_8B, 80 * GB, 2, 128000) == 128000  # the configured cap
     assert resources.estimate_max_context(QWEN_25_7B, 80 * GB, 2, 128000) == 32768  # the model's positions
     assert resources.estimate_max_context(SMOLLM2_135M, int(22.9 * GB), 4, 128000) == 8192
+    # what a batch may hold in all, past the caps
+    assert resources.kv_tokens_that_fit(LLAMA_31_8B, int(18.5 * GB), 2) == 90931
+    assert resources.kv_tokens_that_fit(SMOLLM2_135M, int(22.9 * GB), 4) > 8 * 8192
 
 
 def test_sliding_window_layers_cost_a_fixed_amount():
