@@ -1,8 +1,9 @@
 """The batching worker: the same FIFO, but up to `max_batch_size` requests generate at once, through
 transformers' continuous batching (`model.init_continuous_batching()`).
 
-Requests are admitted in arrival order, each as soon as a slot frees. One batch runs one set of sampling
-settings; a request whose settings differ waits, in order, until the batch drains. Continuous batching
+Requests are admitted in arrival order, each as soon as a slot frees. A batch is either greedy or
+sampling; sampled requests share a batch whatever their temperature, top_p and top_k (transformers'
+per-request processors). A request of the other kind waits, in order, until the batch drains. Continuous batching
 cannot apply a repetition penalty, so a request with repetition_penalty other than 1.0 runs alone, as
 with the one-at-a-time worker, once the batch has drained; so does a model switch. Nothing is admitted
 past a request that waits.
@@ -25,11 +26,25 @@ PAGE_SIZE = 256
 MAX_BATCH_TOKENS = 512
 
 
-def settings_key(settings: dict) -> tuple:
+# A sampling manager is made with these so that it has every warper; each request then passes its own values.
+SAMPLING_PLACEHOLDERS = {"temperature": 0.5, "top_p": 0.5, "top_k": 50}
+
+
+def sampled(settings: dict) -> bool:
+    return settings["do_sample"] and settings["temperature"] > 0
+
+
+def settings_key(settings: dict) -> str:
     """What must be equal for two requests to share a batch."""
-    if settings["do_sample"] and settings["temperature"] > 0:
-        return ("sample", settings["temperature"], settings["top_p"], settings["top_k"])
-    return ("greedy",)
+    return "sample" if sampled(settings) else "greedy"
+
+
+def sampling_kwargs(settings: dict) -> dict:
+    """A sampled request's own settings, as the per-request processors take them (top_k 0 keeps every token)."""
+    if not sampled(settings):
+        return {}
+    return {"temperature": float(settings["temperature"]), "top_p": float(settings["top_p"]),
+            "top_k": int(settings["top_k"])}
 
 
 def cache_pages(slots: int, max_context: int, kv_token_budget: int | None) -> int:
@@ -122,7 +137,8 @@ class BatchingWorker(Worker):
         self._ensure_manager(settings_key(job.settings), job.settings)
         internal_id = uuid.uuid4().hex
         self.batch[internal_id] = Running(internal_id, job, max_tokens)
-        self.manager.add_request(input_ids, request_id=internal_id, max_new_tokens=max_tokens, streaming=True)
+        self.manager.add_request(input_ids, request_id=internal_id, max_new_tokens=max_tokens, streaming=True,
+                                 **sampling_kwargs(job.settings))
 
     def _ensure_manager(self, key, settings) -> None:
         if self.manager is not None and self.manager_key == key and self.manager.is_running():
@@ -130,15 +146,15 @@ class BatchingWorker(Worker):
         self._stop_manager()
         engine = self.engine
         eos = engine.model.generation_config.eos_token_id
-        sampling = key[0] == "sample"
+        sampling = key == "sample"
+        warpers = SAMPLING_PLACEHOLDERS if sampling else {"temperature": None, "top_p": None, "top_k": None}
         generation = GenerationConfig(
             max_new_tokens=settings["max_new_tokens"], do_sample=sampling, eos_token_id=eos if eos is not None else -1,
-            pad_token_id=engine.tokenizer.pad_token_id or engine.tokenizer.eos_token_id,
-            temperature=settings["temperature"] if sampling else None, top_p=settings["top_p"] if sampling else None,
-            top_k=settings["top_k"] if sampling else None)
+            pad_token_id=engine.tokenizer.pad_token_id or engine.tokenizer.eos_token_id, **warpers)
         pages = cache_pages(self.max_batch_size, engine.max_context, engine.kv_token_budget)
         batching = ContinuousBatchingConfig(max_requests_per_batch=self.max_batch_size, page_size=PAGE_SIZE,
-                                            num_blocks=pages, max_batch_tokens=MAX_BATCH_TOKENS)
+                                            num_blocks=pages, max_batch_tokens=MAX_BATCH_TOKENS,
+                                            per_request_processors=sampling)
         self.manager = engine.model.init_continuous_batching(generation_config=generation,
                                                              continuous_batching_config=batching)
         self.manager.start()

@@ -115,6 +115,23 @@ async def test_different_settings_wait_for_the_batch_to_drain(batch_server):
     await sampled.close()
 
 
+async def test_sampled_requests_with_different_settings_share_a_batch_and_keep_their_own(batch_server, tiny_server):
+    # top_k 1 leaves only the most likely token, so that request must give the greedy text even though it
+    # samples beside one at temperature 1.5 with every token allowed.
+    [greedy] = await answers_alone(tiny_server, ["Name a colour"], max_new_tokens=60, repetition_penalty=1.0)
+    wild, narrow = await Client.open(batch_server.url), await Client.open(batch_server.url)
+    await wild.send(inference("A long story", max_new_tokens=400, temperature=1.5, do_sample=True, top_k=0, top_p=1.0))
+    await wild.until("start")
+    await narrow.send(inference("Name a colour", max_new_tokens=60, temperature=1.0, do_sample=True, top_k=1,
+                                top_p=1.0))
+    assert (await narrow.recv())["type"] == "start"  # joined at once: no queueing for other settings
+    narrow_messages, wild_messages = await narrow.until("done"), await wild.until("done")
+    assert text_of(narrow_messages) == greedy
+    assert wild_messages[-1]["total_tokens"] == 400
+    await wild.close()
+    await narrow.close()
+
+
 async def test_a_switch_waits_for_the_batch_to_drain(batch_server):
     worker, switcher = await Client.open(batch_server.url), await Client.open(batch_server.url)
     await worker.send(inference("busy", max_new_tokens=300))
