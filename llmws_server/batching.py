@@ -3,10 +3,10 @@ transformers' continuous batching (`model.init_continuous_batching()`).
 
 Requests are admitted in arrival order, each as soon as a slot frees. A batch is either greedy or
 sampling; sampled requests share a batch whatever their temperature, top_p and top_k (transformers'
-per-request processors). A request of the other kind waits, in order, until the batch drains. Continuous batching
-cannot apply a repetition penalty, so a request with repetition_penalty other than 1.0 runs alone, as
-with the one-at-a-time worker, once the batch has drained; so does a model switch. Nothing is admitted
-past a request that waits.
+per-request processors). A request of the other kind waits, in order, until the batch drains.
+Continuous batching cannot apply a repetition penalty, so a request with repetition_penalty other than
+1.0 runs alone, as with the one-at-a-time worker, once the batch has drained; so does a model switch.
+Nothing is admitted past a request that waits.
 """
 import logging
 import math
