@@ -310,9 +310,8 @@ def report(rows: list[dict], max_tokens: int, out: Path) -> None:
         print(f"\nllmws / raw generate, 1 client: decode {ratio:.3f}, "
               f"TTFT {1000 * (ours['ttft_p50_s'] - raw['ttft_p50_s']):+.0f} ms")
     clients = max(row["clients"] for row in rows)
-    batched, serve = (by_name.get((name, clients)) for name in
-                      (next((row["target"] for row in rows if "max_batch_size" in row["target"]), None),
-                       "transformers serve --continuous-batching"))
+    batched = next((row for row in rows if "max_batch_size" in row["target"] and row["clients"] == clients), None)
+    serve = by_name.get(("transformers serve --continuous-batching", clients))
     if batched and serve:
         summary["batched_vs_serve_cb"] = ratio = batched["aggregate_tokens_per_s"] / serve["aggregate_tokens_per_s"]
         print(f"llmws batched / serve --continuous-batching, {clients} clients: aggregate {ratio:.3f}, "
