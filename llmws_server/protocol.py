@@ -13,24 +13,40 @@ FIELDS = {
     "download_model": {"repo", "target_dir"},
     "delete_model": {"model_name"},
 }
+ADMIN_TYPES = {"switch_model", "download_model", "delete_model"}  # model management: the admin scope
 HELLO_FIELDS = {"session_id", "last_seq"}
 ROLES = {"system", "user", "assistant"}
-LEGACY_TURN = re.compile(r"<\|(system|user|assistant)\|>(.*?)<\|end\|>", re.DOTALL)
+LEGACY_TAG = re.compile(r"<\|(system|user|assistant)\|>")
+LEGACY_END = "<|end|>"
 REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
 MAX_DEPTH = 16  # no valid message nests deeper than 4
+# A big frame is text (prompts, images as base64 strings), not structure: with its strings emptied, no
+# valid message comes near this many characters, while a frame of a million tiny arrays takes seconds to
+# build and walk. The check is a C-speed regex, so a refused frame costs milliseconds.
+MAX_STRUCTURE_CHARS = 65536
+JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
 
 class ProtocolError(ValueError):
-    """A frame that cannot be acted on; the message is sent back as an `error`."""
+    """A frame that cannot be acted on; the message is sent back as an `error`, with `fields` beside it."""
+
+    def __init__(self, message: str, **fields):
+        super().__init__(message)
+        self.fields = fields
 
 
 def parse_frame(raw) -> dict:
     if isinstance(raw, bytes):
         raise ProtocolError("Binary frames are not supported: send JSON text")
+    if len(raw) > MAX_STRUCTURE_CHARS and len(JSON_STRING.sub('""', raw)) > MAX_STRUCTURE_CHARS:
+        raise ProtocolError(f"Too many JSON values: a message's structure, strings aside, must stay under "
+                            f"{MAX_STRUCTURE_CHARS} characters")
     try:
         message = json.loads(raw, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise ProtocolError(f"Invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise ProtocolError(f"Invalid JSON: {exc}") from None
     except RecursionError:
         raise ProtocolError(f"JSON nested too deeply (more than {MAX_DEPTH} levels)") from None
     if not isinstance(message, dict):
@@ -72,8 +88,11 @@ def parse_hello(message: dict) -> tuple[object, int]:
 def check_message(message: dict) -> str:
     """The message's type, once its fields are known and of the right kind."""
     kind = message.get("type")
-    if not isinstance(kind, str) or kind not in FIELDS:
-        raise ProtocolError(f"Unknown message type: {kind!r}" if isinstance(kind, str) else "type must be a string")
+    if not isinstance(kind, str):
+        raise ProtocolError("type must be a string")
+    if kind not in FIELDS:
+        shown = kind if len(kind) <= 40 else kind[:40] + "…"
+        raise ProtocolError(f"Unknown message type: {shown!r} (known: {', '.join(FIELDS)})")
     _no_extra_fields(message, FIELDS[kind] | {"type"}, kind)
     if "request_id" in message and not (isinstance(message["request_id"], str)
                                         and REQUEST_ID.match(message["request_id"])):
@@ -108,8 +127,13 @@ def conversation(message: dict) -> list[dict]:
 
 
 def _legacy_turns(text: str) -> list[dict]:
-    """'<|system|>…<|end|><|user|>…<|end|>'; a string without tags is the user's text."""
-    turns = [{"role": role, "content": content.strip()} for role, content in LEGACY_TURN.findall(text)]
+    """'<|system|>…<|end|><|user|>…<|end|>'; a string without tags is the user's text. Linear time: each
+    piece between two end tags is searched once, and a turn is its first tag to the end tag."""
+    turns = []
+    for piece in text.split(LEGACY_END)[:-1]:
+        tag = LEGACY_TAG.search(piece)
+        if tag:
+            turns.append({"role": tag.group(1), "content": piece[tag.end():].strip()})
     if not turns:
         turns = [{"role": "user", "content": text}]
     if not any(turn["content"] for turn in turns if turn["role"] == "user"):
@@ -123,7 +147,7 @@ def _check_turns(turns) -> list[dict]:
     for index, turn in enumerate(turns):
         if not isinstance(turn, dict) or set(turn) != {"role", "content"}:
             raise ProtocolError(f"messages[{index}] must be an object with exactly role and content")
-        if turn["role"] not in ROLES:
+        if not isinstance(turn["role"], str) or turn["role"] not in ROLES:
             raise ProtocolError(f"messages[{index}].role must be one of {', '.join(sorted(ROLES))}")
         if not isinstance(turn["content"], str):
             raise ProtocolError(f"messages[{index}].content must be a string")

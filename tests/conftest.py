@@ -166,10 +166,10 @@ class Client:
     async def recv(self, timeout=60) -> dict:
         return json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
 
-    async def request(self, message: dict) -> dict:
+    async def request(self, message: dict, timeout=60) -> dict:
         """Send one message and return the next reply."""
         await self.send(message)
-        return await self.recv()
+        return await self.recv(timeout)
 
     async def until(self, *types, timeout=120) -> list[dict]:
         """Messages up to and including the first whose type is one of `types`."""

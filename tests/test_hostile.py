@@ -68,10 +68,66 @@ async def test_a_flood_gets_errors_not_unbounded_work(hostile_server):
     await client.close()
 
 
-async def test_prompt_too_long_is_refused_before_tokenizing(hostile_server):
+async def test_prompt_too_long_is_refused_before_tokenizing_with_the_context_fields(hostile_server):
     client = await Client.open(hostile_server.url)
     reply = await client.request(inference("x" * 40000))
-    assert reply["type"] == "error" and reply["message"].startswith("Prompt too long (40")
+    assert reply["type"] == "error" and reply["message"].startswith("Context too long (at least 5000 tokens")
+    assert reply["max_context"] == client.welcome["capabilities"]["max_context"]
+    assert reply["input_length"] == 5000 and reply["input_length_estimated"] is True
+    assert reply["input_length"] >= reply["max_context"]
+    await client.close()
+
+
+@pytest.fixture(scope="module")
+def roomy_server(start_server, tiny_model):
+    """The default max_message_size: the largest frames a client may send."""
+    return start_server(tiny_model)
+
+
+async def answers_while(server, hostile_frames, seconds=3.0):
+    """Send each hostile frame from its own client and check that a bystander's ack is answered within
+    `seconds` meanwhile (the event loop did not stall); return each hostile client's reply."""
+    bystander = await Client.open(server.url)
+    hostiles = [await Client.open(server.url) for _ in hostile_frames]
+    for client, frame in zip(hostiles, hostile_frames):
+        await client.ws.send(frame)
+    await asyncio.sleep(0.2)  # the frames are in
+    reply = await bystander.request({"type": "ack"}, timeout=seconds)
+    assert reply["type"] == "ack_received"
+    replies = [await client.recv(timeout=60) for client in hostiles]
+    for client in [bystander, *hostiles]:  # every connection stays open and usable
+        assert (await client.request({"type": "ack"}))["type"] == "ack_received"
+        await client.close()
+    return replies
+
+
+async def test_a_flood_of_legacy_tags_is_parsed_in_linear_time(roomy_server):
+    frame = json.dumps({"type": "inference", "prompt": "<|user|>" * (256 * 1024 // 8)})
+    replies = await answers_while(roomy_server, [frame, frame])
+    assert all(r["type"] == "error" and r["message"].startswith("Context too long") for r in replies)
+
+
+async def test_frames_full_of_tiny_arrays_are_refused_without_stalling(roomy_server):
+    frame = "[" + ",".join(["[]"] * (4 * 1024 * 1024 // 3 - 1)) + "]"
+    replies = await answers_while(roomy_server, [frame] * 3)
+    assert all(r["type"] == "error" and "Too many JSON values" in r["message"] for r in replies)
+
+
+@pytest.mark.parametrize("frame, problem", [
+    ("1" * 5001, "Invalid JSON"),
+    ('{"type": "config", "data": {"temperature": 1%s}}' % ("0" * 400), "temperature must be a number"),
+    ('{"type": "config", "data": {"top_k": 1e400}}', "top_k must be a number"),
+    ('{"type": "inference", "messages": [{"role": [], "content": "x"}]}', "role must be one of"),
+    ('{"type": "inference", "messages": [{"role": {}, "content": "x"}]}', "role must be one of"),
+    ('{"type": "%s"}' % ("x" * 1000000), "Unknown message type"),
+])
+async def test_malformed_frames_get_an_error_and_the_connection_stays_open(roomy_server, frame, problem):
+    client = await Client.open(roomy_server.url)
+    await client.ws.send(frame)
+    reply = await client.recv()
+    assert reply["type"] == "error" and problem in reply["message"], reply
+    assert len(reply["message"]) < 500  # nothing echoed back at length
+    assert (await client.request({"type": "ack"}))["type"] == "ack_received"
     await client.close()
 
 
@@ -149,12 +205,16 @@ async def test_a_take_over_race_leaves_exactly_one_connection(hostile_server):
     assert all(client.session_id == first.session_id for client in racers)
 
 
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                         max_size=3),
+                           max_leaves=8)
 messages = st.fixed_dictionaries({}, optional={
     "type": st.sampled_from(["inference", "config", "ack", "cancel", "get_resources", "list_models", "switch_model",
                              "download_model", "delete_model", "bogus"]) | st.text(max_size=5),
     "prompt": st.text(max_size=30) | st.dictionaries(st.sampled_from(["user", "system", "x"]), st.text(max_size=10)),
     "messages": st.lists(st.dictionaries(st.sampled_from(["role", "content"]),
-                                         st.sampled_from(["user", "assistant", "wizard"]) | st.text(max_size=8)),
+                                         st.sampled_from(["user", "assistant", "wizard"]) | json_values),
                          max_size=3),
     "config": st.dictionaries(st.sampled_from(["temperature", "top_k", "top_p", "max_new_tokens", "beam"]),
                               st.integers(-5, 3) | st.floats(allow_nan=False) | st.text(max_size=3)),
@@ -165,7 +225,11 @@ messages = st.fixed_dictionaries({}, optional={
     "repo": st.sampled_from(["-oProxyCommand=x", "ext::sh -c id", "file:///etc", "https://a@b/c"]) | st.text(),
     "target_dir": st.sampled_from(["..", "../x", "/tmp", ".git"]) | st.text(max_size=10),
     "session_id": st.text(max_size=40),
+    "last_seq": json_values,
 })
+messages = messages | st.dictionaries(st.sampled_from(["type", "prompt", "messages", "config", "data", "request_id",
+                                                      "model_path", "model_name", "repo", "target_dir"]),
+                                      json_values, max_size=4)  # every field with a value of any JSON type
 
 
 @pytest.fixture(scope="module")
