@@ -7,7 +7,9 @@ import argparse
 import asyncio
 import logging
 import logging.handlers
+import errno
 import signal
+import socket
 import ssl
 import sys
 from pathlib import Path
@@ -62,14 +64,27 @@ def tls_context(server_config):
     return context
 
 
-async def serve(server: LLMWSServer, host: str, port: int) -> None:
+def take_port(host: str, port: int) -> socket.socket:
+    """Bind the listening socket before anything else happens, so that a start that cannot listen changes
+    nothing (not the sessions of a server already running there, not the models)."""
+    if not 1 <= port <= 65535:
+        raise SystemExit(f"llmws: port {port} is not a TCP port (1-65535)")
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise SystemExit(f"llmws: port {port} is in use: is another llmws running? try --port {port + 1}")
+        raise SystemExit(f"llmws: cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
+async def serve(server: LLMWSServer, listening: socket.socket) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     server.worker.start()
     expiry = asyncio.create_task(server.expire_sessions())
-    async with server.serve(host, port, ssl=tls_context(server.config.server)) as listener:
+    async with server.serve(listening, ssl=tls_context(server.config.server)) as listener:
         bound = ", ".join(f"{sock.getsockname()[0]}:{sock.getsockname()[1]}" for sock in listener.sockets)
         log.info("listening on %s", bound)
         await stop.wait()
@@ -88,6 +103,8 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"llmws: {exc}", file=sys.stderr)
         return 2
+    listening = take_port(args.host or config.server["host"],
+                          config.server["port"] if args.port is None else args.port)
     for name in ("models_dir", "sessions_dir", "logs_dir"):
         config.paths[name].mkdir(parents=True, exist_ok=True)
     (config.paths["var_dir"] / "models").mkdir(parents=True, exist_ok=True)
@@ -95,9 +112,8 @@ def main(argv=None) -> int:
     model_dir = choose_model(config, args.model)
     engine = Engine.for_config(model_dir, config)
     server = LLMWSServer(config, engine)
-    server.sessions.clear_all()
-    port = config.server["port"] if args.port is None else args.port
-    asyncio.run(serve(server, args.host or config.server["host"], port))
+    server.sessions.clear_all()  # a start that got this far owns the port: earlier sessions end here
+    asyncio.run(serve(server, listening))
     return 0
 
 

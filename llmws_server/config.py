@@ -9,11 +9,13 @@ DEFAULTS = {
     "server": {
         "host": "0.0.0.0",
         "port": 8765,
-        "max_message_size": 16777216,
+        "max_message_size": 4194304,
         "ping_interval": 30,
         "ping_timeout": 10,
-        "allowed_origins": ["null", "http://localhost", "http://127.0.0.1"],
+        "allowed_origins": ["http://localhost", "http://127.0.0.1"],
         "auth_token": None,
+        "admin_token": None,
+        "admin_origins": [],
         "tls_cert": None,
         "tls_key": None,
     },
@@ -45,6 +47,16 @@ POSITIVE_KEYS = {"port", "max_message_size", "max_clients", "queue_size_per_clie
 DTYPES = {"auto", "bfloat16", "float16", "float32"}
 
 
+MAX_NUMBER = 2 ** 31 - 1  # no setting needs more, and torch takes every one that fits
+
+
+def is_number(value) -> bool:
+    """A finite int or float of a size every setting can take (a 400-digit int is not one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return -MAX_NUMBER <= value <= MAX_NUMBER and (isinstance(value, int) or math.isfinite(value))
+
+
 class ConfigError(Exception):
     """A config.json that cannot be used; the message names the file, line and key."""
 
@@ -59,8 +71,8 @@ def validate_generation(settings: dict) -> dict:
             if not isinstance(value, bool):
                 raise ValueError("do_sample must be true or false")
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{key} must be a finite number")
+        if not is_number(value):
+            raise ValueError(f"{key} must be a number between -{MAX_NUMBER} and {MAX_NUMBER}")
         if key in INTEGER_KEYS and not isinstance(value, int):
             raise ValueError(f"{key} must be a whole number")
     _check_range(settings, "temperature", lambda v: v >= 0, "must be >= 0")
@@ -123,6 +135,8 @@ def load_config(path) -> Config:
     except ValueError as exc:
         key = str(exc).split()[0]
         raise ConfigError(f"{file}, line {_line_of(text, key)}, key 'generation_defaults.{key}': {exc}") from None
+    if not 1 <= data["server"]["port"] <= 65535:
+        raise ConfigError(f"{file}, line {_line_of(text, 'port')}, key 'server.port': must be 1 to 65535")
     if data["optimization"]["dtype"] not in DTYPES:
         raise ConfigError(f"{file}, line {_line_of(text, 'dtype')}, key 'optimization.dtype': "
                           f"must be one of {', '.join(sorted(DTYPES))}")
@@ -133,8 +147,8 @@ def _type_problem(key, default, value):
     if isinstance(default, bool):
         return None if isinstance(value, bool) else "must be true or false"
     if isinstance(default, (int, float)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return "must be a number"
+        if not is_number(value):
+            return f"must be a number between -{MAX_NUMBER} and {MAX_NUMBER}"
         if key in INTEGER_KEYS and not isinstance(value, int):
             return "must be a whole number"
         if key in POSITIVE_KEYS and value <= 0:

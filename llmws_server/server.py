@@ -22,7 +22,7 @@ from .batching import BatchingWorker
 from .config import validate_generation
 from .downloads import Downloads
 from .engine import Engine
-from .protocol import ProtocolError, check_message, conversation, is_hello, parse_frame, parse_hello
+from .protocol import ADMIN_TYPES, ProtocolError, check_message, conversation, is_hello, parse_frame, parse_hello
 from .sessions import SessionStore
 from .worker import InferenceJob, SwitchJob, Worker
 
@@ -108,9 +108,9 @@ class LLMWSServer:
             if gone:
                 log.info("forgot %d idle sessions", gone)
 
-    def serve(self, host: str, port: int, ssl=None):
+    def serve(self, listening: socket.socket, ssl=None):
         server = self.config.server
-        return serve(self.handler, host, port, ssl=ssl, process_request=self.check_request,
+        return serve(self.handler, sock=listening, ssl=ssl, process_request=self.check_request,
                      max_size=server["max_message_size"], ping_interval=server["ping_interval"],
                      ping_timeout=server["ping_timeout"])
 
@@ -125,10 +125,27 @@ class LLMWSServer:
         if origin is not None and not origin_allowed(origin, self.config.server["allowed_origins"]):
             log.warning("refused a connection from origin %s", origin)
             return connection.respond(HTTPStatus.FORBIDDEN, f"Origin {origin} is not allowed\n")
-        token = self.config.server["auth_token"]
-        if token and not hmac.compare_digest(presented_token(request).encode(), token.encode()):
+        token, admin = self.config.server["auth_token"], self.config.server["admin_token"]
+        if token and not (same_secret(presented_token(request), token) or
+                          (admin and same_secret(presented_token(request), admin))):
             return connection.respond(HTTPStatus.UNAUTHORIZED, "Missing or wrong token\n")
         return None
+
+    def admin_problem(self, request) -> str | None:
+        """Why this connection may not manage models, or None when it may. Management needs the admin token
+        when one is set, and from a browser it needs the server's own page (or a listed admin origin)."""
+        admin = self.config.server["admin_token"]
+        if admin and not same_secret(presented_token(request), admin):
+            return "connect with the admin token (server.admin_token) to manage models"
+        origin = request.headers.get("Origin")
+        if origin is None or origin in self.config.server["admin_origins"]:
+            return None
+        try:
+            own_page = urlsplit(origin).netloc == request.headers.get("Host")
+        except ValueError:
+            own_page = False
+        return None if own_page else (f"pages on {origin} may not manage models: use the server's own page "
+                                      "or list the origin in server.admin_origins")
 
     def http_page(self, connection, request):
         if urlsplit(request.path).path not in ("/", "/index.html", "/web_client_enhanced.html"):
@@ -149,6 +166,7 @@ class LLMWSServer:
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         connection = Connection(websocket, self.config.server["max_message_size"])
+        connection.admin_problem = self.admin_problem(websocket.request)
         self.connections.add(connection)
         session = None
         try:
@@ -156,10 +174,10 @@ class LLMWSServer:
             if session is None:
                 return
             if pending is not None:
-                await self.dispatch(session, pending)
+                await self.dispatch(session, connection, pending)
             async for raw in websocket:
                 if connection.within_rate():
-                    await self.dispatch(session, raw)
+                    await self.dispatch(session, connection, raw)
                 else:
                     session.reply(error(f"Too many messages: at most {MESSAGES_PER_SECOND} a second"))
         except ConnectionClosed:
@@ -194,27 +212,35 @@ class LLMWSServer:
                    "capabilities": self.engine.capabilities(), "resources": device}
         session.attach(connection, welcome, last_seq)
         log.info("session %s %s", session.id, "resumed" if resumed else "opened")
+        if requested is not None and not resumed:
+            session.reply({"type": "log", "message": "The session you asked for is not known here: sessions are "
+                           "cleared when the server restarts and forgotten after a day without a client. This "
+                           "is a new session; earlier answers cannot be resumed."})
         if problem:
             session.reply(error(str(problem)))
         return session, pending
 
-    async def dispatch(self, session, raw) -> None:
+    async def dispatch(self, session, connection, raw) -> None:
         try:
             message = raw if isinstance(raw, dict) else parse_frame(raw)
             kind = check_message(message)
+            if kind in ADMIN_TYPES and connection.admin_problem:
+                raise ProtocolError(f"{kind} needs the admin scope: {connection.admin_problem}")
             await getattr(self, f"on_{kind}")(session, message)
         except ProtocolError as exc:
-            session.reply(error(str(exc)))
+            session.reply(error(str(exc), **exc.fields))
 
     # -- messages --------------------------------------------------------------------------------
 
     async def on_inference(self, session, message):
         turns = conversation(message)
         characters = sum(len(turn["content"]) for turn in turns)
-        most = PROMPT_CHARS_PER_TOKEN * self.engine.max_context
-        if characters > most:
-            raise ProtocolError(f"Prompt too long ({characters} characters). Max: {most} characters. "
-                                "Please retry with shorter input.")
+        max_context = self.engine.max_context
+        if characters > PROMPT_CHARS_PER_TOKEN * max_context:  # refused untokenized: a lower bound will do
+            at_least = characters // PROMPT_CHARS_PER_TOKEN
+            raise ProtocolError(f"Context too long (at least {at_least} tokens, estimated from {characters} "
+                                f"characters). Max: {max_context}. Please retry with shorter input.",
+                                max_context=max_context, input_length=at_least, input_length_estimated=True)
         settings = {**session.config, **generation_settings(message.get("config", {}), "config")}
         if len(session.jobs) >= self.config.limits["queue_size_per_client"]:
             raise ProtocolError("Queue full")
@@ -332,8 +358,15 @@ def origin_allowed(origin: str, allowed: list[str]) -> bool:
     """An Origin matches a listed one exactly, or by scheme and host with any port."""
     if origin in allowed:
         return True
-    parts = urlsplit(origin)
-    return f"{parts.scheme}://{parts.hostname}" in allowed
+    try:
+        parts = urlsplit(origin)
+        return f"{parts.scheme}://{parts.hostname}" in allowed
+    except ValueError:  # not a URL at all (e.g. "http://[")
+        return False
+
+
+def same_secret(presented: str, secret: str) -> bool:
+    return hmac.compare_digest(presented.encode(), secret.encode())
 
 
 def presented_token(request) -> str:

@@ -57,6 +57,22 @@ def test_server_refuses_to_start_on_a_malformed_config(tmp_path):
     assert str(file) in result.stderr and "server.port" in result.stderr
 
 
+@pytest.mark.parametrize("config_port, argument, expected", [
+    (99999, [], "server.port': must be 1 to 65535"),
+    (8765, ["--port", "99999"], "llmws: port 99999 is not a TCP port (1-65535)"),
+    (8765, ["--host", "no-such-host.invalid"], "llmws: cannot listen on no-such-host.invalid:"),
+])
+def test_a_port_or_host_that_cannot_serve_is_refused_before_anything_is_written(tmp_path, config_port, argument,
+                                                                              expected):
+    file = tmp_path / "config.json"
+    file.write_text(json.dumps({"server": {"port": config_port}}))
+    result = subprocess.run([sys.executable, str(REPO / "llmws.py"), "--config", str(file), *argument],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode != 0 and expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1  # one line, no traceback
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # no models/, no var/
+
+
 @pytest.mark.parametrize("settings, field", [
     ({"temperature": -0.1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
     ({"top_k": -1}, "top_k"), ({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": 2.5}, "max_new_tokens"),

@@ -44,7 +44,7 @@ def test_llm_py_passes_the_token(guarded_server):
 
 @pytest.mark.parametrize("origin, allowed", [("https://evil.example", False), ("http://localhost.evil.example", False),
                                              ("http://localhost:3000", True), ("http://127.0.0.1:8080", True),
-                                             ("null", True)])
+                                             ("null", False)])
 async def test_browser_origins_are_checked(tiny_server, origin, allowed):
     if allowed:
         client = await Client.open(tiny_server.url, origin=origin)
@@ -53,6 +53,46 @@ async def test_browser_origins_are_checked(tiny_server, origin, allowed):
         with pytest.raises(InvalidStatus) as refused:
             await connect(tiny_server.url, origin=origin)
         assert refused.value.response.status_code == 403
+
+
+ADMIN = "admin-s3cret"
+MANAGEMENT = [{"type": "switch_model", "model_path": "models/none-such"},
+              {"type": "delete_model", "model_name": "none-such"},
+              {"type": "download_model", "repo": "https://huggingface.co/none/such"}]
+
+
+@pytest.fixture(scope="module")
+def admin_server(start_server, tiny_model):
+    return start_server(tiny_model, server={"admin_token": ADMIN})
+
+
+@pytest.mark.parametrize("message", MANAGEMENT)
+async def test_model_management_needs_the_admin_token_when_one_is_set(admin_server, message):
+    anyone = await Client.open(admin_server.url)
+    refused = await anyone.request(message)
+    assert refused["type"] == "error" and refused["message"].startswith(f"{message['type']} needs the admin scope")
+    assert (await anyone.request({"type": "list_models"}))["type"] == "models_list"  # reading is for everyone
+    admin = await Client.open(f"{admin_server.url}/?token={ADMIN}")
+    reply = await admin.request(message)
+    assert "admin scope" not in reply.get("message", "")  # past the check: refused or done for its own reasons
+    for client in (anyone, admin):
+        await client.close()
+
+
+@pytest.mark.parametrize("origin, may_manage", [(None, True), ("http://127.0.0.1:{port}", True),
+                                                ("http://localhost:3000", False), ("http://127.0.0.1:1", False)])
+async def test_only_the_servers_own_page_manages_models_from_a_browser(tiny_server, origin, may_manage):
+    client = await Client.open(tiny_server.url, **({"origin": origin.format(port=tiny_server.port)} if origin else {}))
+    reply = await client.request(MANAGEMENT[1])
+    assert reply["type"] == "error"
+    assert ("may not manage models" in reply["message"]) is not may_manage, reply
+    await client.close()
+
+
+async def test_a_malformed_origin_is_refused_with_403_not_500(tiny_server):
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(tiny_server.url, origin="http://[")
+    assert refused.value.response.status_code == 403
 
 
 def test_web_client_is_served_at_the_root(tiny_server):

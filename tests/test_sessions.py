@@ -1,11 +1,13 @@
 """Resumable sessions: the buffer file, replay after drops with no gap or duplicate, takeover, bad ids."""
 import asyncio
 import json
+import subprocess
+import sys
 
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from conftest import BLOCKER, Client, inference, text_of
+from conftest import BLOCKER, REPO, Client, inference, text_of
 from llmws_server.sessions import simple_decrypt, simple_encrypt
 
 LONG = inference("Tell me a long story", max_new_tokens=150, request_id="story")
@@ -140,8 +142,47 @@ def test_sessions_are_cleared_on_start(start_server, tiny_model, tmp_path_factor
         for folder in ("models", "var/models", "var/sessions", "var/logs"):
             assert (server.root / folder).is_dir()
         assert "listening on" in (server.root / "var/logs/llmws.log").read_text()
+        asyncio.run(told_its_session_was_cleared(restarted.url, stale.name))
     finally:
         restarted.stop()
+
+
+async def told_its_session_was_cleared(url, old_id):
+    client = await Client.open(url, {"session_id": old_id, "last_seq": 3})
+    assert client.welcome["resumed"] is False and client.session_id != old_id
+    told = await client.recv()
+    assert told["type"] == "log" and "cleared when the server restarts" in told["message"]
+    await client.close()
+
+
+def test_a_second_server_on_the_same_port_changes_nothing(start_server, tiny_model):
+    running = start_server(tiny_model)
+
+    async def leave_an_answer():
+        client = await Client.open(running.url)
+        await client.send(inference("remember me", max_new_tokens=5))
+        answer = await client.until("done")
+        await client.close()
+        return client.session_id, answer
+
+    session_id, answer = asyncio.run(leave_an_answer())
+    before = sorted(str(p.relative_to(running.root)) for p in running.root.rglob("*") if "logs" not in p.parts)
+    second = subprocess.run([sys.executable, str(REPO / "llmws.py"), "--config", str(running.root / "config.json"),
+                             "--port", str(running.port)], cwd=running.root, capture_output=True, text=True,
+                            timeout=120)
+    assert second.returncode != 0
+    assert second.stderr.strip() == (f"llmws: port {running.port} is in use: is another llmws running? "
+                                     f"try --port {running.port + 1}")
+    after = sorted(str(p.relative_to(running.root)) for p in running.root.rglob("*") if "logs" not in p.parts)
+    assert after == before
+
+    async def resume():
+        client = await Client.open(running.url, {"session_id": session_id, "last_seq": 0})
+        assert client.welcome["resumed"] is True
+        assert await client.until("done") == answer  # the running server's clients can still resume
+        await client.close()
+
+    asyncio.run(resume())
 
 
 def test_idle_sessions_are_forgotten_with_their_buffers(tmp_path):
