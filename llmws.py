@@ -64,35 +64,45 @@ def tls_context(server_config):
     return context
 
 
-def take_port(host: str, port: int) -> socket.socket:
-    """Bind the listening socket before anything else happens, so that a start that cannot listen changes
-    nothing (not the sessions of a server already running there, not the models)."""
+def check_port(host: str, port: int) -> None:
+    """Before anything else happens, make sure the port can be listened on, so that a start that cannot
+    listen changes nothing (not the sessions of a server already running there, not the models)."""
     if not 1 <= port <= 65535:
         raise SystemExit(f"llmws: port {port} is not a TCP port (1-65535)")
     try:
-        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET).close()
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise SystemExit(f"llmws: port {port} is in use: is another llmws running? try --port {port + 1}")
-        raise SystemExit(f"llmws: cannot listen on {host}:{port}: {exc.strerror or exc}")
+        raise SystemExit(cannot_listen(host, port, exc))
 
 
-async def serve(server: LLMWSServer, listening: socket.socket) -> None:
+def cannot_listen(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return f"llmws: port {port} is in use: is another llmws running? try --port {port + 1}"
+    return f"llmws: cannot listen on {host}:{port}: {exc.strerror or exc}"
+
+
+async def serve(server: LLMWSServer, host: str, port: int) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    server.worker.start()
-    expiry = asyncio.create_task(server.expire_sessions())
-    async with server.serve(listening, ssl=tls_context(server.config.server)) as listener:
-        bound = ", ".join(f"{sock.getsockname()[0]}:{sock.getsockname()[1]}" for sock in listener.sockets)
+    try:
+        listening = await server.serve(host, port, ssl=tls_context(server.config.server))
+    except OSError as exc:  # taken since check_port looked
+        raise SystemExit(cannot_listen(host, port, exc))
+    # This start owns the port: earlier sessions end here (no client is read before the next await).
+    server.sessions.clear_all()
+    server.worker.start(loop)
+    housekeeping = asyncio.create_task(server.housekeeping())
+    async with listening:
+        bound = ", ".join(f"{sock.getsockname()[0]}:{sock.getsockname()[1]}" for sock in listening.sockets)
         log.info("listening on %s", bound)
         await stop.wait()
         log.info("shutting down")
-        listener.close(close_connections=False)
+        listening.close(close_connections=False)
         for connection in list(server.connections):
             await connection.websocket.close(1001, "Server shutting down")
-    expiry.cancel()
+    housekeeping.cancel()
     server.worker.stop()
 
 
@@ -103,8 +113,8 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"llmws: {exc}", file=sys.stderr)
         return 2
-    listening = take_port(args.host or config.server["host"],
-                          config.server["port"] if args.port is None else args.port)
+    host, port = args.host or config.server["host"], config.server["port"] if args.port is None else args.port
+    check_port(host, port)
     for name in ("models_dir", "sessions_dir", "logs_dir"):
         config.paths[name].mkdir(parents=True, exist_ok=True)
     (config.paths["var_dir"] / "models").mkdir(parents=True, exist_ok=True)
@@ -112,8 +122,7 @@ def main(argv=None) -> int:
     model_dir = choose_model(config, args.model)
     engine = Engine.for_config(model_dir, config)
     server = LLMWSServer(config, engine)
-    server.sessions.clear_all()  # a start that got this far owns the port: earlier sessions end here
-    asyncio.run(serve(server, listening))
+    asyncio.run(serve(server, host, port))
     return 0
 
 

@@ -104,7 +104,7 @@ class BatchingWorker(Worker):
         """Jobs to start now, from the head of the queue (lock held)."""
         admitted = []
         while self.queue and len(self.batch) + len(admitted) < self.max_batch_size:
-            job = self.queue[0]
+            job = self.queue.head()
             joins = batchable(job) and (not (self.batch or admitted) or settings_key(job.settings) == self.manager_key)
             if not joins and (self.batch or admitted):
                 break  # it must run alone, or with other settings: wait for the batch to drain
@@ -112,7 +112,7 @@ class BatchingWorker(Worker):
             if not batchable(job):
                 break
         if admitted:
-            self._announce_positions()
+            self._positions_changed()
         return admitted
 
     def _start(self, job) -> None:
@@ -209,7 +209,7 @@ class BatchingWorker(Worker):
     def _end(self, running) -> None:
         self.batch.pop(running.id, None)
         with self.lock:
-            self._announce_positions()
+            self._positions_changed()
 
     def _fail_batch(self) -> None:
         """The batching thread died (out of memory, say): fail its requests, start afresh for the next."""

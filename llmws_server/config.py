@@ -32,7 +32,14 @@ DEFAULTS = {
     "paths": {"models_dir": "models", "var_dir": "var", "sessions_dir": "var/sessions", "logs_dir": "var/logs"},
     "limits": {
         "max_clients": 10,
+        "max_clients_per_ip": 8,
+        "max_sessions": 1000,
+        "hello_timeout_s": 10,
+        "idle_timeout_s": 900,
         "queue_size_per_client": 1024,
+        "max_queued_requests": 256,
+        "detached_queue_timeout_s": 600,
+        "max_session_buffer_mb": 64,
         "max_context_length": 128000,
         "timeout_token_generation": 300,
     },
@@ -40,10 +47,11 @@ DEFAULTS = {
 }
 
 # Keys whose value must be a whole number (the others of numeric default accept any finite number).
-INTEGER_KEYS = {"port", "max_message_size", "max_clients", "queue_size_per_client", "max_context_length",
-                "max_new_tokens", "top_k"}
-POSITIVE_KEYS = {"port", "max_message_size", "max_clients", "queue_size_per_client", "max_context_length",
-                 "timeout_token_generation", "timeout_s"}
+INTEGER_KEYS = {"port", "max_message_size", "max_clients", "max_clients_per_ip", "max_sessions",
+                "queue_size_per_client", "max_queued_requests", "max_context_length", "max_new_tokens", "top_k"}
+POSITIVE_KEYS = {"port", "max_message_size", "max_clients", "max_clients_per_ip", "max_sessions", "hello_timeout_s",
+                 "idle_timeout_s", "queue_size_per_client", "max_queued_requests", "detached_queue_timeout_s",
+                 "max_session_buffer_mb", "max_context_length", "timeout_token_generation", "timeout_s"}
 DTYPES = {"auto", "bfloat16", "float16", "float32"}
 
 

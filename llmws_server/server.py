@@ -18,79 +18,39 @@ from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
 from . import catalog, resources
+from .connection import MESSAGES_PER_SECOND, Connection
 from .batching import BatchingWorker
 from .config import validate_generation
 from .downloads import Downloads
 from .engine import Engine
 from .protocol import ADMIN_TYPES, ProtocolError, check_message, conversation, is_hello, parse_frame, parse_hello
-from .sessions import SessionStore
+from .sessions import SessionsFull, SessionStore
 from .worker import InferenceJob, SwitchJob, Worker
 
 log = logging.getLogger("llmws.server")
-HELLO_TIMEOUT_S = 30
-MESSAGES_PER_SECOND, MESSAGE_BURST = 50, 100
 SEND_BUFFER_BYTES = 64 * 1024  # the kernel's share of a client's unread output: token streams need little
 SESSION_IDLE_S = 24 * 3600  # a session nobody takes up for a day is forgotten, buffer and all
+HOUSEKEEPING_S = 10  # how often idle sessions and the queued requests of long-gone clients are looked at
 PROMPT_CHARS_PER_TOKEN = 8  # a prompt longer than this many characters per context token is refused unread
+# The page runs its own inline script and talks to WebSocket servers only; no other site may frame it.
+PAGE_HEADERS = {
+    "Content-Type": "text/html; charset=utf-8",
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                               "img-src data: blob:; connect-src ws: wss:; frame-ancestors 'none'; "
+                               "base-uri 'none'; form-action 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 WEB_CLIENT = Path(__file__).resolve().parent.parent / "web_client_enhanced.html"
-
-
-class Connection:
-    """One client socket with an ordered outbox, so emitting never waits on the network."""
-
-    def __init__(self, websocket, outbox_limit: int):
-        self.websocket = websocket
-        self.outbox = asyncio.Queue()
-        self.outbox_bytes, self.outbox_limit = 0, outbox_limit
-        self.sender = asyncio.create_task(self._send_all())
-        self.allowance, self.checked_at = MESSAGE_BURST, time.monotonic()
-        self.dropped = False
-
-    def send(self, message: dict, replay: bool = False) -> None:
-        """Queue a message. Live ones count against the limit; a replay from the buffer does not (it is
-        bounded by the buffer, and a client taking up a long session must be able to catch up)."""
-        if self.dropped:
-            return
-        text = json.dumps(message, ensure_ascii=False)
-        counted = 0 if replay else len(text)
-        if self.outbox_bytes + counted > self.outbox_limit:  # it does not read: let it go; the buffer keeps the rest
-            self.dropped = True
-            log.warning("dropping a client that does not read (%d bytes waiting)", self.outbox_bytes)
-            self.close(1013, "Client too slow: reconnect with last_seq to resume")
-            return
-        self.outbox_bytes += counted
-        self.outbox.put_nowait((text, counted))
-
-    def within_rate(self) -> bool:
-        """A token bucket: MESSAGES_PER_SECOND on average, bursts of MESSAGE_BURST."""
-        now = time.monotonic()
-        self.allowance = min(MESSAGE_BURST, self.allowance + (now - self.checked_at) * MESSAGES_PER_SECOND)
-        self.checked_at = now
-        if self.allowance < 1:
-            return False
-        self.allowance -= 1
-        return True
-
-    def close(self, code: int, reason: str) -> None:
-        asyncio.create_task(self.websocket.close(code, reason))
-
-    async def _send_all(self):
-        try:
-            while True:
-                text, counted = await self.outbox.get()
-                await self.websocket.send(text)
-                self.outbox_bytes -= counted
-        except ConnectionClosed:
-            pass  # what was not sent is in the session buffer
-
-    def stop(self) -> None:
-        self.sender.cancel()
 
 
 class LLMWSServer:
     def __init__(self, config, engine):
         self.config = config
-        self.sessions = SessionStore(config.paths["sessions_dir"], config.generation_defaults)
+        self.limits = config.limits
+        self.sessions = SessionStore(config.paths["sessions_dir"], config.generation_defaults,
+                                     self.limits["max_sessions"])
         batch = config.optimization["max_batch_size"]
         self.worker = BatchingWorker(engine, batch) if batch > 1 else Worker(engine)
         self.downloads = Downloads(config)
@@ -100,17 +60,33 @@ class LLMWSServer:
     def engine(self):
         return self.worker.engine
 
-    async def expire_sessions(self) -> None:
-        """Runs for the server's life: forget sessions left idle for SESSION_IDLE_S."""
+    async def housekeeping(self) -> None:
+        """Runs for the server's life: cancel what long-gone clients left queued, forget idle sessions."""
         while True:
-            await asyncio.sleep(600)
-            gone = await asyncio.to_thread(self.sessions.expire, SESSION_IDLE_S)
+            await asyncio.sleep(min(HOUSEKEEPING_S, self.limits["detached_queue_timeout_s"] / 2))
+            self.cancel_abandoned(time.monotonic())
+            gone = self.sessions.expire(SESSION_IDLE_S)
             if gone:
                 log.info("forgot %d idle sessions", gone)
 
-    def serve(self, listening: socket.socket, ssl=None):
+    def cancel_abandoned(self, now: float) -> None:
+        """Queued requests of a session whose client left more than detached_queue_timeout_s ago are cancelled
+        (what runs goes on); the error is buffered, so the client learns of it if it comes back."""
+        gone_for = self.limits["detached_queue_timeout_s"]
+        for session in list(self.sessions.sessions.values()):
+            if session.connection is not None or session.detached_at is None or now - session.detached_at < gone_for:
+                continue
+            cancelled = [job for job in self.worker.waiting_of(session) if self.worker.remove(job)]
+            for job in cancelled:
+                session.emit(error(f"Cancelled: its client was gone for more than {gone_for} s",
+                                   request_id=job.request_id))
+            if cancelled:
+                log.info("session %s: cancelled %d queued requests, its client gone for %d s",
+                         session.label, len(cancelled), now - session.detached_at)
+
+    def serve(self, host: str, port: int, ssl=None):
         server = self.config.server
-        return serve(self.handler, sock=listening, ssl=ssl, process_request=self.check_request,
+        return serve(self.handler, host, port, ssl=ssl, process_request=self.check_request,
                      max_size=server["max_message_size"], ping_interval=server["ping_interval"],
                      ping_timeout=server["ping_timeout"])
 
@@ -148,18 +124,29 @@ class LLMWSServer:
                                       "or list the origin in server.admin_origins")
 
     def http_page(self, connection, request):
+        """GET (or HEAD) of / is the web client; nothing else is served."""
+        if request.method not in ("GET", "HEAD"):
+            response = connection.respond(HTTPStatus.METHOD_NOT_ALLOWED, "Only GET and HEAD are served here\n")
+            response.headers["Allow"] = "GET, HEAD"
+            return response
         if urlsplit(request.path).path not in ("/", "/index.html", "/web_client_enhanced.html"):
             return connection.respond(HTTPStatus.NOT_FOUND, "Not found: the web client is at /\n")
         response = connection.respond(HTTPStatus.OK, WEB_CLIENT.read_text(encoding="utf-8"))
         del response.headers["Content-Type"]  # respond() made it text/plain
-        response.headers["Content-Type"] = "text/html; charset=utf-8"
+        response.headers.update(PAGE_HEADERS)
+        if request.method == "HEAD":
+            response.body = b""  # the headers, Content-Length included, as GET has them
         return response
 
     # -- connection ------------------------------------------------------------------------------
 
     async def handler(self, websocket):
-        if len(self.connections) >= self.config.limits["max_clients"]:
+        if len(self.connections) >= self.limits["max_clients"]:
             await websocket.close(1013, "Server full: too many clients, try again later")
+            return
+        address = websocket.remote_address[0] if websocket.remote_address else "?"
+        if sum(c.address == address for c in self.connections) >= self.limits["max_clients_per_ip"]:
+            await websocket.close(1013, "Too many connections from your address, try again later")
             return
         # A client may leave unread what the kernel holds, plus as much as it may send in one frame.
         sock = websocket.transport.get_extra_info("socket")
@@ -175,12 +162,12 @@ class LLMWSServer:
                 return
             if pending is not None:
                 await self.dispatch(session, connection, pending)
-            async for raw in websocket:
+            while (raw := await self._next_frame(websocket, session)) is not None:
                 if connection.within_rate():
                     await self.dispatch(session, connection, raw)
                 else:
                     session.reply(error(f"Too many messages: at most {MESSAGES_PER_SECOND} a second"))
-        except ConnectionClosed:
+        except (ConnectionClosed, SessionsFull):
             pass
         finally:
             self.connections.discard(connection)
@@ -189,13 +176,25 @@ class LLMWSServer:
             await asyncio.sleep(0)  # let the outbox drain what it can before it is dropped
             connection.stop()
 
+    async def _next_frame(self, websocket, session):
+        """The next frame; None once the connection has been quiet for idle_timeout_s with nothing running."""
+        idle = self.limits["idle_timeout_s"]
+        while True:
+            try:
+                return await asyncio.wait_for(websocket.recv(), idle)
+            except asyncio.TimeoutError:
+                if not session.jobs:
+                    await websocket.close(1000, f"Idle for {idle} s with nothing running: reconnect any time")
+                    return None
+
     async def _open_session(self, websocket, connection):
         """Read the hello and attach the session; return it with a first frame still to handle
         (or None, None when no hello came)."""
+        wait = self.limits["hello_timeout_s"]
         try:
-            raw = await asyncio.wait_for(websocket.recv(), HELLO_TIMEOUT_S)
+            raw = await asyncio.wait_for(websocket.recv(), wait)
         except asyncio.TimeoutError:
-            await websocket.close(1008, f"No hello within {HELLO_TIMEOUT_S} s")
+            await websocket.close(1008, f"No hello within {wait} s")
             return None, None
         requested, last_seq, pending, problem = None, 0, None, None
         try:
@@ -207,11 +206,16 @@ class LLMWSServer:
         except ProtocolError as exc:
             problem = exc
         device = await asyncio.to_thread(resources.device_summary)
-        session, resumed = self.sessions.open(requested)
+        try:
+            session, resumed = self.sessions.open(requested)
+        except SessionsFull as exc:
+            log.warning("refused a connection: %s", exc)
+            await websocket.close(1013, "Server full: too many sessions in use, try again later")
+            raise
         welcome = {"type": "welcome", "session_id": session.id, "resumed": resumed, "model": self.engine.name,
                    "capabilities": self.engine.capabilities(), "resources": device}
         session.attach(connection, welcome, last_seq)
-        log.info("session %s %s", session.id, "resumed" if resumed else "opened")
+        log.info("session %s %s", session.label, "resumed" if resumed else "opened")
         if requested is not None and not resumed:
             session.reply({"type": "log", "message": "The session you asked for is not known here: sessions are "
                            "cleared when the server restarts and forgotten after a day without a client. This "
@@ -242,12 +246,19 @@ class LLMWSServer:
                                 f"characters). Max: {max_context}. Please retry with shorter input.",
                                 max_context=max_context, input_length=at_least, input_length_estimated=True)
         settings = {**session.config, **generation_settings(message.get("config", {}), "config")}
-        if len(session.jobs) >= self.config.limits["queue_size_per_client"]:
+        if len(session.jobs) >= self.limits["queue_size_per_client"]:
             raise ProtocolError("Queue full")
+        if self.worker.waiting() >= self.limits["max_queued_requests"]:
+            raise ProtocolError(f"Server queue full ({self.limits['max_queued_requests']} requests waiting): "
+                                "try again later")
+        most = self.limits["max_session_buffer_mb"] * 1024 ** 2
+        if session.buffer_bytes > most:
+            raise ProtocolError(f"Session buffer full ({session.buffer_bytes // 1024 ** 2} MB not acknowledged): "
+                                "send ack once you have your answers, then retry")
         if message.get("request_id") in session.jobs:
             raise ProtocolError(f"request_id {message['request_id']} is already in use")
         job = InferenceJob(session, asyncio.get_running_loop(), message.get("request_id"), turns, settings,
-                           self.config.limits["timeout_token_generation"])
+                           self.limits["timeout_token_generation"])
         session.jobs[job.request_id] = job
         self.worker.submit(job)
 

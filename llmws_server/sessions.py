@@ -7,6 +7,7 @@ import base64
 import binascii
 import json
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -16,6 +17,11 @@ log = logging.getLogger("llmws.sessions")
 
 KEY = b"llmws"
 TERMINAL_TYPES = {"done", "error"}
+UNUSED_IDLE_S = 300  # a session that never ran anything is forgotten this long after its client left
+
+
+class SessionsFull(Exception):
+    """Every session is in use: nobody's may be forgotten to make room."""
 
 
 def simple_encrypt(data: str) -> str:
@@ -49,7 +55,13 @@ class Session:
         self.connection = None  # the live Connection, if any
         self.jobs = {}  # request_id -> job, queued or running
         self.buffer_failed = False
+        self.buffer_bytes = 0  # written since the last ack
         self.detached_at = None  # when the last connection left, while none is live
+
+    @property
+    def label(self) -> str:
+        """What logs name it by: the id is a secret (whoever has it reads the answers), a prefix is not."""
+        return self.id[:8]
 
     def emit(self, message: dict) -> None:
         """A stream message: numbered, buffered, then sent if a connection is live."""
@@ -71,8 +83,8 @@ class Session:
         if self.connection is not None:
             self.connection.close(4000, "session taken over by another connection")
         connection.send(welcome)
-        for message in self.buffered(last_seq):
-            connection.send(message, replay=True)
+        if self.seq > last_seq:
+            connection.replay(self.buffered(last_seq, self.seq))
         self.connection = connection
 
     def detach(self, connection) -> None:
@@ -80,31 +92,39 @@ class Session:
             self.connection = None
             self.detached_at = time.monotonic()
 
-    def buffered(self, after_seq: int = 0) -> list[dict]:
-        if not self.buffer_file.exists():
-            return []
-        messages = []
-        for line in self.buffer_file.read_text(encoding="utf-8").splitlines():
-            try:
-                message = json.loads(simple_decrypt(json.loads(line)["data"]))
-            except (ValueError, KeyError, binascii.Error) as exc:
-                log.warning("session %s: skipping an unreadable buffer line (%s)", self.id, exc)
-                continue
-            if message["seq"] > after_seq:
-                messages.append(message)
-        return messages
+    def buffered(self, after_seq: int, upto_seq: int):
+        """The buffered messages with after_seq < seq <= upto_seq, read line by line as they are taken."""
+        try:
+            handle = self.buffer_file.open(encoding="utf-8")
+        except OSError:
+            return
+        with handle:
+            for line in handle:
+                try:
+                    message = json.loads(simple_decrypt(json.loads(line)["data"]))
+                except (ValueError, KeyError, binascii.Error) as exc:
+                    log.warning("session %s: skipping an unreadable buffer line (%s)", self.label, exc)
+                    continue
+                if message["seq"] > upto_seq:
+                    return
+                if message["seq"] > after_seq:
+                    yield message
 
     def clear_buffer(self) -> None:
         shutil.rmtree(self.buffer_file.parent, ignore_errors=True)
+        self.buffer_bytes = 0
 
     def _append(self, message: dict) -> None:
         line = json.dumps({"id": str(uuid.uuid4()), "data": simple_encrypt(json.dumps(message))})
         try:
-            self.buffer_file.parent.mkdir(parents=True, exist_ok=True)
-            with self.buffer_file.open("a", encoding="utf-8") as handle:
+            self.buffer_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Only the server's user may read a buffer: it holds the answers.
+            with open(os.open(self.buffer_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a",
+                      encoding="utf-8") as handle:
                 handle.write(line + "\n")
+            self.buffer_bytes += len(line) + 1
         except OSError as exc:  # a full disk must not stop the stream, but the client must know
-            log.error("session %s: cannot write %s: %s", self.id, self.buffer_file, exc)
+            log.error("session %s: cannot write its buffer: %s", self.label, exc)
             if not self.buffer_failed:
                 self.buffer_failed = True
                 self.reply({"type": "error", "message": f"Cannot write the session buffer ({exc.strerror or exc}): "
@@ -114,33 +134,50 @@ class Session:
 
 
 class SessionStore:
-    def __init__(self, sessions_dir: Path, generation_defaults: dict):
+    def __init__(self, sessions_dir: Path, generation_defaults: dict, max_sessions: int = 1000):
         self.dir = sessions_dir
         self.generation_defaults = generation_defaults
+        self.max_sessions = max_sessions
         self.sessions: dict[str, Session] = {}
 
     def clear_all(self) -> None:
         """On server start: the seed clears every buffer."""
         shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def idle(self, now: float) -> list[tuple[float, Session]]:
+        """(seconds idle, session) of the sessions with no client and nothing to run, longest idle first."""
+        idle = [(now - session.detached_at, session) for session in self.sessions.values()
+                if session.connection is None and not session.jobs and session.detached_at is not None]
+        return sorted(idle, key=lambda pair: -pair[0])
+
+    def forget(self, session: Session) -> None:
+        session.clear_buffer()
+        self.sessions.pop(session.id, None)
 
     def expire(self, idle_s: float, now: float | None = None) -> int:
-        """Forget sessions nobody has taken up for idle_s seconds and that run nothing, with their buffers.
-        Returns how many went."""
+        """Forget, with their buffers, the sessions nobody has taken up for idle_s seconds (UNUSED_IDLE_S
+        for those that never ran anything) and that run nothing. Returns how many went."""
         now = time.monotonic() if now is None else now
-        idle = [session for session in self.sessions.values() if session.connection is None and not session.jobs
-                and session.detached_at is not None and now - session.detached_at > idle_s]
-        for session in idle:
-            session.clear_buffer()
-            del self.sessions[session.id]
-        return len(idle)
+        gone = [session for seconds, session in self.idle(now)
+                if seconds > (UNUSED_IDLE_S if session.seq == 0 else idle_s)]
+        for session in gone:
+            self.forget(session)
+        return len(gone)
 
     def open(self, requested_id=None) -> tuple[Session, bool]:
-        """The session to take up, or a fresh one; the bool says whether it was taken up."""
+        """The session to take up, or a fresh one; the bool says whether it was taken up. At max_sessions,
+        the longest idle session goes (one that never ran anything first); when none is idle, SessionsFull."""
         session_id = parse_session_id(requested_id)
         session = self.sessions.get(session_id) if session_id else None
         if session is not None:
             return session, True
+        if len(self.sessions) >= self.max_sessions:
+            idle = self.idle(time.monotonic())
+            if not idle:
+                raise SessionsFull(f"{len(self.sessions)} sessions are in use")
+            unused = [session for _, session in idle if session.seq == 0]
+            self.forget(unused[0] if unused else idle[0][1])
         session = Session(str(uuid.uuid4()), self.dir, self.generation_defaults)
         self.sessions[session.id] = session
         return session, False

@@ -5,7 +5,6 @@ through `job.emit`, which hands each message to the event loop, so the loop neve
 the worker never touches a socket. A batching worker can replace this class: it needs `submit`,
 `remove`, `start` and `stop`, and the same job interface.
 """
-import collections
 import logging
 import threading
 import time
@@ -14,10 +13,14 @@ import uuid
 import torch
 
 from .engine import free_memory
+from .fairqueue import FairQueue
 
 log = logging.getLogger("llmws.worker")
 
 OOM_MESSAGE = "CUDA out of memory. Context too long. Please retry with shorter input."
+# Queue positions are told at most this often (the first change after a quiet spell at once), and only to
+# jobs whose position changed: a thousand cancels cost one round of `queued`, not a million messages.
+POSITION_UPDATE_S = 0.25
 
 
 class InferenceJob:
@@ -30,6 +33,7 @@ class InferenceJob:
         self.timeout_s = timeout_s
         self.cancelled = threading.Event()
         self.context_needed = None  # tokens in + tokens allowed out, once known
+        self.position = None  # the queue position its client was last told
 
     def emit(self, message: dict) -> None:
         """Thread-safe: the session numbers, buffers and sends it on the event loop."""
@@ -79,6 +83,7 @@ class SwitchJob:
     """Swap the engine between two requests: unload, free memory, load; on failure, load the old one back."""
 
     request_id = None
+    position = None
 
     def __init__(self, session, loop, path, load, on_switched):
         self.session = session
@@ -120,13 +125,16 @@ class SwitchJob:
 class Worker:
     def __init__(self, engine):
         self.engine = engine
-        self.queue = collections.deque()
+        self.queue = FairQueue()
         self.running = None
         self.lock = threading.Condition()
         self.thread = threading.Thread(target=self._loop, name="llmws-worker", daemon=True)
         self.stopping = False
+        self.loop = None  # the event loop, which tells queue positions
+        self.update_pending, self.updated_at = False, 0.0
 
-    def start(self) -> None:
+    def start(self, loop) -> None:
+        self.loop = loop
         self.thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -134,7 +142,7 @@ class Worker:
         with self.lock:
             self.stopping = True
             self.queue.clear()
-            if self.running is not None:
+            if isinstance(self.running, InferenceJob):
                 self.running.cancelled.set()
             self.lock.notify_all()
         self.thread.join(timeout)
@@ -143,11 +151,20 @@ class Worker:
         """Queue a job; one that must wait is told how many requests are ahead of it (running one included).
         That is said under the lock, so it reaches the session before the job's `start`."""
         with self.lock:
-            ahead = len(self.queue) + self._busy()
             self.queue.append(job)
+            ahead = self._position(job)
             if ahead:
+                job.position = ahead
                 job.emit({"type": "queued", "position": ahead})
             self.lock.notify()
+
+    def waiting(self) -> int:
+        with self.lock:
+            return len(self.queue)
+
+    def waiting_of(self, session) -> list:
+        with self.lock:
+            return self.queue.of_session(session)
 
     def remove(self, job) -> bool:
         """Take a job out of the queue if it has not started yet."""
@@ -156,7 +173,7 @@ class Worker:
                 self.queue.remove(job)
             except ValueError:
                 return False
-            self._announce_positions()
+            self._positions_changed()
             return True
 
     def _loop(self) -> None:
@@ -167,7 +184,7 @@ class Worker:
                 if self.stopping:
                     return
                 job = self.running = self.queue.popleft()
-                self._announce_positions()
+                self._positions_changed()
             self._run(job)
             with self.lock:
                 self.running = None
@@ -186,10 +203,27 @@ class Worker:
             log.exception("request %s failed", job.request_id)
             job.fail(f"Generation failed: {exc}")
 
+    def _position(self, job) -> int:
+        """How many requests are ahead of a waiting job, a running one included (lock held)."""
+        return next(index for index, waiting in enumerate(self.queue) if waiting is job) + self._busy()
+
+    def _positions_changed(self) -> None:
+        """Have the event loop tell the waiting jobs their new positions, coalesced (lock held)."""
+        if self.update_pending or self.loop is None:
+            return
+        self.update_pending = True
+        delay = max(0.0, self.updated_at + POSITION_UPDATE_S - time.monotonic())
+        self.loop.call_soon_threadsafe(self.loop.call_later, delay, self._announce_positions)
+
     def _announce_positions(self) -> None:
-        """Tell every waiting job how many requests are now ahead of it (lock held)."""
-        for index, waiting in enumerate(self.queue):
-            waiting.emit({"type": "queued", "position": index + self._busy()})
+        """On the event loop. Under the lock, so no job told its place can have started meanwhile."""
+        with self.lock:
+            self.update_pending, self.updated_at = False, time.monotonic()
+            busy = self._busy()
+            for index, waiting in enumerate(self.queue):
+                if waiting.position != index + busy:
+                    waiting.position = index + busy
+                    waiting.emit({"type": "queued", "position": waiting.position})
 
     def _busy(self) -> int:
         """1 while no new request can start at once (lock held)."""

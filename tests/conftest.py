@@ -78,6 +78,8 @@ class ServerProcess:
         for section, values in overrides.items():
             self.config[section].update(values)
         self.config["server"]["host"] = "127.0.0.1"
+        if "max_clients_per_ip" not in overrides.get("limits", {}):  # every test client is 127.0.0.1
+            self.config["limits"]["max_clients_per_ip"] = self.config["limits"]["max_clients"]
         (root / "config.json").write_text(json.dumps(self.config, indent=2))
         self.log = (root / "server.out").open("w")
         self.process = subprocess.Popen(

@@ -18,7 +18,8 @@ async def test_three_clients_are_served_in_arrival_order(limited_server):
     assert (await blocker.recv())["type"] == "start"
     clients = [await Client.open(limited_server.url) for _ in range(3)]
     for position, client in enumerate(clients, start=1):
-        await client.send(inference(f"client {position}", max_new_tokens=20))
+        # each runs for longer than POSITION_UPDATE_S, so every change of position is told
+        await client.send(inference(f"client {position}", max_new_tokens=300))
         queued = await client.recv()
         assert queued["type"] == "queued" and queued["position"] == position
     await blocker.send({"type": "cancel"})

@@ -27,7 +27,7 @@ def browser():
 
 @pytest.fixture
 def page(browser, tiny_server):
-    context = browser.new_context()
+    context = browser.new_context(bypass_csp=True)  # the tests evaluate script in the page; the CSP forbids eval
     page = context.new_page()
     page.goto(f"http://127.0.0.1:{tiny_server.port}/")
     page.click("#connect")
@@ -56,7 +56,8 @@ def test_served_page_connects_and_shows_the_welcome(page, tiny_server):
     assert page.text_content("#modelName") == "tiny-llama"
     assert page.text_content("#device") == "cpu"
     session_id = page.text_content("#sessionId")
-    assert len(session_id) == 36 and page.evaluate("localStorage.getItem('llmws.session')") == session_id
+    assert len(session_id) == 36 and page.evaluate("sessionStorage.getItem('llmws.session')") == session_id
+    assert page.evaluate("localStorage.getItem('llmws.session')") is None  # a secret: gone with the tab
     assert page.input_value("#address") == f"127.0.0.1:{tiny_server.port}"
 
 
@@ -112,12 +113,78 @@ def test_resources_panel_shows_device_and_context(page):
     assert "4096" in page.text_content("#resources")
 
 
-def test_page_opened_from_disk_works_offline(browser, tiny_server):
+def test_model_fields_are_shown_as_text(page):
+    page.evaluate("""showModels([{name: '<b>n</b>', source: '<img src=x onerror="window.pwned=1">',
+                                 size_mb: '<i>1</i>', loaded: false, path: 'x'}])""")
+    assert page.locator("#models img, #models b, #models i").count() == 0
+    assert '<img src=x onerror="window.pwned=1">' in page.text_content("#models")
+    assert page.evaluate("window.pwned") is None
+
+
+def test_the_page_works_under_its_own_content_security_policy(browser, tiny_server):
+    from playwright.sync_api import expect
+
+    context = browser.new_context()
+    page = context.new_page()
+    errors = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.goto(f"http://127.0.0.1:{tiny_server.port}/")
+    page.click("#connect")
+    expect(page.locator("#status")).to_have_text("connected")
+    page.fill("#temperature", "0")
+    page.fill("#max_new_tokens", "5")
+    page.click("#applyConfig")
+    page.fill("#prompt", "Hi")
+    page.click("#send")
+    expect(page.locator(".turn.assistant .stats")).to_contain_text("5 tokens")
+    assert not [text for text in errors if "Content Security Policy" in text]
+    context.close()
+
+
+def test_the_page_is_served_with_security_headers(page, tiny_server):
+    response = page.request.get(f"http://127.0.0.1:{tiny_server.port}/")
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    assert response.headers["x-frame-options"] == "DENY" and response.headers["x-content-type-options"] == "nosniff"
+    head = page.request.head(f"http://127.0.0.1:{tiny_server.port}/")
+    assert head.status == 200 and head.body() == b""
+    for method in ("POST", "DELETE", "OPTIONS"):
+        refused = page.request.fetch(f"http://127.0.0.1:{tiny_server.port}/", method=method)
+        assert refused.status == 405 and refused.headers["allow"] == "GET, HEAD"
+
+
+def test_a_sandboxed_frame_on_any_site_is_refused(browser, tiny_server):
+    """A sandboxed iframe sends Origin "null": any website could make one, so it is not let in."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_content(f"""<iframe sandbox="allow-scripts" srcdoc="<script>
+        const ws = new WebSocket('ws://127.0.0.1:{tiny_server.port}/');
+        ws.onopen = () => ws.send(JSON.stringify({{}}));
+        ws.onmessage = () => parent.postMessage('in', '*'); ws.onerror = () => parent.postMessage('refused', '*');
+        </script>"></iframe>
+        <script>window.verdict = null; addEventListener('message', e => window.verdict = e.data);</script>""")
+    page.wait_for_function("window.verdict !== null")
+    assert page.evaluate("window.verdict") == "refused"
+    assert "refused a connection from origin null" in tiny_server.output()
+    context.close()
+
+
+def test_page_opened_from_disk_explains_the_null_origin(browser, tiny_server):
     context = browser.new_context()
     page = context.new_page()
     page.goto((REPO / "web_client_enhanced.html").as_uri())
     assert page.input_value("#address") == "localhost:8765"
     page.fill("#address", f"127.0.0.1:{tiny_server.port}")
+    page.click("#connect")
+    page.wait_for_function("document.getElementById('notice').textContent.includes('server.allowed_origins')")
+    context.close()
+
+
+def test_page_opened_from_disk_works_where_null_is_allowed(browser, start_server, tiny_model):
+    server = start_server(tiny_model, server={"allowed_origins": ["null", "http://127.0.0.1"]})
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto((REPO / "web_client_enhanced.html").as_uri())
+    page.fill("#address", f"127.0.0.1:{server.port}")
     page.click("#connect")
     page.wait_for_function("document.getElementById('status').textContent === 'connected'")
     context.close()
