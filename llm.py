@@ -472,7 +472,10 @@ class Repl:
     def do_config(self, words, rest):
         if not words:
             raise ValueError("usage: /config key=value ...")
-        config = self.call(self.client.set_config(**parse_settings(words)))
+        changes = parse_settings(words)
+        config = self.call(self.client.set_config(**changes))
+        for key in changes:  # the session's new value now rules, not the command line's
+            self.settings.pop(key, None)
         print(", ".join(f"{key}={value}" for key, value in config.items()))
 
     def do_system(self, words, rest):

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import logging.handlers
 import errno
+import os
 import signal
 import socket
 import ssl
@@ -90,8 +91,11 @@ async def serve(server: LLMWSServer, host: str, port: int) -> None:
         listening = await server.serve(host, port, ssl=tls_context(server.config.server))
     except OSError as exc:  # taken since check_port looked
         raise SystemExit(cannot_listen(host, port, exc))
-    # This start owns the port: earlier sessions end here (no client is read before the next await).
+    # This start owns the port: earlier sessions and half-done downloads end here (no client is read
+    # before the next await).
     server.sessions.clear_all()
+    for name in server.downloads.clear_leftovers():
+        log.info("removed %s, left by a download that was cut off", name)
     server.worker.start(loop)
     housekeeping = asyncio.create_task(server.housekeeping())
     async with listening:
@@ -108,6 +112,7 @@ async def serve(server: LLMWSServer, host: str, port: int) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    os.umask(0o077)  # logs and session buffers hold answers: what the server writes is its user's only
     try:
         config = load_config(args.config)
     except ConfigError as exc:

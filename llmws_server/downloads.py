@@ -27,6 +27,14 @@ class Downloads:
         self.root = config.root
         self.active: set[str] = set()
 
+    def clear_leftovers(self) -> list[str]:
+        """On start: remove the working folders of downloads a killed server left behind (no download runs
+        yet, so every .download-* folder is one). Returns their names."""
+        leftovers = sorted(self.models_dir.glob(".download-*"))
+        for folder in leftovers:
+            shutil.rmtree(folder, ignore_errors=True)
+        return [folder.name for folder in leftovers]
+
     def check(self, repo, target_dir) -> tuple[str, Path]:
         """(url, destination) for a request that may go ahead; ValueError says why not."""
         if not isinstance(repo, str) or not repo or repo.startswith("-") or any(c.isspace() or ord(c) < 32

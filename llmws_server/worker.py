@@ -156,6 +156,7 @@ class Worker:
             if ahead:
                 job.position = ahead
                 job.emit({"type": "queued", "position": ahead})
+                self._positions_changed()  # a newcomer's turn may come before others' later requests
             self.lock.notify()
 
     def waiting(self) -> int:

@@ -18,6 +18,9 @@ from llmws_server.config import DEFAULTS  # noqa: E402
 from llmws_server.default_model import install_default_model  # noqa: E402
 
 TINY_MAX_POSITIONS = 4096
+# The servers tests start share the machine with each other and with the tests: one torch thread each keeps
+# them from starving one another on a busy machine.
+SERVER_THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -86,7 +89,7 @@ class ServerProcess:
             [sys.executable, str(REPO / "llmws.py"), "--config", str(root / "config.json"), "--port", str(self.port)]
             + (["--model", str(model)] if model else []),
             cwd=root, stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(environment or {})})
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **SERVER_THREADS, **(environment or {})})
         self._wait_listening()
 
     @property

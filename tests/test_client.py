@@ -171,7 +171,7 @@ def test_one_shot_fails_with_a_one_line_reason(tiny_server):
 @pytest.fixture
 def repl(tiny_server, tmp_path):
     child = pexpect.spawn(sys.executable, [str(REPO / "llm.py"), "--port", str(tiny_server.port),
-                                           "--host", "127.0.0.1"],
+                                           "--host", "127.0.0.1", "--max-tokens", "40"],
                           env={**os.environ, "HOME": str(tmp_path)}, encoding="utf-8", timeout=60)
     child.expect("/help for commands")
     child.expect("you> ")
