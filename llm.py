@@ -8,6 +8,7 @@
 """
 import argparse
 import asyncio
+import base64
 import json
 import os
 import random
@@ -15,6 +16,7 @@ import ssl
 import sys
 import threading
 import uuid
+from pathlib import Path
 from urllib.parse import quote
 
 from websockets.asyncio.client import connect
@@ -190,14 +192,17 @@ class LLMWSEnhancedClient:
 
     # -- the API ---------------------------------------------------------------------------------
 
-    async def stream(self, prompt=None, system=None, messages=None, **config):
-        """Yield the answer's text pieces as they arrive. Queue positions go to `on_status`."""
+    async def stream(self, prompt=None, system=None, messages=None, images=None, **config):
+        """Yield the answer's text pieces as they arrive. Queue positions go to `on_status`. `images` (paths
+        or bytes) go with the prompt, or with the last user turn of `messages`."""
         request_id = str(uuid.uuid4())
         message = {"type": "inference", "request_id": request_id}
         if messages is not None:
             message["messages"] = messages
         else:
             message["prompt"] = {"system": system, "user": prompt} if system else {"user": prompt}
+        if images:
+            message["images"] = [image_data_url(image) for image in images]
         if config:
             message["config"] = config
         stream = self._streams[request_id] = asyncio.Queue()
@@ -233,10 +238,10 @@ class LLMWSEnhancedClient:
                 task.cancel()
         return [task.result() for task in (replies, first) if task in done]
 
-    async def inference(self, prompt=None, system=None, messages=None, on_token=None, **config) -> str:
+    async def inference(self, prompt=None, system=None, messages=None, on_token=None, images=None, **config) -> str:
         """The whole answer; `on_token(text)` sees each piece as it arrives."""
         pieces = []
-        async for piece in self.stream(prompt, system, messages, **config):
+        async for piece in self.stream(prompt, system, messages, images, **config):
             pieces.append(piece)
             if on_token:
                 on_token(piece)
@@ -286,12 +291,29 @@ class LLMWSEnhancedClient:
             self._listeners.discard(events)
 
 
+IMAGE_TYPES = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpeg", b"GIF8": "gif", b"RIFF": "webp", b"BM": "bmp"}
+
+
+def image_data_url(image) -> str:
+    """A data URL of an image file's path or of its bytes (a data URL passes as it is)."""
+    if isinstance(image, str) and image.startswith("data:"):
+        return image
+    data = image if isinstance(image, bytes) else Path(image).expanduser().read_bytes()
+    kind = next((name for magic, name in IMAGE_TYPES.items() if data.startswith(magic)), None)
+    if kind is None:
+        raise ValueError(f"{image if not isinstance(image, bytes) else 'the bytes'} is not a PNG, JPEG, GIF, WebP "
+                         "or BMP image")
+    return f"data:image/{kind};base64,{base64.b64encode(data).decode('ascii')}"
+
+
 # -- command line --------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="LLMWS client: chat, or one answer with --prompt.")
     parser.add_argument("--prompt", help="one-shot: answer this prompt and exit ('-' reads stdin)")
     parser.add_argument("--system", help="system prompt")
+    parser.add_argument("--image", action="append", default=[], metavar="PATH",
+                        help="one-shot: an image to ask about (repeat for several; needs a vision model)")
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--max-tokens", type=int, dest="max_new_tokens")
     parser.add_argument("--top-p", type=float, dest="top_p")
@@ -329,7 +351,7 @@ async def one_shot(args, prompt: str) -> int:
         if args.json:
             print_json(client.welcome)
         await client.inference(prompt, system=args.system, on_token=None if args.json else _write,
-                               **generation_config(args))
+                               images=args.image, **generation_config(args))
         if not args.json:
             print(flush=True)
         return 0
@@ -346,6 +368,7 @@ def _write(text: str) -> None:
 HELP = """Commands:
   /config key=value ...   change generation settings (temperature, top_p, top_k, max_new_tokens, ...)
   /system [text]          set the system prompt (no text: none)
+  /image <path>           attach an image to your next question (again for more; needs a vision model)
   /resources              device, memory, model, context limit
   /models                 the models on the server
   /switch <path>          load another model (models/NAME or var/models/NAME)
@@ -391,6 +414,7 @@ class Repl:
         self.system = args.system
         self.settings = generation_config(args)
         self.history = []
+        self.attached = [image_data_url(path) for path in args.image]  # data URLs for the next question
 
     def call(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
@@ -444,10 +468,22 @@ class Repl:
         return {"/config": self.do_config, "/system": self.do_system, "/resources": self.do_resources,
                 "/models": self.do_models, "/switch": self.do_switch, "/download": self.do_download,
                 "/delete": self.do_delete, "/session": lambda words, rest: print(self.client.session_id),
-                "/cancel": self.do_cancel, "/clear": self.do_clear, "/help": lambda words, rest: print(HELP)}
+                "/cancel": self.do_cancel, "/clear": self.do_clear, "/image": self.do_image,
+                "/help": lambda words, rest: print(HELP)}
+
+    def do_image(self, words, rest):
+        if not rest:
+            raise ValueError("usage: /image <path>")
+        self.attached.append(image_data_url(rest))
+        print(f"attached {Path(rest).name} ({len(self.attached)} image{'s' * (len(self.attached) > 1)} "
+              "for your next question)")
 
     def chat(self, text: str) -> None:
         turn = {"role": "user", "content": text}
+        if self.attached:  # the images stay in the history with the question they went with
+            turn["content"] = [{"type": "image_url", "image_url": {"url": url}} for url in self.attached] + [
+                {"type": "text", "text": text}]
+            self.attached = []  # sent, or refused: either way they do not go again
         system = [{"role": "system", "content": self.system}] if self.system else []
         future = asyncio.run_coroutine_threadsafe(
             self.client.inference(messages=system + self.history + [turn], on_token=_write, **self.settings),

@@ -58,7 +58,8 @@ def cache_pages(slots: int, max_context: int, kv_token_budget: int | None) -> in
 
 
 def batchable(job) -> bool:
-    return isinstance(job, InferenceJob) and job.settings["repetition_penalty"] == 1.0
+    """Continuous batching takes token ids only: a request with images runs alone, like a penalty."""
+    return isinstance(job, InferenceJob) and job.settings["repetition_penalty"] == 1.0 and not job.images
 
 
 class Running:
@@ -133,11 +134,11 @@ class BatchingWorker(Worker):
         prepared = job.prepare(self.engine)
         if prepared is None:
             return
-        input_ids, max_tokens = prepared
+        prompt, max_tokens = prepared
         self._ensure_manager(settings_key(job.settings), job.settings)
         internal_id = uuid.uuid4().hex
         self.batch[internal_id] = Running(internal_id, job, max_tokens)
-        self.manager.add_request(input_ids, request_id=internal_id, max_new_tokens=max_tokens, streaming=True,
+        self.manager.add_request(prompt.ids, request_id=internal_id, max_new_tokens=max_tokens, streaming=True,
                                  **sampling_kwargs(job.settings))
 
     def _ensure_manager(self, key, settings) -> None:

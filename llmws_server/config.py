@@ -9,7 +9,7 @@ DEFAULTS = {
     "server": {
         "host": "0.0.0.0",
         "port": 8765,
-        "max_message_size": 4194304,
+        "max_message_size": 12582912,
         "ping_interval": 30,
         "ping_timeout": 10,
         "allowed_origins": ["http://localhost", "http://127.0.0.1"],
@@ -40,6 +40,9 @@ DEFAULTS = {
         "max_queued_requests": 256,
         "detached_queue_timeout_s": 600,
         "max_session_buffer_mb": 64,
+        "max_image_bytes": 4194304,
+        "max_image_pixels": 40000000,
+        "max_images_per_request": 8,
         "max_context_length": 128000,
         "timeout_token_generation": 300,
     },
@@ -48,10 +51,12 @@ DEFAULTS = {
 
 # Keys whose value must be a whole number (the others of numeric default accept any finite number).
 INTEGER_KEYS = {"port", "max_message_size", "max_clients", "max_clients_per_ip", "max_sessions",
-                "queue_size_per_client", "max_queued_requests", "max_context_length", "max_new_tokens", "top_k"}
+                "queue_size_per_client", "max_queued_requests", "max_context_length", "max_new_tokens", "top_k",
+                "max_image_bytes", "max_image_pixels", "max_images_per_request"}
 POSITIVE_KEYS = {"port", "max_message_size", "max_clients", "max_clients_per_ip", "max_sessions", "hello_timeout_s",
                  "idle_timeout_s", "queue_size_per_client", "max_queued_requests", "detached_queue_timeout_s",
-                 "max_session_buffer_mb", "max_context_length", "timeout_token_generation", "timeout_s"}
+                 "max_session_buffer_mb", "max_image_bytes", "max_image_pixels", "max_images_per_request",
+                 "max_context_length", "timeout_token_generation", "timeout_s"}
 DTYPES = {"auto", "bfloat16", "float16", "float32"}
 
 

@@ -6,11 +6,13 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria,
-                          StoppingCriteriaList, TextIteratorStreamer)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
+                          AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer)
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from . import resources
 
@@ -38,6 +40,21 @@ def choose_attention(use_flash: bool, compute_capability) -> str:
     return "sdpa"
 
 
+@dataclass
+class Prompt:
+    """A conversation made ready for the model: its token ids (image tokens included) and, for images,
+    the processor's other inputs (pixel values and the like)."""
+    ids: list[int]
+    images: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def takes_images(model_config) -> bool:
+    """An image-text-to-text model (Qwen2-VL, Idefics3/SmolVLM, LLaVA, Gemma 3, ...)."""
+    return model_config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and hasattr(model_config,
+                                                                                         "vision_config")
+
+
 class _StopWhen(StoppingCriteria):
     """Ends generation when `check()` returns a reason (cancelled, timeout)."""
 
@@ -63,8 +80,15 @@ class Engine:
         trust = model_options["trust_remote_code"]
         started = time.monotonic()
         self.config = AutoConfig.from_pretrained(self.path, trust_remote_code=trust)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust)
-        self.model = AutoModelForCausalLM.from_pretrained(
+        self.vision = takes_images(self.config)
+        if self.vision:  # the processor turns images into pixels and the prompt's image tokens
+            self.processor = AutoProcessor.from_pretrained(self.path, trust_remote_code=trust)
+            self.tokenizer = self.processor.tokenizer
+        else:
+            self.processor = None
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust)
+        model_class = AutoModelForImageTextToText if self.vision else AutoModelForCausalLM
+        self.model = model_class.from_pretrained(
             self.path, dtype=self.dtype, attn_implementation=self.attention, trust_remote_code=trust,
             use_safetensors=model_options["use_safetensors"],
             device_map=model_options["device_map"] if cuda else None)
@@ -73,8 +97,7 @@ class Engine:
         if self.compiled:  # compiles on the first requests of each new shape; dynamic=True keeps that rare
             self.model.forward = torch.compile(self.model.forward, dynamic=True)
         self.device = str(self.model.device)
-        self.params = self.model.num_parameters()
-        self.vision = hasattr(self.config, "vision_config")
+        self.params = self.model.num_parameters()  # the vision tower's too: it is in memory like the rest
         free = resources.free_memory_bytes()
         self.max_context = resources.estimate_max_context(self.config, free, self.dtype.itemsize, max_context_cap,
                                                           self.params)
@@ -99,22 +122,39 @@ class Engine:
     def for_config(cls, model_dir: Path, config) -> "Engine":
         return cls(model_dir, config.model, config.optimization, config.limits["max_context_length"])
 
-    def encode(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation, through the model's chat template when it has one."""
+    def encode(self, messages: list[dict]) -> Prompt:
+        """A conversation through the model's chat template (when it has one); a turn's "images" are PIL
+        images, which only a vision model's processor takes."""
+        if self.vision:
+            return self._encode_with_images(messages)
+        return Prompt(self._token_ids(messages))
+
+    def _token_ids(self, messages: list[dict]) -> list[int]:
         if self.tokenizer.chat_template:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         return self.tokenizer(text)["input_ids"]
 
-    def generate(self, input_ids: list[int], settings: dict, max_new_tokens: int, on_text, should_stop):
+    def _encode_with_images(self, messages: list[dict]) -> Prompt:
+        """Vision chat templates take a list of parts per turn: the turn's images, then its text."""
+        images = [image for message in messages for image in message.get("images", ())]
+        turns = [{"role": m["role"], "content": [{"type": "image"} for _ in m.get("images", ())]
+                  + [{"type": "text", "text": m["content"]}]} for m in messages]
+        text = self.processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        inputs = self.processor(text=[text], images=[images] if images else None, add_special_tokens=False,
+                                return_tensors="pt")
+        extra = {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
+        return Prompt(inputs["input_ids"][0].tolist(), len(images), extra)
+
+    def generate(self, prompt: Prompt, settings: dict, max_new_tokens: int, on_text, should_stop):
         """Stream text pieces to `on_text`; return (tokens generated, finish reason)."""
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        if FAULT_OOM_MARKER and FAULT_OOM_MARKER in self.tokenizer.decode(input_ids):
+        if FAULT_OOM_MARKER and FAULT_OOM_MARKER in self.tokenizer.decode(prompt.ids):
             should_stop = _injected_oom
         stopper = _StopWhen(should_stop)
-        inputs = torch.tensor([input_ids], device=self.model.device)
-        kwargs = dict(input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
+        inputs = torch.tensor([prompt.ids], device=self.model.device)
+        kwargs = dict(input_ids=inputs, **self._on_device(prompt.extra), attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
                       streamer=streamer, stopping_criteria=StoppingCriteriaList([stopper]),
                       pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                       **sampling_arguments(settings))
@@ -139,6 +179,11 @@ class Engine:
         generated = outcome["output"].shape[1] - inputs.shape[1]
         reason = stopper.reason or ("length" if generated >= max_new_tokens else "stop")
         return generated, reason
+
+    def _on_device(self, tensors: dict) -> dict:
+        """The processor's tensors on the model's device, pixel values in the model's dtype."""
+        return {key: value.to(self.model.device, dtype=self.dtype if value.is_floating_point() else None)
+                for key, value in tensors.items()}
 
     def unload(self) -> None:
         self.model = None

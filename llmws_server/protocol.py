@@ -3,7 +3,7 @@ import json
 import re
 
 FIELDS = {
-    "inference": {"prompt", "messages", "config", "request_id"},
+    "inference": {"prompt", "messages", "images", "config", "request_id"},
     "config": {"data"},
     "ack": set(),
     "cancel": {"request_id"},
@@ -107,23 +107,49 @@ def _no_extra_fields(message, allowed, kind):
 
 
 def conversation(message: dict) -> list[dict]:
-    """The chat messages of an inference request, from any of its three prompt forms."""
+    """The chat messages of an inference request, from any of its three prompt forms. Each is
+    {"role", "content": text} and, for a user turn with images, "images": [data URL or base64, ...]
+    (still encoded: images.py decodes them)."""
     if ("prompt" in message) == ("messages" in message):
         raise ProtocolError("inference needs exactly one of prompt or messages")
     if "messages" in message:
-        return _check_turns(message["messages"])
-    prompt = message["prompt"]
-    if isinstance(prompt, str):
-        return _legacy_turns(prompt)
+        turns = _check_turns(message["messages"])
+    elif isinstance(message["prompt"], str):
+        turns = _legacy_turns(message["prompt"])
+    else:
+        turns = _prompt_turns(message["prompt"])
+    if "images" in message:  # the original server's top-level list: it goes with the last user turn
+        last_user = next((turn for turn in reversed(turns) if turn["role"] == "user"), None)
+        if last_user is None:
+            raise ProtocolError("images need a user turn to go with")
+        last_user["images"] = last_user.get("images", []) + _image_list(message["images"], "images")
+    return turns
+
+
+def images_of(turns: list[dict]) -> list[str]:
+    """Every image of a conversation, in order."""
+    return [image for turn in turns for image in turn.get("images", ())]
+
+
+def _prompt_turns(prompt) -> list[dict]:
     if not isinstance(prompt, dict):
-        raise ProtocolError("prompt must be an object {system, user} or a string")
-    _no_extra_fields(prompt, {"system", "user"}, "prompt")
+        raise ProtocolError("prompt must be an object {system, user, images?} or a string")
+    _no_extra_fields(prompt, {"system", "user", "images"}, "prompt")
     if not isinstance(prompt.get("user"), str) or not prompt["user"]:
         raise ProtocolError("prompt.user must be a non-empty string")
     if not isinstance(prompt.get("system", ""), str):
         raise ProtocolError("prompt.system must be a string")
     turns = [{"role": "system", "content": prompt["system"]}] if prompt.get("system") else []
-    return turns + [{"role": "user", "content": prompt["user"]}]
+    user = {"role": "user", "content": prompt["user"]}
+    if "images" in prompt:
+        user["images"] = _image_list(prompt["images"], "prompt.images")
+    return turns + [user]
+
+
+def _image_list(value, field: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise ProtocolError(f"{field} must be a list of images, each a data URL or base64 text")
+    return list(value)
 
 
 def _legacy_turns(text: str) -> list[dict]:
@@ -144,12 +170,38 @@ def _legacy_turns(text: str) -> list[dict]:
 def _check_turns(turns) -> list[dict]:
     if not isinstance(turns, list) or not turns:
         raise ProtocolError("messages must be a non-empty list")
+    checked = []
     for index, turn in enumerate(turns):
         if not isinstance(turn, dict) or set(turn) != {"role", "content"}:
             raise ProtocolError(f"messages[{index}] must be an object with exactly role and content")
         if not isinstance(turn["role"], str) or turn["role"] not in ROLES:
             raise ProtocolError(f"messages[{index}].role must be one of {', '.join(sorted(ROLES))}")
-        if not isinstance(turn["content"], str):
-            raise ProtocolError(f"messages[{index}].content must be a string")
-    return [dict(turn) for turn in turns]
+        if isinstance(turn["content"], str):
+            checked.append({"role": turn["role"], "content": turn["content"]})
+        else:
+            checked.append(_content_parts(turn, f"messages[{index}]"))
+    return checked
+
+
+def _content_parts(turn: dict, where: str) -> dict:
+    """OpenAI-style content: a list of {"type": "text", "text"} and {"type": "image_url", "image_url":
+    {"url"}} parts. The texts join in order; the images go before them."""
+    parts = turn["content"]
+    if not isinstance(parts, list) or not parts:
+        raise ProtocolError(f"{where}.content must be a string or a non-empty list of parts")
+    texts, images = [], []
+    for number, part in enumerate(parts):
+        at = f"{where}.content[{number}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and set(part) == {"type", "text"} and isinstance(part["text"], str):
+            texts.append(part["text"])
+        elif kind == "image_url" and set(part) == {"type", "image_url"}:
+            url = part["image_url"].get("url") if isinstance(part["image_url"], dict) else part["image_url"]
+            images.append(_image_list([url], f"{at}.image_url.url")[0])
+        else:
+            raise ProtocolError(f'{at} must be {{"type": "text", "text": "..."}} or '
+                                f'{{"type": "image_url", "image_url": {{"url": "data:image/..."}}}}')
+    if images and turn["role"] != "user":
+        raise ProtocolError(f"{where}: only user turns may hold images")
+    return {"role": turn["role"], "content": "".join(texts), **({"images": images} if images else {})}
 

@@ -23,7 +23,9 @@ from .batching import BatchingWorker
 from .config import validate_generation
 from .downloads import Downloads
 from .engine import Engine
-from .protocol import ADMIN_TYPES, ProtocolError, check_message, conversation, is_hello, parse_frame, parse_hello
+from .images import ImageError, decode_images
+from .protocol import (ADMIN_TYPES, ProtocolError, check_message, conversation, images_of, is_hello, parse_frame,
+                       parse_hello)
 from .sessions import SessionsFull, SessionStore
 from .worker import InferenceJob, SwitchJob, Worker
 
@@ -257,10 +259,24 @@ class LLMWSServer:
                                 "send ack once you have your answers, then retry")
         if message.get("request_id") in session.jobs:
             raise ProtocolError(f"request_id {message['request_id']} is already in use")
+        if images_of(turns):
+            await self._decode_images(turns)
         job = InferenceJob(session, asyncio.get_running_loop(), message.get("request_id"), turns, settings,
                            self.limits["timeout_token_generation"])
         session.jobs[job.request_id] = job
         self.worker.submit(job)
+
+    async def _decode_images(self, turns) -> None:
+        """Replace each turn's encoded images with decoded ones (off the event loop), or refuse them all."""
+        if not self.engine.vision:
+            raise ProtocolError(f"This model does not take images: {self.engine.name}")
+        try:
+            decoded = iter(await asyncio.to_thread(decode_images, images_of(turns), self.limits))
+        except ImageError as exc:
+            raise ProtocolError(str(exc)) from None
+        for turn in turns:
+            if "images" in turn:
+                turn["images"] = [next(decoded) for _ in turn["images"]]
 
     async def on_config(self, session, message):
         session.config.update(generation_settings(message.get("data"), "data"))

@@ -40,11 +40,15 @@ class InferenceJob:
         message["request_id"] = self.request_id
         self.loop.call_soon_threadsafe(self.session.emit, message)
 
-    def prepare(self, engine) -> tuple[list[int], int] | None:
+    @property
+    def images(self) -> int:
+        return sum(len(turn.get("images", ())) for turn in self.messages)
+
+    def prepare(self, engine):
         """Tokenize, refuse a prompt that leaves no room (the seed's error), clamp max_new_tokens to the
-        room left, and say `start`. Returns (input ids, max tokens), or None when refused."""
-        input_ids = engine.encode(self.messages)
-        tokens_in = len(input_ids)
+        room left, and say `start`. Returns (engine.Prompt, max tokens), or None when refused."""
+        prompt = engine.encode(self.messages)
+        tokens_in = len(prompt.ids)
         if tokens_in >= engine.max_context:
             self.emit({"type": "error", "message": f"Context too long ({tokens_in} tokens). "
                        f"Max: {engine.max_context}. Please retry with shorter input.",
@@ -52,15 +56,15 @@ class InferenceJob:
             return None
         max_tokens = min(self.settings["max_new_tokens"], engine.max_context - tokens_in)
         self.context_needed = tokens_in + max_tokens
-        self.emit({"type": "start", "tokens_in": tokens_in, "max_tokens": max_tokens})
-        return input_ids, max_tokens
+        self.emit({"type": "start", "tokens_in": tokens_in, "max_tokens": max_tokens, "images_in": prompt.images})
+        return prompt, max_tokens
 
     def run(self, worker) -> None:
         engine = worker.engine
         prepared = self.prepare(engine)
         if prepared is None:
             return
-        input_ids, max_tokens = prepared
+        prompt, max_tokens = prepared
         started = time.monotonic()
         deadline = started + self.timeout_s
 
@@ -69,7 +73,7 @@ class InferenceJob:
                 return "cancelled"
             return "timeout" if time.monotonic() > deadline else None
 
-        generated, reason = engine.generate(input_ids, self.settings, max_tokens,
+        generated, reason = engine.generate(prompt, self.settings, max_tokens,
                                             lambda text: self.emit({"type": "token", "data": text}), should_stop)
         elapsed = max(time.monotonic() - started, 1e-9)
         self.emit({"type": "done", "total_tokens": generated, "finish_reason": reason,

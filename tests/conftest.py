@@ -184,6 +184,11 @@ class Client:
             if received[-1]["type"] in types:
                 return received
 
+    async def until_done(self, message: dict, *types) -> list[dict]:
+        """Send a message and return what follows up to its `done` or `error` (or one of `types`)."""
+        await self.send(message)
+        return await self.until("done", "error", *types)
+
     async def close(self):
         await self.ws.close()
 
@@ -201,3 +206,13 @@ def text_of(messages: list[dict]) -> str:
 
 
 BLOCKER = inference("block", max_new_tokens=4000, request_id="blocker")  # runs for seconds: cancel it when done
+
+
+@pytest.fixture(scope="session")
+def vision_models(default_model, tmp_path_factory) -> dict[str, Path]:
+    """Two tiny image-text models of different families: {"idefics3": folder, "llava": folder}."""
+    from vision_models import build_idefics3, build_llava
+
+    folder = tmp_path_factory.mktemp("vision")
+    return {"idefics3": build_idefics3(default_model, folder / "tiny-idefics3"),
+            "llava": build_llava(default_model, folder / "tiny-llava")}

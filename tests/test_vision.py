@@ -1,0 +1,194 @@
+"""Images: tiny Idefics3 and LLaVA models answer requests with images in every shape the protocol takes,
+bad images are refused cleanly, image streams resume, and the CLI sends images."""
+import asyncio
+import base64
+import io
+import random
+import shutil
+import sys
+
+import pexpect
+import pytest
+from PIL import Image
+
+from conftest import REPO, Client, inference, text_of
+
+FAMILIES = ["idefics3", "llava"]
+
+
+def png(width=40, height=30, colour=(200, 30, 30), noise=False) -> bytes:
+    image = Image.new("RGB", (width, height), colour)
+    if noise:
+        image = Image.frombytes("RGB", (width, height), random.Random(0).randbytes(width * height * 3))
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def data_url(data: bytes, kind="png") -> str:
+    return f"data:image/{kind};base64,{base64.b64encode(data).decode()}"
+
+
+RED, BLUE = data_url(png()), data_url(png(colour=(20, 20, 220)))
+
+
+@pytest.fixture(scope="module")
+def vision_servers(start_server, vision_models, tiny_model):
+    """One server per family, with the tiny text model and its own model in models/ for switching."""
+    def populate_for(family):
+        def populate(root):
+            shutil.copytree(tiny_model, root / "models" / "tiny-text")
+            shutil.copytree(vision_models[family], root / "models" / f"tiny-{family}")
+        return populate
+    return {family: start_server(vision_models[family], populate_for(family),
+                                 limits={"max_image_bytes": 30000, "max_image_pixels": 1_000_000,
+                                         "max_images_per_request": 3})
+            for family in FAMILIES}
+
+
+def with_images(images, user="What is in the picture?", max_new_tokens=8, **fields):
+    message = inference(user, max_new_tokens=max_new_tokens)
+    message["prompt"]["images"] = images
+    message.update(fields)
+    return message
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+async def test_one_and_two_images_are_answered_and_counted(vision_servers, family):
+    client = await Client.open(vision_servers[family].url)
+    assert client.welcome["capabilities"]["vision"] is True
+    starts = {}
+    for count, images in [(0, []), (1, [RED]), (2, [RED, BLUE])]:
+        messages = await client.until_done(with_images(images))
+        start = next(m for m in messages if m["type"] == "start")
+        assert start["images_in"] == count and messages[-1]["total_tokens"] == 8 and text_of(messages)
+        starts[count] = start["tokens_in"]
+    assert starts[0] < starts[1] < starts[2]  # an image's tokens count in tokens_in
+    await client.close()
+
+
+@pytest.mark.parametrize("shape", ["prompt.images", "images", "content parts", "bare base64"])
+async def test_every_shape_of_image_gives_the_same_answer(vision_servers, shape):
+    client = await Client.open(vision_servers["idefics3"].url)
+    reference = text_of(await client.until_done(with_images([RED])))
+    message = inference("What is in the picture?", max_new_tokens=8)
+    if shape == "images":
+        message["images"] = [RED]
+    elif shape == "bare base64":
+        message["prompt"]["images"] = [RED.split(",", 1)[1]]
+    elif shape == "content parts":
+        del message["prompt"]
+        message["messages"] = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": RED}},
+                                                             {"type": "text", "text": "What is in the picture?"}]}]
+    else:
+        message["prompt"]["images"] = [RED]
+    assert text_of(await client.until_done(message)) == reference
+    await client.close()
+
+
+def tiff() -> str:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, "TIFF")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+@pytest.mark.parametrize("images, problem", [
+    (["not base64 at all!"], "images[0] is not valid base64"),
+    ([base64.b64encode(b"just some text").decode()], "images[0] is not an image Pillow can read"),
+    ([tiff()], "images[0]: TIFF images are not supported"),
+    ([RED, data_url(png(120, 120, noise=True))], "images[1] is over limits.max_image_bytes (30000 bytes)"),
+    ([data_url(png(2000, 1000))], "images[0] is 2000x1000: over limits.max_image_pixels (1000000)"),
+    ([RED] * 4, "4 images: at most 3 a request"),
+    (["https://example.com/cat.png"], "the server fetches no URL and reads no file"),
+    (["/etc/passwd"], "the server fetches no URL and reads no file"),
+    (["data:text/plain;base64,aGVsbG8="], "a data URL must be data:image/<format>;base64,<data>"),
+    ([42], "prompt.images must be a list of images"),
+])
+async def test_bad_images_are_refused_and_the_next_request_is_served(vision_servers, images, problem):
+    client = await Client.open(vision_servers["llava"].url)
+    refused = await client.request(with_images(images))
+    assert refused["type"] == "error" and problem in refused["message"], refused
+    assert (await client.until_done(with_images([RED])))[-1]["total_tokens"] == 8
+    await client.close()
+
+
+async def test_image_tokens_that_overflow_the_context_are_refused_with_the_fields(vision_servers):
+    client = await Client.open(vision_servers["idefics3"].url)
+    max_context = client.welcome["capabilities"]["max_context"]
+    text = " ".join(["word"] * (max_context - 12))  # fits alone, not with two images' tokens
+    assert (await client.until_done(with_images([], user=text, max_new_tokens=1)))[-1]["type"] == "done"
+    refused = (await client.until_done(with_images([RED, BLUE], user=text)))[-1]
+    assert refused["type"] == "error" and refused["message"].startswith("Context too long")
+    assert refused["max_context"] == max_context and refused["input_length"] > max_context - 12
+    await client.close()
+
+
+async def test_an_image_request_resumes_mid_answer_byte_for_byte(vision_servers):
+    url = vision_servers["llava"].url
+    client = await Client.open(url)
+    whole = await client.until_done(with_images([RED, BLUE], max_new_tokens=300, request_id="whole"))
+    await client.send(with_images([RED, BLUE], max_new_tokens=300, request_id="cut"))
+    seen = [await client.recv() for _ in range(6)]
+    await client.ws.close()  # the line drops mid-answer
+    back = await Client.open(url, {"session_id": client.session_id, "last_seq": seen[-1]["seq"]})
+    assert back.welcome["resumed"] is True
+    rest = await back.until("done")
+    assert rest[0]["seq"] == seen[-1]["seq"] + 1
+    assert text_of(seen + rest) == text_of(whole) and rest[-1]["total_tokens"] == 300
+    buffer = (vision_servers["llava"].sessions_dir / client.session_id / "buffer.jsonl").read_text()
+    assert RED.split(",", 1)[1][:40] not in buffer  # the buffer holds answers, not the images
+    await back.close()
+
+
+async def test_switching_text_to_vision_and_back(vision_servers):
+    client = await Client.open(vision_servers["idefics3"].url)
+    for path, vision in [("models/tiny-text", False), ("models/tiny-idefics3", True), ("models/tiny-text", False),
+                         ("models/tiny-idefics3", True)]:
+        switched = await client.until_done({"type": "switch_model", "model_path": path}, "model_switched")
+        assert switched[-1]["type"] == "model_switched"
+        resources = await client.request({"type": "get_resources"})
+        assert resources["model"]["vision"] is vision
+        newcomer = await Client.open(vision_servers["idefics3"].url)
+        assert newcomer.welcome["capabilities"]["vision"] is vision
+        await newcomer.close()
+        reply = (await client.until_done(with_images([RED])))[-1]
+        if vision:
+            assert reply["type"] == "done"
+        else:
+            assert reply["type"] == "error" and "This model does not take images: tiny-text" in reply["message"]
+    await client.close()
+
+
+def test_llm_py_sends_images(vision_servers, tmp_path):
+    picture = tmp_path / "red.png"
+    picture.write_bytes(png())
+    port = str(vision_servers["idefics3"].port)
+    output, status = pexpect.run(f"{sys.executable} {REPO / 'llm.py'} --host 127.0.0.1 --port {port} "
+                                 f"--prompt 'What is this?' --image {picture} --image {picture} --json "
+                                 "--max-tokens 4 --temperature 0", withexitstatus=True, timeout=120,
+                                 encoding="utf-8")
+    assert status == 0, output
+    assert '"images_in": 2' in output and '"total_tokens": 4' in output
+    text_only = tmp_path / "notes.txt"
+    text_only.write_text("hello")
+    output, status = pexpect.run(f"{sys.executable} {REPO / 'llm.py'} --host 127.0.0.1 --port {port} "
+                                 f"--prompt hi --image {text_only}", withexitstatus=True, timeout=120,
+                                 encoding="utf-8")
+    assert status == 1 and "is not a PNG, JPEG, GIF, WebP or BMP image" in output
+
+
+def test_the_repl_attaches_an_image_to_the_next_question(vision_servers, tmp_path):
+    picture = tmp_path / "red.png"
+    picture.write_bytes(png())
+    repl = pexpect.spawn(sys.executable, [str(REPO / "llm.py"), "--port", str(vision_servers["llava"].port),
+                                          "--host", "127.0.0.1", "--max-tokens", "6", "--temperature", "0"],
+                         env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}, encoding="utf-8", timeout=60)
+    repl.expect("you> ")
+    repl.sendline(f"/image {picture}")
+    repl.expect(r"attached red.png \(1 image for your next question\)")
+    repl.expect("you> ")
+    repl.sendline("What colour is it?")
+    repl.expect(r"\[6 tokens")
+    repl.expect("you> ")
+    repl.sendline("/quit")
+    repl.expect(pexpect.EOF)
