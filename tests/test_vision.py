@@ -3,6 +3,7 @@ bad images are refused cleanly, image streams resume, and the CLI sends images."
 import asyncio
 import base64
 import io
+import json
 import random
 import shutil
 import sys
@@ -192,3 +193,40 @@ def test_the_repl_attaches_an_image_to_the_next_question(vision_servers, tmp_pat
     repl.expect("you> ")
     repl.sendline("/quit")
     repl.expect(pexpect.EOF)
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed")
+def test_the_page_attaches_an_image_and_shows_the_streamed_answer(vision_servers, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    from test_web import CHROMIUM, FLAGS
+
+    picture, notes = tmp_path / "red.png", tmp_path / "notes.txt"
+    picture.write_bytes(png())
+    notes.write_text("not an image")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page()
+        sent = []
+        page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(payload)))
+        page.goto(f"http://127.0.0.1:{vision_servers['idefics3'].port}/")
+        page.click("#connect")
+        expect(page.locator("#status")).to_have_text("connected")
+        page.fill("#temperature", "0")
+        page.fill("#max_new_tokens", "6")
+        page.click("#applyConfig")
+        page.set_input_files("#imageFile", str(notes))
+        expect(page.locator("#notice")).to_contain_text("notes.txt is not an image the server takes")
+        page.set_input_files("#imageFile", str(picture))
+        expect(page.locator("#attachments img")).to_have_count(1)
+        page.fill("#prompt", "What colour is it?")
+        page.click("#send")
+        expect(page.locator(".turn.assistant .stats")).to_contain_text("6 tokens")
+        expect(page.locator(".turn.user img")).to_have_count(1)
+        expect(page.locator("#attachments img")).to_have_count(0)
+        request = next(json.loads(frame) for frame in sent if '"inference"' in frame)
+        parts = request["messages"][-1]["content"]
+        assert parts[0]["type"] == "image_url" and parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
+        assert parts[-1] == {"type": "text", "text": "What colour is it?"}
+        assert page.text_content(".turn.assistant .body")
+        browser.close()
