@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmws_server.server import Connection  # noqa: E402
+from llmws_server.connection import Connection  # noqa: E402
 from llmws_server.sessions import Session  # noqa: E402
 
 

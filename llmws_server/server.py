@@ -1,28 +1,24 @@
-"""The WebSocket side: handshake checks, one handler per connection, and a method per message type.
+"""The WebSocket side: one handler per connection, and a method per message type.
 
 A message's path: handler -> dispatch -> on_<type> -> (inference) worker FIFO -> worker thread ->
 job.emit -> Session.emit (seq, buffer) -> Connection.send -> the socket.
 """
 import asyncio
-import hmac
-import json
 import logging
 import shutil
 import socket
 import time
-from http import HTTPStatus
-from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
 from . import catalog, resources
-from .connection import MESSAGES_PER_SECOND, Connection
 from .batching import BatchingWorker
 from .config import validate_generation
+from .connection import MESSAGES_PER_SECOND, Connection
 from .downloads import Downloads
 from .engine import Engine
+from .handshake import Handshake
 from .images import ImageError, decode_images
 from .protocol import (ADMIN_TYPES, ProtocolError, check_message, conversation, images_of, is_hello, parse_frame,
                        parse_hello)
@@ -34,17 +30,6 @@ SEND_BUFFER_BYTES = 64 * 1024  # the kernel's share of a client's unread output:
 SESSION_IDLE_S = 24 * 3600  # a session nobody takes up for a day is forgotten, buffer and all
 HOUSEKEEPING_S = 10  # how often idle sessions and the queued requests of long-gone clients are looked at
 PROMPT_CHARS_PER_TOKEN = 8  # a prompt longer than this many characters per context token is refused unread
-# The page runs its own inline script and talks to WebSocket servers only; no other site may frame it.
-PAGE_HEADERS = {
-    "Content-Type": "text/html; charset=utf-8",
-    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-                               "img-src data: blob:; connect-src ws: wss:; frame-ancestors 'none'; "
-                               "base-uri 'none'; form-action 'none'",
-    "X-Frame-Options": "DENY",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
-WEB_CLIENT = Path(__file__).resolve().parent.parent / "web_client_enhanced.html"
 
 
 class LLMWSServer:
@@ -57,6 +42,7 @@ class LLMWSServer:
         self.worker = BatchingWorker(engine, batch) if batch > 1 else Worker(engine)
         self.downloads = Downloads(config)
         self.connections: set[Connection] = set()
+        self.handshake = Handshake(config.server)
 
     @property
     def engine(self):
@@ -88,59 +74,10 @@ class LLMWSServer:
 
     def serve(self, host: str, port: int, ssl=None):
         server = self.config.server
-        return serve(self.handler, host, port, ssl=ssl, process_request=self.check_request,
+        return serve(self.handler, host, port, ssl=ssl, process_request=self.handshake.check,
                      max_size=server["max_message_size"], ping_interval=server["ping_interval"],
                      ping_timeout=server["ping_timeout"])
 
-    # -- handshake -------------------------------------------------------------------------------
-
-    def check_request(self, connection, request):
-        """Serve the web client to a plain GET of /; refuse browsers from other origins (403) and, with
-        auth_token set, wrong tokens (401)."""
-        if "upgrade" not in request.headers.get("Connection", "").lower():
-            return self.http_page(connection, request)
-        origin = request.headers.get("Origin")
-        if origin is not None and not origin_allowed(origin, self.config.server["allowed_origins"]):
-            log.warning("refused a connection from origin %s", origin)
-            return connection.respond(HTTPStatus.FORBIDDEN, f"Origin {origin} is not allowed\n")
-        token, admin = self.config.server["auth_token"], self.config.server["admin_token"]
-        if token and not (same_secret(presented_token(request), token) or
-                          (admin and same_secret(presented_token(request), admin))):
-            return connection.respond(HTTPStatus.UNAUTHORIZED, "Missing or wrong token\n")
-        return None
-
-    def admin_problem(self, request) -> str | None:
-        """Why this connection may not manage models, or None when it may. Management needs the admin token
-        when one is set, and from a browser it needs the server's own page (or a listed admin origin)."""
-        admin = self.config.server["admin_token"]
-        if admin and not same_secret(presented_token(request), admin):
-            return "connect with the admin token (server.admin_token) to manage models"
-        origin = request.headers.get("Origin")
-        if origin is None or origin in self.config.server["admin_origins"]:
-            return None
-        try:
-            own_page = urlsplit(origin).netloc == request.headers.get("Host")
-        except ValueError:
-            own_page = False
-        return None if own_page else (f"pages on {origin} may not manage models: use the server's own page "
-                                      "or list the origin in server.admin_origins")
-
-    def http_page(self, connection, request):
-        """GET (or HEAD) of / is the web client; nothing else is served."""
-        if request.method not in ("GET", "HEAD"):
-            response = connection.respond(HTTPStatus.METHOD_NOT_ALLOWED, "Only GET and HEAD are served here\n")
-            response.headers["Allow"] = "GET, HEAD"
-            return response
-        if urlsplit(request.path).path not in ("/", "/index.html", "/web_client_enhanced.html"):
-            return connection.respond(HTTPStatus.NOT_FOUND, "Not found: the web client is at /\n")
-        response = connection.respond(HTTPStatus.OK, WEB_CLIENT.read_text(encoding="utf-8"))
-        del response.headers["Content-Type"]  # respond() made it text/plain
-        response.headers.update(PAGE_HEADERS)
-        if request.method == "HEAD":
-            response.body = b""  # the headers, Content-Length included, as GET has them
-        return response
-
-    # -- connection ------------------------------------------------------------------------------
 
     async def handler(self, websocket):
         if len(self.connections) >= self.limits["max_clients"]:
@@ -155,7 +92,7 @@ class LLMWSServer:
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         connection = Connection(websocket, self.config.server["max_message_size"])
-        connection.admin_problem = self.admin_problem(websocket.request)
+        connection.admin_problem = self.handshake.admin_problem(websocket.request)
         self.connections.add(connection)
         session = None
         try:
@@ -379,25 +316,3 @@ def generation_settings(value, field: str) -> dict:
         return validate_generation(dict(value))
     except ValueError as exc:
         raise ProtocolError(f"{field}: {exc}") from None
-
-
-def origin_allowed(origin: str, allowed: list[str]) -> bool:
-    """An Origin matches a listed one exactly, or by scheme and host with any port."""
-    if origin in allowed:
-        return True
-    try:
-        parts = urlsplit(origin)
-        return f"{parts.scheme}://{parts.hostname}" in allowed
-    except ValueError:  # not a URL at all (e.g. "http://[")
-        return False
-
-
-def same_secret(presented: str, secret: str) -> bool:
-    return hmac.compare_digest(presented.encode(), secret.encode())
-
-
-def presented_token(request) -> str:
-    header = request.headers.get("Authorization", "")
-    if header.startswith("Bearer "):
-        return header[len("Bearer "):]
-    return parse_qs(urlsplit(request.path).query).get("token", [""])[0]

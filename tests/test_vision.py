@@ -1,6 +1,5 @@
 """Images: tiny Idefics3 and LLaVA models answer requests with images in every shape the protocol takes,
 bad images are refused cleanly, image streams resume, and the CLI sends images."""
-import asyncio
 import base64
 import io
 import json
