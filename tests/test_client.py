@@ -116,21 +116,37 @@ class CuttableProxy:
         self.server.close()
 
 
+@pytest.fixture(scope="module")
+def long_reference(tiny_server):
+    async def answer():
+        async with client_for(tiny_server) as client:
+            return await client.inference("Tell me about rivers", **LONG)
+    return asyncio.run(answer())
+
+
+LONG = {"temperature": 0, "max_new_tokens": 400}  # still generating at every cut
+
+
 @pytest.mark.parametrize("cuts_after", [[1], [3, 25], [2, 10, 30, 50]])
-async def test_reconnects_by_itself_and_the_text_is_byte_identical(tiny_server, reference_text, cuts_after):
+async def test_reconnects_by_itself_and_the_text_is_byte_identical(tiny_server, long_reference, cuts_after):
     proxy = CuttableProxy(tiny_server.port)
     await proxy.start()
-    notices = []
-    client = LLMWSEnhancedClient("127.0.0.1", proxy.port, on_status=notices.append)
+    messages = []  # every message the client got, and a {"type": "status"} entry for each status line
+    client = LLMWSEnhancedClient("127.0.0.1", proxy.port, on_message=messages.append,
+                                 on_status=lambda text: messages.append({"type": "status", "text": text}))
     await client.connect()
     pieces = []
-    async for piece in client.stream("Tell me about rivers", **GREEDY):
+    async for piece in client.stream("Tell me about rivers", **LONG):
         pieces.append(piece)
         if len(pieces) in cuts_after:
             proxy.cut()
-    assert "".join(pieces).encode() == reference_text.encode()
-    # The tiny model may finish while the client waits to reconnect; later cuts then meet a complete answer.
-    assert "reconnected" in notices
+    assert "".join(pieces).encode() == long_reference.encode()
+    assert client.last_done["total_tokens"] == 400 and client.welcome["resumed"] is True
+    reconnects = [index for index, m in enumerate(messages) if m.get("text") == "reconnected"]
+    assert 1 <= len(reconnects) <= len(cuts_after)  # a cut may land while the client is still reconnecting
+    for start, end in zip(reconnects, reconnects[1:] + [len(messages)]):
+        seen = max(m.get("seq", 0) for m in messages[:start])
+        assert any(m.get("seq", 0) > seen for m in messages[start:end])  # new messages came after each cut
     await client.disconnect()
     await proxy.stop()
 

@@ -87,13 +87,24 @@ async def test_queued_request_survives_its_clients_disconnect(tiny_server):
     await leaver.close()
     await blocker.send({"type": "cancel"})
     await blocker.until("done")
-    await asyncio.sleep(1.0)  # the queued request now runs with nobody connected
+    await until_buffered(tiny_server, leaver.session_id, "done")  # it ran to the end with nobody connected
     back = await Client.open(tiny_server.url, {"session_id": leaver.session_id, "last_seq": queued["seq"]})
     rest = await back.until("done")
     assert rest[0]["type"] == "start" and rest[-1]["total_tokens"] == 30
     assert rest[0]["seq"] == queued["seq"] + 1
     await back.close()
     await blocker.close()
+
+
+async def until_buffered(server, session_id, kind, timeout=60):
+    """Wait until the session's buffer holds a message of this type."""
+    buffer = server.sessions_dir / session_id / "buffer.jsonl"
+    for _ in range(timeout * 10):
+        if buffer.exists() and any(json.loads(simple_decrypt(json.loads(line)["data"]))["type"] == kind
+                                   for line in buffer.read_text().splitlines()):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no {kind} in the buffer of {session_id}")
 
 
 async def test_second_connection_takes_the_session_over(tiny_server):

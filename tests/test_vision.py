@@ -3,6 +3,7 @@ bad images are refused cleanly, image streams resume, and the CLI sends images."
 import base64
 import io
 import json
+import os
 import random
 import shutil
 import sys
@@ -194,7 +195,8 @@ def test_the_repl_attaches_an_image_to_the_next_question(vision_servers, tmp_pat
     repl.expect(pexpect.EOF)
 
 
-@pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed")
+@pytest.mark.skipif(not shutil.which("chromium") and not os.environ.get("CI"),
+                    reason="Debian's chromium is not installed")
 def test_the_page_attaches_an_image_and_shows_the_streamed_answer(vision_servers, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
