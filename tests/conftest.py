@@ -103,6 +103,14 @@ class ServerProcess:
     def output(self) -> str:
         return (self.root / "server.out").read_text()
 
+    async def wait_for_output(self, text: str, timeout=60) -> str:
+        """The server's output, once it holds `text` (polled to a deadline)."""
+        for _ in range(timeout * 10):
+            if text in (out := self.output()):
+                return out
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{text!r} is not in the server's output after {timeout} s")
+
     def _wait_listening(self, timeout=180):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

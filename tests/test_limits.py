@@ -26,14 +26,6 @@ async def closed_with(client_or_socket) -> ConnectionClosed:
     return closed.value
 
 
-async def wait_for_output(server, text, timeout=30):
-    for _ in range(int(timeout * 10)):
-        if text in server.output():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{text!r} not in the server's output")
-
-
 async def test_many_queued_then_cancelled_requests_cost_little(start_server, tiny_model):
     server = start_server(tiny_model, limits={"max_queued_requests": 60, "queue_size_per_client": 1000})
     blocker = await Client.open(server.url)
@@ -82,7 +74,7 @@ async def test_queued_requests_of_a_client_long_gone_are_cancelled(start_server,
     for request_id in ("q1", "q2"):
         assert (await leaver.request(inference(request_id=request_id)))["type"] == "queued"
     await leaver.close()
-    await wait_for_output(server, "cancelled 2 queued requests")
+    await server.wait_for_output("cancelled 2 queued requests")
     back = await Client.open(server.url, {"session_id": leaver.session_id, "last_seq": 0})
     replayed = [await back.recv() for _ in range(4)]
     errors = [m for m in replayed if m["type"] == "error"]
