@@ -1,5 +1,6 @@
 """Images: tiny Idefics3 and LLaVA models answer requests with images in every shape the protocol takes,
 bad images are refused cleanly, image streams resume, and the CLI sends images."""
+import asyncio
 import base64
 import io
 import json
@@ -231,3 +232,24 @@ def test_the_page_attaches_an_image_and_shows_the_streamed_answer(vision_servers
         assert parts[-1] == {"type": "text", "text": "What colour is it?"}
         assert page.text_content(".turn.assistant .body")
         browser.close()
+
+
+async def test_with_batching_on_image_and_text_requests_are_all_answered(start_server, vision_models):
+    server = start_server(vision_models["llava"], optimization={"max_batch_size": 4},
+                          generation_defaults={"repetition_penalty": 1.0})
+    clients = [await Client.open(server.url) for _ in range(3)]
+    requests = [with_images([RED], max_new_tokens=20), inference("plain text", max_new_tokens=20),
+                with_images([RED, BLUE], max_new_tokens=20)]
+    events = []  # (client, type, images_in)
+
+    async def follow(index, client, message):
+        for received in await client.until_done(message):
+            events.append((index, received["type"], received.get("images_in")))
+
+    await asyncio.gather(*(follow(index, client, message)
+                           for index, (client, message) in enumerate(zip(clients, requests))))
+    starts = {index: images for index, kind, images in events if kind == "start"}
+    assert starts == {0: 1, 1: 0, 2: 2}
+    assert sum(kind == "done" for _, kind, _ in events) == 3
+    for client in clients:
+        await client.close()
