@@ -17,6 +17,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+from .config import is_sampled
 from .worker import OOM_MESSAGE, InferenceJob, Worker
 
 log = logging.getLogger("llmws.batching")
@@ -30,18 +31,14 @@ MAX_BATCH_TOKENS = 512
 SAMPLING_PLACEHOLDERS = {"temperature": 0.5, "top_p": 0.5, "top_k": 50}
 
 
-def sampled(settings: dict) -> bool:
-    return settings["do_sample"] and settings["temperature"] > 0
-
-
 def settings_key(settings: dict) -> str:
     """What must be equal for two requests to share a batch."""
-    return "sample" if sampled(settings) else "greedy"
+    return "sample" if is_sampled(settings) else "greedy"
 
 
 def sampling_kwargs(settings: dict) -> dict:
     """A sampled request's own settings, as the per-request processors take them (top_k 0 keeps every token)."""
-    if not sampled(settings):
+    if not is_sampled(settings):
         return {}
     return {"temperature": float(settings["temperature"]), "top_p": float(settings["top_p"]),
             "top_k": int(settings["top_k"])}
@@ -203,9 +200,7 @@ class BatchingWorker(Worker):
 
     def _finish(self, running, generated: int, reason: str) -> None:
         self._end(running)
-        elapsed = max(time.monotonic() - running.started, 1e-9)
-        running.job.emit({"type": "done", "total_tokens": generated, "finish_reason": reason,
-                          "tokens_per_s": round(generated / elapsed, 2)})
+        running.job.finish(generated, reason, running.started)
 
     def _end(self, running) -> None:
         self.batch.pop(running.id, None)

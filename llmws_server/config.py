@@ -74,6 +74,11 @@ class ConfigError(Exception):
     """A config.json that cannot be used; the message names the file, line and key."""
 
 
+def is_sampled(settings: dict) -> bool:
+    """The one rule: temperature 0 or do_sample false is greedy decoding; anything else samples."""
+    return settings["do_sample"] and settings["temperature"] > 0
+
+
 def validate_generation(settings: dict) -> dict:
     """Check generation settings (a whole set or an update); raise ValueError naming the field."""
     for key, value in settings.items():

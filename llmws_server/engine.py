@@ -15,6 +15,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTex
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from . import resources
+from .config import is_sampled
 
 log = logging.getLogger("llmws.engine")
 # Fault injection for the tests: a prompt containing this text runs out of memory after its first token.
@@ -218,7 +219,7 @@ def _injected_oom():
 def sampling_arguments(settings: dict) -> dict:
     """generate() arguments: temperature 0 or do_sample false is greedy; repetition_penalty 1 is none."""
     arguments = {}
-    if settings["do_sample"] and settings["temperature"] > 0:
+    if is_sampled(settings):
         arguments.update(do_sample=True, temperature=settings["temperature"], top_p=settings["top_p"],
                          top_k=settings["top_k"])
     else:

@@ -75,6 +75,10 @@ class InferenceJob:
 
         generated, reason = engine.generate(prompt, self.settings, max_tokens,
                                             lambda text: self.emit({"type": "token", "data": text}), should_stop)
+        self.finish(generated, reason, started)
+
+    def finish(self, generated: int, reason: str, started: float) -> None:
+        """The stream's last message: tokens generated, why it ended, and the rate since `started`."""
         elapsed = max(time.monotonic() - started, 1e-9)
         self.emit({"type": "done", "total_tokens": generated, "finish_reason": reason,
                    "tokens_per_s": round(generated / elapsed, 2)})
