@@ -76,6 +76,20 @@ def check_name(name) -> str:
     return name
 
 
+def deletable(config, name, loaded: Path) -> Path:
+    """The var/models/ folder a client may delete by this name; ValueError says why not. Models in models/
+    are the operator's, deleted by hand; the loaded model is never deleted."""
+    name = check_name(name)
+    folder = config.paths["var_dir"] / "models" / name
+    if folder.is_symlink() or not folder.is_dir():
+        if (config.paths["models_dir"] / name).exists():
+            raise ValueError("Models in models/ must be deleted manually")
+        raise ValueError(f"Model not found: {name}")
+    if folder.resolve() == loaded.resolve():
+        raise ValueError(f"Model {name} is loaded; switch to another model first")
+    return folder
+
+
 def find_model(config, given) -> tuple[str, Path]:
     """(source, folder) for 'models/X', 'var/models/X' or a bare name X. Whatever is given must resolve,
     symlinks followed, to a folder directly inside models/ or var/models/."""

@@ -19,7 +19,7 @@ from .connection import MESSAGES_PER_SECOND, Connection
 from .downloads import Downloads
 from .engine import Engine
 from .handshake import Handshake
-from .images import ImageError, decode_images
+from .images import decode_images
 from .protocol import (ADMIN_TYPES, ProtocolError, check_message, conversation, images_of, is_hello, parse_frame,
                        parse_hello)
 from .sessions import SessionsFull, SessionStore
@@ -170,8 +170,8 @@ class LLMWSServer:
             if kind in ADMIN_TYPES and connection.admin_problem:
                 raise ProtocolError(f"{kind} needs the admin scope: {connection.admin_problem}")
             await getattr(self, f"on_{kind}")(session, message)
-        except ProtocolError as exc:
-            session.reply(error(str(exc), **exc.fields))
+        except ValueError as exc:  # a ProtocolError, or a check elsewhere (catalog, downloads, images) refusing
+            session.reply(error(str(exc), **getattr(exc, "fields", {})))
 
     # -- messages --------------------------------------------------------------------------------
 
@@ -207,10 +207,7 @@ class LLMWSServer:
         """Replace each turn's encoded images with decoded ones (off the event loop), or refuse them all."""
         if not self.engine.vision:
             raise ProtocolError(f"This model does not take images: {self.engine.name}")
-        try:
-            decoded = iter(await asyncio.to_thread(decode_images, images_of(turns), self.limits))
-        except ImageError as exc:
-            raise ProtocolError(str(exc)) from None
+        decoded = iter(await asyncio.to_thread(decode_images, images_of(turns), self.limits))
         for turn in turns:
             if "images" in turn:
                 turn["images"] = [next(decoded) for _ in turn["images"]]
@@ -247,10 +244,7 @@ class LLMWSServer:
         session.reply({"type": "models_list", "models": models})
 
     async def on_switch_model(self, session, message):
-        try:
-            _, path = catalog.find_model(self.config, message.get("model_path"))
-        except ValueError as exc:
-            raise ProtocolError(str(exc)) from None
+        _, path = catalog.find_model(self.config, message.get("model_path"))
         problem = catalog.weights_problem(path)
         if problem:
             raise ProtocolError(f"Model {path.name} cannot be loaded yet: {problem}")
@@ -266,10 +260,7 @@ class LLMWSServer:
                                                         f"(max context {engine.max_context})"})
 
     async def on_download_model(self, session, message):
-        try:
-            url, destination = self.downloads.check(message.get("repo"), message.get("target_dir"))
-        except ValueError as exc:
-            raise ProtocolError(str(exc)) from None
+        url, destination = self.downloads.check(message.get("repo"), message.get("target_dir"))
         session.reply({"type": "download_started", "message": "Download started in background"})
         asyncio.create_task(self._download(session, url, destination))
 
@@ -288,20 +279,9 @@ class LLMWSServer:
         session.emit({"type": "download_done", "model": entry})
 
     async def on_delete_model(self, session, message):
-        try:
-            name = catalog.check_name(message.get("model_name"))
-        except ValueError as exc:
-            raise ProtocolError(str(exc)) from None
-        var_models = self.config.paths["var_dir"] / "models"
-        folder = var_models / name
-        if folder.is_symlink() or not folder.is_dir():
-            if (self.config.paths["models_dir"] / name).exists():
-                raise ProtocolError("Models in models/ must be deleted manually")
-            raise ProtocolError(f"Model not found: {name}")
-        if folder.resolve() == self.engine.path.resolve():
-            raise ProtocolError(f"Model {name} is loaded; switch to another model first")
+        folder = catalog.deletable(self.config, message.get("model_name"), self.engine.path)
         await asyncio.to_thread(shutil.rmtree, folder)
-        session.reply({"type": "model_deleted", "message": f"Model {name} deleted"})
+        session.reply({"type": "model_deleted", "message": f"Model {folder.name} deleted"})
 
 
 def error(message: str, **fields) -> dict:
