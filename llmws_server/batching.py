@@ -80,7 +80,14 @@ class BatchingWorker(Worker):
         self.manager_key = None
 
     def _busy(self) -> int:
-        return int(len(self.batch) >= self.max_batch_size or self.running is not None)
+        """1 while the next job cannot start at once: no slot is free, something runs alone, or the batch
+        runs other settings than the next job's (lock held)."""
+        if self.running is not None or len(self.batch) >= self.max_batch_size:
+            return 1
+        return int(bool(self.batch and self.queue and not self._joins(self.queue.head())))
+
+    def _joins(self, job) -> bool:
+        return batchable(job) and settings_key(job.settings) == self.manager_key
 
     def _loop(self) -> None:
         while True:
@@ -103,7 +110,7 @@ class BatchingWorker(Worker):
         admitted = []
         while self.queue and len(self.batch) + len(admitted) < self.max_batch_size:
             job = self.queue.head()
-            joins = batchable(job) and (not (self.batch or admitted) or settings_key(job.settings) == self.manager_key)
+            joins = batchable(job) and (not (self.batch or admitted) or self._joins(job))
             if not joins and (self.batch or admitted):
                 break  # it must run alone, or with other settings: wait for the batch to drain
             admitted.append(self.queue.popleft())

@@ -160,9 +160,8 @@ class Worker:
         That is said under the lock, so it reaches the session before the job's `start`."""
         with self.lock:
             self.queue.append(job)
-            ahead = self._position(job)
+            ahead = job.position = self._position(job)
             if ahead:
-                job.position = ahead
                 job.emit({"type": "queued", "position": ahead})
                 self._positions_changed()  # a newcomer's turn may come before others' later requests
             self.lock.notify()
@@ -232,7 +231,8 @@ class Worker:
             for index, waiting in enumerate(self.queue):
                 if waiting.position != index + busy:
                     waiting.position = index + busy
-                    waiting.emit({"type": "queued", "position": waiting.position})
+                    if waiting.position:  # nothing ahead: it starts now, there is nothing to tell
+                        waiting.emit({"type": "queued", "position": waiting.position})
 
     def _busy(self) -> int:
         """1 while no new request can start at once (lock held)."""
