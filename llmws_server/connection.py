@@ -17,6 +17,12 @@ MESSAGES_PER_SECOND, MESSAGE_BURST = 50, 100
 REPLAY_CHUNK = 256  # buffered messages read from disk at a time
 
 
+def remote_address(websocket) -> str:
+    """The client's IP address ("?" when the transport no longer knows it)."""
+    remote = websocket.remote_address
+    return remote[0] if remote else "?"
+
+
 class Connection:
     def __init__(self, websocket, outbox_limit: int):
         self.websocket = websocket
@@ -26,12 +32,10 @@ class Connection:
         self.allowance, self.checked_at = MESSAGE_BURST, time.monotonic()
         self.dropped = False
         self.admin_problem = None  # why it may not manage models, or None
-        self.last_heard = time.monotonic()
 
     @property
     def address(self) -> str:
-        remote = self.websocket.remote_address
-        return remote[0] if remote else "?"
+        return remote_address(self.websocket)
 
     def send(self, message: dict) -> None:
         """Queue a live message."""
@@ -53,7 +57,6 @@ class Connection:
     def within_rate(self) -> bool:
         """A token bucket: MESSAGES_PER_SECOND on average, bursts of MESSAGE_BURST."""
         now = time.monotonic()
-        self.last_heard = now
         self.allowance = min(MESSAGE_BURST, self.allowance + (now - self.checked_at) * MESSAGES_PER_SECOND)
         self.checked_at = now
         if self.allowance < 1:

@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from . import catalog, resources
 from .batching import BatchingWorker
 from .config import validate_generation
-from .connection import MESSAGES_PER_SECOND, Connection
+from .connection import MESSAGES_PER_SECOND, Connection, remote_address
 from .downloads import Downloads
 from .engine import Engine
 from .handshake import Handshake
@@ -83,7 +83,7 @@ class LLMWSServer:
         if len(self.connections) >= self.limits["max_clients"]:
             await websocket.close(1013, "Server full: too many clients, try again later")
             return
-        address = websocket.remote_address[0] if websocket.remote_address else "?"
+        address = remote_address(websocket)
         if sum(c.address == address for c in self.connections) >= self.limits["max_clients_per_ip"]:
             await websocket.close(1013, "Too many connections from your address, try again later")
             return

@@ -1,0 +1,298 @@
+"""The LLMWS Python API: an async client that reconnects and resumes by itself.
+
+    from llm import LLMWSEnhancedClient   (llm.py re-exports it, as the seed imports it)
+"""
+import asyncio
+import base64
+import json
+import random
+import ssl
+import uuid
+from pathlib import Path
+from urllib.parse import quote
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+RETRY_CLOSE_CODES = {1001, 1006, 1011, 1012, 1013}  # going away, lost, server error/restart, try later
+
+
+class LLMWSError(Exception):
+    """An `error` from the server; its other fields (max_context, input_length, …) are in `fields`."""
+
+    def __init__(self, message: dict):
+        super().__init__(message.get("message", "error"))
+        self.fields = {key: value for key, value in message.items() if key not in ("type", "message")}
+        self.max_context = message.get("max_context")
+        self.input_length = message.get("input_length")
+
+
+class LLMWSEnhancedClient:
+    """Async client for one session. It reconnects by itself after a drop and takes up its session
+    with `last_seq`, so a stream continues with no gap and no duplicate."""
+
+    def __init__(self, host="localhost", port=8765, session_id=None, token=None, tls=False, retries=6,
+                 on_status=None, on_message=None):
+        self.url = f"{'wss' if tls else 'ws'}://{host}:{port}/" + (f"?token={quote(token)}" if token else "")
+        self.tls = tls
+        self.session_id = session_id
+        self.retries = retries
+        self.on_status = on_status or (lambda text: None)  # reconnect notices, queue positions
+        self.on_message = on_message  # sees every message from the server (llm.py --json)
+        self.last_done = None  # the `done` of the latest answer: total_tokens, tokens_per_s
+        self.welcome = None
+        self.last_seq = 0
+        self._websocket = None
+        self._reader = None
+        self._replies = asyncio.Queue()  # direct answers, in the order the frames were sent
+        self._streams = {}  # request_id -> Queue of its stream messages
+        self._listeners = set()  # a Queue per running switch or download: numbered messages without request id
+        self._ask_lock = asyncio.Lock()
+        self._connected = asyncio.Event()
+        self._closing = False
+
+    # -- connection ------------------------------------------------------------------------------
+
+    async def connect(self) -> dict:
+        self._closing = False
+        await self._open()
+        self._reader = asyncio.create_task(self._read_forever())
+        return self.welcome
+
+    async def _open(self) -> None:
+        context = ssl.create_default_context() if self.tls else None
+        self._websocket = await connect(self.url, ssl=context, max_size=None, open_timeout=10)
+        hello = {"session_id": self.session_id, "last_seq": self.last_seq} if self.session_id else {}
+        await self._websocket.send(json.dumps(hello))
+        welcome = json.loads(await asyncio.wait_for(self._websocket.recv(), 30))
+        if welcome.get("type") != "welcome":
+            raise LLMWSError({"message": f"expected a welcome, got {welcome.get('type')}"})
+        if welcome["session_id"] != self.session_id:
+            self.last_seq = 0  # a fresh session numbers from 1 again
+        self.session_id = welcome["session_id"]
+        self.welcome = welcome
+        self._connected.set()
+
+    async def _read_forever(self) -> None:
+        while True:
+            try:
+                async for raw in self._websocket:
+                    self._route(json.loads(raw))
+            except ConnectionClosed:
+                pass
+            except Exception as exc:  # a callback failed (a closed stdout, say): end every waiter with it
+                self._fail_all(exc)
+                await self._websocket.close()
+                return
+            self._connected.clear()
+            if self._closing or not await self._reconnect():
+                self._fail_all(ConnectionError("connection to the server lost"))
+                return
+
+    async def _reconnect(self) -> bool:
+        code = self._websocket.close_code
+        if code is not None and code not in RETRY_CLOSE_CODES:
+            return False  # refused, or taken over by another connection: retrying would not help
+        for attempt in range(self.retries):
+            delay = min(0.2 * 2 ** attempt, 5) * (0.5 + random.random())
+            self.on_status(f"connection lost, reconnecting in {delay:.1f} s")
+            await asyncio.sleep(delay)
+            try:
+                await self._open()
+            except (OSError, ConnectionClosed, InvalidHandshake, asyncio.TimeoutError):
+                continue
+            if not self.welcome["resumed"]:  # the server restarted: what was in flight is gone
+                for stream in self._streams.values():
+                    stream.put_nowait(ConnectionError("the server lost the session (restarted?)"))
+            self.on_status("reconnected")
+            return True
+        return False
+
+    def _route(self, message: dict) -> None:
+        if self.on_message:
+            self.on_message(message)
+        seq = message.get("seq")
+        if seq is not None:
+            if seq <= self.last_seq:
+                return  # already seen
+            self.last_seq = seq
+            stream = self._streams.get(message.get("request_id"))
+            if stream is not None:
+                stream.put_nowait(message)
+            elif "request_id" not in message:
+                for listener in self._listeners:
+                    listener.put_nowait(message)
+                if message["type"] == "log" and not self._listeners:
+                    self.on_status(message["message"])  # news for everyone, such as a model switch
+        else:
+            self._replies.put_nowait(message)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for queue in [self._replies, *self._listeners, *self._streams.values()]:
+            queue.put_nowait(exc)
+
+    async def disconnect(self, send_ack=True) -> None:
+        if send_ack and self._connected.is_set():
+            try:
+                await self.ack()
+            except (ConnectionError, LLMWSError):
+                pass
+        self._closing = True
+        if self._websocket is not None:
+            await self._websocket.close()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+    async def __aenter__(self):
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info):
+        await self.disconnect()
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    async def _send(self, message: dict) -> None:
+        """Send once the connection is up; after a drop, wait for the reconnect and send again."""
+        for _ in range(2):
+            await asyncio.wait_for(self._connected.wait(), 60)
+            try:
+                await self._websocket.send(json.dumps(message))
+                return
+            except ConnectionClosed:
+                await asyncio.sleep(0.05)
+        raise ConnectionError("could not send to the server")
+
+    async def _ask(self, message: dict, answer_type: str) -> dict:
+        """Send a frame and return its direct answer (error: LLMWSError)."""
+        async with self._ask_lock:
+            await self._send(message)
+            reply = await self._next(self._replies)
+        if reply["type"] == "error":
+            raise LLMWSError(reply)
+        if reply["type"] != answer_type:
+            raise LLMWSError({"message": f"expected {answer_type}, got {reply['type']}"})
+        return reply
+
+    @staticmethod
+    async def _next(queue: asyncio.Queue):
+        item = await queue.get()
+        if isinstance(item, Exception):
+            queue.put_nowait(item)  # every later waiter learns it too
+            raise item
+        return item
+
+    # -- the API ---------------------------------------------------------------------------------
+
+    async def stream(self, prompt=None, system=None, messages=None, images=None, **config):
+        """Yield the answer's text pieces as they arrive. Queue positions go to `on_status`. `images` (paths
+        or bytes) go with the prompt, or with the last user turn of `messages`."""
+        request_id = str(uuid.uuid4())
+        message = {"type": "inference", "request_id": request_id}
+        if messages is not None:
+            message["messages"] = messages
+        else:
+            message["prompt"] = {"system": system, "user": prompt} if system else {"user": prompt}
+        if images:
+            message["images"] = [image_data_url(image) for image in images]
+        if config:
+            message["config"] = config
+        stream = self._streams[request_id] = asyncio.Queue()
+        try:
+            item = (await self._send_and_wait(message, stream))[0]
+            if "seq" not in item:  # a direct answer to an inference is a refusal (bad field, Queue full)
+                raise LLMWSError(item)
+            while True:
+                if item["type"] == "token":
+                    yield item["data"]
+                elif item["type"] == "queued":
+                    self.on_status(f"queued: {item['position']} ahead")
+                elif item["type"] == "error":
+                    raise LLMWSError(item)
+                elif item["type"] == "done":
+                    self.last_done = item
+                    break
+                item = await self._next(stream)
+        finally:
+            del self._streams[request_id]
+        if not self._streams:  # nothing else in flight: the server may drop the buffer
+            await self.ack()
+
+    async def _send_and_wait(self, message: dict, queue: asyncio.Queue) -> list[dict]:
+        """Send a frame that starts a stream or task and wait for what answers it first: a direct reply
+        (an error, or download_started) and/or the first numbered message on `queue`, in that order."""
+        async with self._ask_lock:
+            await self._send(message)
+            replies = asyncio.create_task(self._next(self._replies))
+            first = asyncio.create_task(self._next(queue))
+            done, pending = await asyncio.wait({replies, first}, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+        return [task.result() for task in (replies, first) if task in done]
+
+    async def inference(self, prompt=None, system=None, messages=None, on_token=None, images=None, **config) -> str:
+        """The whole answer; `on_token(text)` sees each piece as it arrives."""
+        pieces = []
+        async for piece in self.stream(prompt, system, messages, images, **config):
+            pieces.append(piece)
+            if on_token:
+                on_token(piece)
+        return "".join(pieces)
+
+    async def set_config(self, **settings) -> dict:
+        return (await self._ask({"type": "config", "data": settings}, "config_ack"))["config"]
+
+    async def get_resources(self) -> dict:
+        return await self._ask({"type": "get_resources"}, "resources")
+
+    async def list_models(self) -> list:
+        return (await self._ask({"type": "list_models"}, "models_list"))["models"]
+
+    async def cancel(self, request_id=None) -> dict:
+        message = {"type": "cancel", **({"request_id": request_id} if request_id else {})}
+        return await self._ask(message, "cancelled")
+
+    async def ack(self) -> dict:
+        return await self._ask({"type": "ack"}, "ack_received")
+
+    async def delete_model(self, name: str) -> dict:
+        return await self._ask({"type": "delete_model", "model_name": name}, "model_deleted")
+
+    async def switch_model(self, path: str, on_log=None) -> dict:
+        return await self._follow({"type": "switch_model", "model_path": path}, "model_switched", on_log)
+
+    async def download_model(self, repo: str, target_dir: str, on_log=None) -> dict:
+        return await self._follow({"type": "download_model", "repo": repo, "target_dir": target_dir},
+                                  "download_done", on_log)
+
+    async def _follow(self, message: dict, final_type: str, on_log) -> dict:
+        """A long task (switch, download): its log lines go to `on_log` until `final_type` or an error."""
+        events = asyncio.Queue()
+        self._listeners.add(events)
+        try:
+            ready = await self._send_and_wait(message, events)
+            while True:
+                event = ready.pop(0) if ready else await self._next(events)
+                if event["type"] == "error":
+                    raise LLMWSError(event)
+                if event["type"] == final_type:
+                    return event
+                if event["type"] == "log" and on_log:
+                    on_log(event["message"])
+        finally:
+            self._listeners.discard(events)
+
+
+IMAGE_TYPES = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpeg", b"GIF8": "gif", b"RIFF": "webp", b"BM": "bmp"}
+
+
+def image_data_url(image) -> str:
+    """A data URL of an image file's path or of its bytes (a data URL passes as it is)."""
+    if isinstance(image, str) and image.startswith("data:"):
+        return image
+    data = image if isinstance(image, bytes) else Path(image).expanduser().read_bytes()
+    kind = next((name for magic, name in IMAGE_TYPES.items() if data.startswith(magic)), None)
+    if kind is None:
+        raise ValueError(f"{image if not isinstance(image, bytes) else 'the bytes'} is not a PNG, JPEG, GIF, WebP "
+                         "or BMP image")
+    return f"data:image/{kind};base64,{base64.b64encode(data).decode('ascii')}"
