@@ -224,7 +224,8 @@ def test_repl_ctrl_c_cancels_the_answer_and_stays(repl):
     repl.sendline("/config temperature=0 max_new_tokens=4000")
     repl.expect("you> ")
     repl.sendline("Go on forever")
-    repl.expect(r"\S")  # the answer has begun
+    repl.expect_exact("Go on forever\r\n")  # the terminal's echo of the line
+    repl.expect(r"\S")  # the answer's first visible character: it has begun
     repl.sendintr()
     repl.expect(r"tokens/s, cancelled\]")
     repl.expect("you> ")
