@@ -2,6 +2,7 @@
 turning a client's name or path into one of them."""
 import json
 import re
+import shutil
 from pathlib import Path
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -74,6 +75,13 @@ def check_name(name) -> str:
     if not isinstance(name, str) or not SAFE_NAME.match(name) or name in (".", ".."):
         raise ValueError(f"not a valid model name: {name!r} (letters, digits, . _ -; no leading dot)")
     return name
+
+
+def delete(config, name, loaded: Path) -> str:
+    """Delete the var/models/ folder of this name and return the name; ValueError says why not."""
+    folder = deletable(config, name, loaded)
+    shutil.rmtree(folder)
+    return folder.name
 
 
 def deletable(config, name, loaded: Path) -> Path:

@@ -3,6 +3,7 @@ import copy
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULTS = {
@@ -74,9 +75,25 @@ class ConfigError(Exception):
     """A config.json that cannot be used; the message names the file, line and key."""
 
 
-def is_sampled(settings: dict) -> bool:
-    """The one rule: temperature 0 or do_sample false is greedy decoding; anything else samples."""
-    return settings["do_sample"] and settings["temperature"] > 0
+@dataclass(frozen=True)
+class GenerationSettings:
+    """One request's generation settings, validated (validate_generation) and complete."""
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+
+    @property
+    def sampled(self) -> bool:
+        """The one rule: temperature 0 or do_sample false is greedy decoding; anything else samples."""
+        return self.do_sample and self.temperature > 0
+
+    @property
+    def penalized(self) -> bool:
+        """repetition_penalty 1 is no penalty."""
+        return self.repetition_penalty != 1.0
 
 
 def validate_generation(settings: dict) -> dict:

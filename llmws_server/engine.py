@@ -1,12 +1,12 @@
-"""The transformers model: loading with the right dtype and attention, prompts, streamed generation.
-Only the worker thread calls into an Engine."""
+"""The transformers engine (engine_api.Engine): loading with the right dtype and attention, prompts,
+streamed generation of one request; batches are in engine_batching.py. With engine_batching.py, the only
+module that names torch or transformers (resources.py asks torch for device memory)."""
 import gc
 import importlib
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,7 +15,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTex
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from . import resources
-from .config import is_sampled
+from .engine_api import Prompt
+from .engine_batching import TransformersBatch
 
 log = logging.getLogger("llmws.engine")
 # Fault injection for the tests: a prompt containing this text runs out of memory after its first token.
@@ -41,15 +42,6 @@ def choose_attention(use_flash: bool, compute_capability) -> str:
     return "sdpa"
 
 
-@dataclass
-class Prompt:
-    """A conversation made ready for the model: its token ids (image tokens included) and, for images,
-    the processor's other inputs (pixel values and the like)."""
-    ids: list[int]
-    images: int = 0
-    extra: dict = field(default_factory=dict)
-
-
 def takes_images(model_config) -> bool:
     """An image-text-to-text model (Qwen2-VL, Idefics3/SmolVLM, LLaVA, Gemma 3, ...)."""
     return model_config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and hasattr(model_config,
@@ -68,7 +60,7 @@ class _StopWhen(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.reason is not None, dtype=torch.bool, device=input_ids.device)
 
 
-class Engine:
+class Engine:  # engine_api.Engine
     def __init__(self, model_dir: Path, model_options: dict, optimization: dict, max_context_cap: int):
         self.path = Path(model_dir)
         self.name = self.path.name
@@ -148,7 +140,7 @@ class Engine:
         extra = {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
         return Prompt(inputs["input_ids"][0].tolist(), len(images), extra)
 
-    def generate(self, prompt: Prompt, settings: dict, max_new_tokens: int, on_text, should_stop):
+    def generate(self, prompt: Prompt, settings, max_new_tokens: int, on_text, should_stop):
         """Stream text pieces to `on_text`; return (tokens generated, finish reason)."""
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         if FAULT_OOM_MARKER and FAULT_OOM_MARKER in self.tokenizer.decode(prompt.ids):
@@ -186,9 +178,30 @@ class Engine:
         return {key: value.to(self.model.device, dtype=self.dtype if value.is_floating_point() else None)
                 for key, value in tensors.items()}
 
+    def batch_kind(self, settings, images: int) -> str | None:
+        """Continuous batching takes token ids only, and has no repetition penalty: a request with images
+        or a penalty runs alone. Greedy and sampled requests batch apart; sampled ones share a batch
+        whatever their temperature, top_p and top_k (per-request processors). Incremental decoding needs
+        a fast (tokenizers) tokenizer."""
+        if images or settings.penalized or not self.tokenizer.is_fast:
+            return None
+        return "sample" if settings.sampled else "greedy"
+
+    def open_batch(self, kind: str, slots: int, max_new_tokens: int) -> TransformersBatch:
+        return TransformersBatch(self, kind == "sample", slots, max_new_tokens)
+
+    @staticmethod
+    def is_out_of_memory(exc: BaseException) -> bool:
+        return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError))
+
+    def free_memory(self) -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def unload(self) -> None:
         self.model = None
-        free_memory()
+        self.free_memory()
 
     def lower_max_context(self, failed_at: int) -> None:
         """After running out of memory at `failed_at` tokens, keep well below that for the rest of the run."""
@@ -206,24 +219,34 @@ def use_grouped_query_sdpa() -> None:
     os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
 
 
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _injected_oom():
     raise torch.cuda.OutOfMemoryError("injected by LLMWS_FAULT_OOM")
 
 
-def sampling_arguments(settings: dict) -> dict:
-    """generate() arguments: temperature 0 or do_sample false is greedy; repetition_penalty 1 is none."""
+def sampling_arguments(settings) -> dict:
+    """generate() arguments for GenerationSettings."""
     arguments = {}
-    if is_sampled(settings):
-        arguments.update(do_sample=True, temperature=settings["temperature"], top_p=settings["top_p"],
-                         top_k=settings["top_k"])
+    if settings.sampled:
+        arguments.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
+                         top_k=settings.top_k)
     else:
         arguments.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if settings["repetition_penalty"] != 1.0:
-        arguments["repetition_penalty"] = settings["repetition_penalty"]
+    if settings.penalized:
+        arguments["repetition_penalty"] = settings.repetition_penalty
     return arguments
+
+
+def convert_gguf(gguf: Path, out: Path, name: str) -> None:
+    """A GGUF model as a transformers folder of float32 safetensors. A GGUF-loaded model refuses
+    save_pretrained, so it is rebuilt from a clean config with the weights copied in."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = name
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.generation_config = loaded.generation_config
+    fresh.save_pretrained(out)
+    tokenizer.save_pretrained(out)

@@ -1,6 +1,10 @@
-"""Client frames: parsing and validation, before anything acts on them (shared/protocol.md)."""
+"""The protocol in one place (docs/protocol.md): client frames parsed and validated into typed requests
+before anything acts on them, and a builder for every message the server sends."""
 import json
 import re
+from dataclasses import dataclass
+
+from .config import GenerationSettings, validate_generation
 
 FIELDS = {
     "inference": {"prompt", "messages", "images", "config", "request_id"},
@@ -106,6 +110,30 @@ def _no_extra_fields(message, allowed, kind):
         raise ProtocolError(f"Unknown field(s) for {kind}: {', '.join(extra)}")
 
 
+@dataclass(frozen=True)
+class InferenceRequest:
+    turns: list[dict]  # see conversation()
+    settings: GenerationSettings
+    request_id: str | None
+
+
+def inference_request(message: dict, session_settings: dict) -> InferenceRequest:
+    """An inference message checked whole: its conversation, and its settings over the session's."""
+    turns = conversation(message)
+    settings = {**session_settings, **settings_update(message.get("config", {}), "config")}
+    return InferenceRequest(turns, GenerationSettings(**settings), message.get("request_id"))
+
+
+def settings_update(value, field: str) -> dict:
+    """A validated generation-settings update (config's data, inference's config); a bad one is refused whole."""
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{field} must be an object")
+    try:
+        return validate_generation(dict(value))
+    except ValueError as exc:
+        raise ProtocolError(f"{field}: {exc}") from None
+
+
 def conversation(message: dict) -> list[dict]:
     """The chat messages of an inference request, from any of its three prompt forms. Each is
     {"role", "content": text} and, for a user turn with images, "images": [data URL or base64, ...]
@@ -205,3 +233,78 @@ def _content_parts(turn: dict, where: str) -> dict:
         raise ProtocolError(f"{where}: only user turns may hold images")
     return {"role": turn["role"], "content": "".join(texts), **({"images": images} if images else {})}
 
+
+
+# -- what the server sends ---------------------------------------------------------------------------
+# A request's messages get its request_id when they are emitted (jobs.Job.emit); the session adds seq.
+
+def welcome(session_id: str, resumed: bool, model: str, capabilities: dict, resources: dict) -> dict:
+    return {"type": "welcome", "session_id": session_id, "resumed": resumed, "model": model,
+            "capabilities": capabilities, "resources": resources}
+
+
+def log(text: str) -> dict:
+    return {"type": "log", "message": text}
+
+
+def error(text: str, **fields) -> dict:
+    return {"type": "error", "message": text, **fields}
+
+
+def queued(position: int) -> dict:
+    return {"type": "queued", "position": position}
+
+
+def start(tokens_in: int, max_tokens: int, images_in: int) -> dict:
+    return {"type": "start", "tokens_in": tokens_in, "max_tokens": max_tokens, "images_in": images_in}
+
+
+def token(text: str) -> dict:
+    return {"type": "token", "data": text}
+
+
+def done(generated: int, reason: str, elapsed_s: float) -> dict:
+    """The stream's last message: tokens generated, why it ended, and the rate over `elapsed_s`."""
+    return {"type": "done", "total_tokens": generated, "finish_reason": reason,
+            "tokens_per_s": round(generated / max(elapsed_s, 1e-9), 2)}
+
+
+def context_too_long(tokens_in: int, max_context: int) -> dict:
+    return error(f"Context too long ({tokens_in} tokens). Max: {max_context}. Please retry with shorter input.",
+                 max_context=max_context, input_length=tokens_in)
+
+
+def config_ack(settings: dict) -> dict:
+    return {"type": "config_ack", "config": dict(settings)}
+
+
+def ack_received() -> dict:
+    return {"type": "ack_received"}
+
+
+def cancelled(request_id: str) -> dict:
+    return {"type": "cancelled", "request_id": request_id}
+
+
+def resources(cuda, cpu: dict, model: dict, available_models: list) -> dict:
+    return {"type": "resources", "cuda": cuda, "cpu": cpu, "model": model, "available_models": available_models}
+
+
+def models_list(models: list) -> dict:
+    return {"type": "models_list", "models": models}
+
+
+def model_switched(name: str) -> dict:
+    return {"type": "model_switched", "message": f"Model switched to {name}", "model": name}
+
+
+def download_started() -> dict:
+    return {"type": "download_started", "message": "Download started in background"}
+
+
+def download_done(entry: dict) -> dict:
+    return {"type": "download_done", "model": entry}
+
+
+def model_deleted(name: str) -> dict:
+    return {"type": "model_deleted", "message": f"Model {name} deleted"}

@@ -5,25 +5,24 @@ job.emit -> Session.emit (seq, buffer) -> Connection.send -> the socket.
 """
 import asyncio
 import logging
-import shutil
 import socket
 import time
 
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-from . import catalog, resources
+from . import catalog, protocol, resources
 from .batching import BatchingWorker
-from .config import validate_generation
 from .connection import MESSAGES_PER_SECOND, Connection, remote_address
 from .downloads import Downloads
 from .engine import Engine
 from .handshake import Handshake
 from .images import decode_images
-from .protocol import (ADMIN_TYPES, ProtocolError, check_message, conversation, images_of, is_hello, parse_frame,
-                       parse_hello)
+from .jobs import InferenceJob, SwitchJob
+from .protocol import (ADMIN_TYPES, ProtocolError, check_message, error, images_of, inference_request, is_hello,
+                       parse_frame, parse_hello, settings_update)
 from .sessions import SessionsFull, SessionStore
-from .worker import InferenceJob, SwitchJob, Worker
+from .worker import Worker
 
 log = logging.getLogger("llmws.server")
 SEND_BUFFER_BYTES = 64 * 1024  # the kernel's share of a client's unread output: token streams need little
@@ -151,14 +150,13 @@ class LLMWSServer:
             log.warning("refused a connection: %s", exc)
             await websocket.close(1013, "Server full: too many sessions in use, try again later")
             raise
-        welcome = {"type": "welcome", "session_id": session.id, "resumed": resumed, "model": self.engine.name,
-                   "capabilities": self.engine.capabilities(), "resources": device}
+        welcome = protocol.welcome(session.id, resumed, self.engine.name, self.engine.capabilities(), device)
         session.attach(connection, welcome, last_seq)
         log.info("session %s %s", session.label, "resumed" if resumed else "opened")
         if requested is not None and not resumed:
-            session.reply({"type": "log", "message": "The session you asked for is not known here: sessions are "
-                           "cleared when the server restarts and forgotten after a day without a client. This "
-                           "is a new session; earlier answers cannot be resumed."})
+            session.reply(protocol.log("The session you asked for is not known here: sessions are cleared when "
+                                       "the server restarts and forgotten after a day without a client. This "
+                                       "is a new session; earlier answers cannot be resumed."))
         if problem:
             session.reply(error(str(problem)))
         return session, pending
@@ -176,7 +174,8 @@ class LLMWSServer:
     # -- messages --------------------------------------------------------------------------------
 
     async def on_inference(self, session, message):
-        turns = conversation(message)
+        request = inference_request(message, session.config)
+        turns = request.turns
         characters = sum(len(turn["content"]) for turn in turns)
         max_context = self.engine.max_context
         if characters > PROMPT_CHARS_PER_TOKEN * max_context:  # refused untokenized: a lower bound will do
@@ -184,9 +183,6 @@ class LLMWSServer:
             raise ProtocolError(f"Context too long (at least {at_least} tokens, estimated from {characters} "
                                 f"characters). Max: {max_context}. Please retry with shorter input.",
                                 max_context=max_context, input_length=at_least, input_length_estimated=True)
-        settings = {**session.config, **generation_settings(message.get("config", {}), "config")}
-        if len(session.jobs) >= self.limits["queue_size_per_client"]:
-            raise ProtocolError("Queue full")
         if self.worker.waiting() >= self.limits["max_queued_requests"]:
             raise ProtocolError(f"Server queue full ({self.limits['max_queued_requests']} requests waiting): "
                                 "try again later")
@@ -194,13 +190,14 @@ class LLMWSServer:
         if session.buffer_bytes > most:
             raise ProtocolError(f"Session buffer full ({session.buffer_bytes // 1024 ** 2} MB not acknowledged): "
                                 "send ack once you have your answers, then retry")
-        if message.get("request_id") in session.jobs:
-            raise ProtocolError(f"request_id {message['request_id']} is already in use")
+        job = InferenceJob(session, asyncio.get_running_loop(), request, self.limits["timeout_token_generation"])
+        session.add_job(job, self.limits["queue_size_per_client"])
         if images_of(turns):
-            await self._decode_images(turns)
-        job = InferenceJob(session, asyncio.get_running_loop(), message.get("request_id"), turns, settings,
-                           self.limits["timeout_token_generation"])
-        session.jobs[job.request_id] = job
+            try:
+                await self._decode_images(turns)
+            except BaseException:
+                session.drop_job(job.request_id)
+                raise
         self.worker.submit(job)
 
     async def _decode_images(self, turns) -> None:
@@ -213,12 +210,12 @@ class LLMWSServer:
                 turn["images"] = [next(decoded) for _ in turn["images"]]
 
     async def on_config(self, session, message):
-        session.config.update(generation_settings(message.get("data"), "data"))
-        session.reply({"type": "config_ack", "config": dict(session.config)})
+        session.config.update(settings_update(message.get("data"), "data"))
+        session.reply(protocol.config_ack(session.config))
 
     async def on_ack(self, session, message):
         session.clear_buffer()
-        session.reply({"type": "ack_received"})
+        session.reply(protocol.ack_received())
 
     async def on_cancel(self, session, message):
         request_id = message.get("request_id") or next(iter(session.jobs), None)
@@ -226,22 +223,21 @@ class LLMWSServer:
         if job is None:
             raise ProtocolError(f"No request {request_id} to cancel" if request_id else "No request to cancel")
         if self.worker.remove(job):
-            session.jobs.pop(request_id, None)
+            session.drop_job(request_id)
         else:
             job.cancelled.set()  # the running stream ends with done, finish_reason "cancelled"
-        session.reply({"type": "cancelled", "request_id": request_id})
+        session.reply(protocol.cancelled(request_id))
 
     async def on_get_resources(self, session, message):
         engine = self.engine
         cuda, cpu, models = await asyncio.to_thread(
             lambda: (resources.cuda_info(), resources.cpu_info(), catalog.scan(self.config, engine.path)))
-        session.reply({"type": "resources", "cuda": cuda, "cpu": cpu,
-                       "model": {"name": engine.name, "path": str(engine.path), "vision": engine.vision},
-                       "available_models": models})
+        model = {"name": engine.name, "path": str(engine.path), "vision": engine.vision}
+        session.reply(protocol.resources(cuda, cpu, model, models))
 
     async def on_list_models(self, session, message):
         models = await asyncio.to_thread(catalog.scan, self.config, self.engine.path)
-        session.reply({"type": "models_list", "models": models})
+        session.reply(protocol.models_list(models))
 
     async def on_switch_model(self, session, message):
         _, path = catalog.find_model(self.config, message.get("model_path"))
@@ -256,17 +252,16 @@ class LLMWSServer:
         """Tell every other connected session which model now answers."""
         for session in self.sessions.sessions.values():
             if session is not switcher and session.connection is not None:
-                session.emit({"type": "log", "message": f"Model switched to {engine.name} "
-                                                        f"(max context {engine.max_context})"})
+                session.emit(protocol.log(f"Model switched to {engine.name} (max context {engine.max_context})"))
 
     async def on_download_model(self, session, message):
         url, destination = self.downloads.check(message.get("repo"), message.get("target_dir"))
-        session.reply({"type": "download_started", "message": "Download started in background"})
+        session.reply(protocol.download_started())
         asyncio.create_task(self._download(session, url, destination))
 
     async def _download(self, session, url, destination) -> None:
         def log_line(text):
-            session.emit({"type": "log", "message": text})
+            session.emit(protocol.log(text))
 
         log_line("Starting download...")
         try:
@@ -276,23 +271,9 @@ class LLMWSServer:
             session.emit(error(f"Download failed: {exc}"))
             return
         log_line("Download complete!")
-        session.emit({"type": "download_done", "model": entry})
+        session.emit(protocol.download_done(entry))
 
     async def on_delete_model(self, session, message):
-        folder = catalog.deletable(self.config, message.get("model_name"), self.engine.path)
-        await asyncio.to_thread(shutil.rmtree, folder)
-        session.reply({"type": "model_deleted", "message": f"Model {folder.name} deleted"})
+        name = await asyncio.to_thread(catalog.delete, self.config, message.get("model_name"), self.engine.path)
+        session.reply(protocol.model_deleted(name))
 
-
-def error(message: str, **fields) -> dict:
-    return {"type": "error", "message": message, **fields}
-
-
-def generation_settings(value, field: str) -> dict:
-    """A validated settings update; a bad one is refused whole."""
-    if not isinstance(value, dict):
-        raise ProtocolError(f"{field} must be an object")
-    try:
-        return validate_generation(dict(value))
-    except ValueError as exc:
-        raise ProtocolError(f"{field}: {exc}") from None

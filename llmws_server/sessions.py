@@ -13,6 +13,8 @@ import time
 import uuid
 from pathlib import Path
 
+from . import protocol
+
 log = logging.getLogger("llmws.sessions")
 
 KEY = b"llmws"
@@ -63,13 +65,25 @@ class Session:
         """What logs name it by: the id is a secret (whoever has it reads the answers), a prefix is not."""
         return self.id[:8]
 
+    def add_job(self, job, most: int) -> None:
+        """Hold a queued or running request until its last message; ValueError for a full queue or an id
+        already in use."""
+        if len(self.jobs) >= most:
+            raise ValueError("Queue full")
+        if job.request_id in self.jobs:
+            raise ValueError(f"request_id {job.request_id} is already in use")
+        self.jobs[job.request_id] = job
+
+    def drop_job(self, request_id: str) -> None:
+        self.jobs.pop(request_id, None)
+
     def emit(self, message: dict) -> None:
         """A stream message: numbered, buffered, then sent if a connection is live."""
         self.seq += 1
         message["seq"] = self.seq
         self._append(message)
         if message["type"] in TERMINAL_TYPES and "request_id" in message:
-            self.jobs.pop(message["request_id"], None)
+            self.drop_job(message["request_id"])
         self.reply(message)
 
     def reply(self, message: dict) -> None:
@@ -127,8 +141,8 @@ class Session:
             log.error("session %s: cannot write its buffer: %s", self.label, exc)
             if not self.buffer_failed:
                 self.buffer_failed = True
-                self.reply({"type": "error", "message": f"Cannot write the session buffer ({exc.strerror or exc}): "
-                                                        "answers go on live, but cannot be resumed after a drop"})
+                self.reply(protocol.error(f"Cannot write the session buffer ({exc.strerror or exc}): answers go "
+                                          "on live, but cannot be resumed after a drop"))
             return
         self.buffer_failed = False
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from conftest import BLOCKER, Client, inference, text_of
-from llmws_server.batching import PAGE_SIZE, cache_pages
+from llmws_server.engine_batching import PAGE_SIZE, cache_pages
 
 PROMPTS = ["Tell me about rivers", "A long story", "Name a colour", "Why is the sky blue?", "Count to ten",
            "What is a dragon?"]

@@ -1,0 +1,212 @@
+"""The pure parts without a socket or a model: request validation, generation settings, the catalog's
+folder rules, and the workers' order of admission against a scripted engine (engine_api's interface)."""
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from llmws_server import catalog, protocol
+from llmws_server.batching import BatchingWorker
+from llmws_server.config import DEFAULTS, GenerationSettings, load_config
+from llmws_server.engine_api import Progress, Prompt
+from llmws_server.jobs import InferenceJob, SwitchJob
+from llmws_server.worker import Worker
+
+DEFAULT_SETTINGS = DEFAULTS["generation_defaults"]
+
+
+# -- protocol ---------------------------------------------------------------------------------------------
+
+def test_an_inference_request_carries_its_turns_and_its_settings_over_the_sessions():
+    message = {"type": "inference", "prompt": {"system": "Be brief", "user": "Hi"}, "request_id": "r-1",
+               "config": {"temperature": 0, "max_new_tokens": 7}}
+    request = protocol.inference_request(message, DEFAULT_SETTINGS)
+    assert request.turns == [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Hi"}]
+    assert request.request_id == "r-1"
+    assert request.settings == GenerationSettings(**{**DEFAULT_SETTINGS, "temperature": 0, "max_new_tokens": 7})
+    assert not request.settings.sampled and request.settings.penalized
+
+
+@pytest.mark.parametrize("config, field", [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
+                                           ({"max_new_tokens": 1.5}, "max_new_tokens"), ({"seed": 1}, "seed"),
+                                           ({"do_sample": 1}, "do_sample"), ({"top_k": 2 ** 40}, "top_k")])
+def test_a_bad_setting_is_refused_naming_its_field(config, field):
+    message = {"type": "inference", "prompt": "Hi", "config": config}
+    with pytest.raises(protocol.ProtocolError, match=f"^config: .*{field}"):
+        protocol.inference_request(message, DEFAULT_SETTINGS)
+
+
+@pytest.mark.parametrize("temperature, do_sample, sampled", [(0, True, False), (0.7, False, False), (0.7, True, True)])
+def test_greedy_is_temperature_zero_or_do_sample_false(temperature, do_sample, sampled):
+    settings = GenerationSettings(**{**DEFAULT_SETTINGS, "temperature": temperature, "do_sample": do_sample})
+    assert settings.sampled is sampled
+
+
+def test_every_outgoing_message_has_its_documented_type():
+    protocol_doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    built = [protocol.welcome("s", False, "m", {}, {}), protocol.log("x"), protocol.error("x"), protocol.queued(1),
+             protocol.start(1, 2, 0), protocol.token("x"), protocol.done(3, "stop", 0.5),
+             protocol.context_too_long(9, 8), protocol.config_ack({}), protocol.ack_received(),
+             protocol.cancelled("r"), protocol.resources(None, {}, {}, []), protocol.models_list([]),
+             protocol.model_switched("m"), protocol.download_started(), protocol.download_done({}),
+             protocol.model_deleted("m")]
+    for message in built:
+        kind = message["type"]
+        assert f"`{kind}`" in protocol_doc or f'"type": "{kind}"' in protocol_doc.replace('":"', '": "'), kind
+    assert protocol.done(3, "stop", 0.5)["tokens_per_s"] == 6.0
+
+
+# -- catalog ----------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def folders(tmp_path):
+    config = load_config(tmp_path / "config.json")
+    for name in ("mine", "loaded"):
+        (config.paths["var_dir"] / "models" / name).mkdir(parents=True)
+    (config.paths["models_dir"] / "operators").mkdir(parents=True)
+    (config.paths["var_dir"] / "models" / "link").symlink_to(config.paths["models_dir"] / "operators")
+    return config
+
+
+def test_the_catalog_deletes_only_unloaded_folders_of_var_models(folders):
+    loaded = folders.paths["var_dir"] / "models" / "loaded"
+    for name, refusal in [("operators", "deleted manually"), ("loaded", "is loaded"), ("link", "not found"),
+                          ("../models", "not a valid model name"), ("nothing", "not found")]:
+        with pytest.raises(ValueError, match=refusal):
+            catalog.delete(folders, name, loaded)
+    assert (folders.paths["models_dir"] / "operators").is_dir() and loaded.is_dir()
+    assert catalog.delete(folders, "mine", loaded) == "mine"
+    assert not (folders.paths["var_dir"] / "models" / "mine").exists()
+
+
+# -- the workers against a scripted engine ----------------------------------------------------------------
+
+class ScriptedBatch:
+    """Each request gains one token per look and finishes at its max_tokens; the log says when."""
+
+    def __init__(self, engine, kind):
+        self.engine, self.kind, self.requests = engine, kind, {}
+
+    def add(self, prompt, max_tokens, settings):
+        name = f"{self.kind}-{len(self.requests)}"
+        self.requests[name] = [prompt.ids[0], 0, max_tokens]
+        self.engine.events.append(("add", prompt.ids[0], self.kind))
+        return name
+
+    def cancel(self, request):
+        self.requests.pop(request)
+
+    def progress(self, timeout):
+        time.sleep(timeout)
+        found = []
+        for name, state in list(self.requests.items()):
+            state[1] += 1
+            finished = state[1] >= state[2]
+            if finished:
+                self.requests.pop(name)
+                self.engine.events.append(("end", state[0]))
+            found.append(Progress(name, "x", state[1], finished))
+        return found
+
+    def failure(self):
+        return None
+
+    def close(self):
+        self.engine.events.append(("close", self.kind))
+
+
+class ScriptedEngine:
+    """Prompts are one token, the request's number; a penalty runs alone, greedy and sampled batch apart."""
+    name, path, vision, max_context, params, device, dtype_name = "scripted", Path("x"), False, 100, 1, "cpu", "-"
+
+    def __init__(self):
+        self.events = []
+
+    def encode(self, messages):
+        return Prompt([int(messages[-1]["content"])])
+
+    def batch_kind(self, settings, images):
+        return None if settings.penalized else "sample" if settings.sampled else "greedy"
+
+    def open_batch(self, kind, slots, max_new_tokens):
+        self.events.append(("open", kind))
+        return ScriptedBatch(self, kind)
+
+    def generate(self, prompt, settings, max_new_tokens, on_text, should_stop):
+        self.events.append(("alone", prompt.ids[0]))
+        on_text("x")
+        return 1, "stop"
+
+    def is_out_of_memory(self, exc):
+        return False
+
+
+class Recorder:
+    """A session: it keeps what the jobs emit, and says when every request has ended."""
+
+    def __init__(self, expected):
+        self.messages, self.expected, self.all_done = [], expected, threading.Event()
+
+    def emit(self, message):
+        self.messages.append(message)
+        if sum(m["type"] in ("done", "error") for m in self.messages) == self.expected:
+            self.all_done.set()
+
+
+@pytest.fixture()
+def event_loop_thread():
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+def job(session, loop, number, max_tokens=3, **settings):
+    message = {"type": "inference", "prompt": str(number), "request_id": f"r{number}",
+               "config": {"repetition_penalty": 1.0, "temperature": 0, "max_new_tokens": max_tokens, **settings}}
+    return InferenceJob(session, loop, protocol.inference_request(message, DEFAULT_SETTINGS), 60)
+
+
+def test_the_batch_admits_in_order_and_nothing_passes_a_request_that_waits(event_loop_thread):
+    """1 and 2 batch greedy; 3 (sampled) waits for them to drain and 4 (greedy) may not pass it; 5 (a
+    penalty) runs alone once 4 has drained; 6 opens a new greedy batch."""
+    loop, engine = event_loop_thread, ScriptedEngine()
+    session = Recorder(6)
+    worker = BatchingWorker(engine, 4)
+    jobs = [job(session, loop, 1), job(session, loop, 2, max_tokens=5), job(session, loop, 3, temperature=0.7),
+            job(session, loop, 4), job(session, loop, 5, repetition_penalty=1.2), job(session, loop, 6)]
+    for each in jobs:  # queued before the worker starts: all of them are there at its first look
+        worker.submit(each)
+    worker.start(loop)
+    assert session.all_done.wait(10)
+    worker.stop()
+    assert engine.events == [("open", "greedy"), ("add", 1, "greedy"), ("add", 2, "greedy"), ("end", 1),
+                             ("end", 2), ("close", "greedy"), ("open", "sample"), ("add", 3, "sample"), ("end", 3),
+                             ("close", "sample"), ("open", "greedy"), ("add", 4, "greedy"), ("end", 4),
+                             ("close", "greedy"), ("alone", 5), ("open", "greedy"), ("add", 6, "greedy"),
+                             ("end", 6), ("close", "greedy")]
+    done = {m["request_id"]: m for m in session.messages if m["type"] == "done"}
+    assert [done[f"r{n}"]["total_tokens"] for n in range(1, 7)] == [3, 5, 3, 3, 1, 3]
+
+
+def test_stopping_during_a_model_switch_ends_cleanly(event_loop_thread):
+    """The worker cancels whatever job runs at shutdown, a model switch included."""
+    loop, engine, loading = event_loop_thread, ScriptedEngine(), threading.Event()
+    engine.unload = lambda: None
+
+    def slow_load(path):
+        loading.set()
+        time.sleep(0.5)
+        return engine
+
+    session = Recorder(1)
+    worker = Worker(engine)
+    worker.start(loop)
+    worker.submit(SwitchJob(session, loop, Path("other"), slow_load, lambda new: None))
+    assert loading.wait(5)
+    worker.stop()
+    assert not worker.thread.is_alive()
