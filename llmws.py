@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """LLMWS: a WebSocket server that streams tokens from a Hugging Face model and never loses an answer.
 
-    python llmws.py [--config config.json] [--host H] [--port P] [--model PATH]
+    python llmws.py [--config config.json] [--host H] [--port P] [--http-port P] [--model PATH]
 """
 import argparse
 import asyncio
@@ -19,6 +19,7 @@ from llmws_server import catalog
 from llmws_server.config import ConfigError, load_config
 from llmws_server.default_model import install_default_model
 from llmws_server.engine import Engine
+from llmws_server.http_api import http_server
 from llmws_server.server import LLMWSServer
 
 log = logging.getLogger("llmws")
@@ -29,7 +30,9 @@ def parse_args(argv=None):
     parser.add_argument("--config", default=str(Path(__file__).with_name("config.json")),
                         help="configuration file (written with the defaults if missing)")
     parser.add_argument("--host", help="interface to listen on (default: server.host)")
-    parser.add_argument("--port", type=int, help="port to listen on (default: server.port)")
+    parser.add_argument("--port", type=int, help="WebSocket port (default: server.port)")
+    parser.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API port, 0 for none "
+                                                      "(default: server.http_port)")
     parser.add_argument("--model", help="model folder to serve (default: model.path, else auto-select)")
     return parser.parse_args(argv)
 
@@ -44,6 +47,7 @@ def setup_logging(logs_dir: Path) -> None:
         logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("websockets").setLevel(logging.WARNING)
+    logging.getLogger("uvicorn").setLevel(logging.WARNING)
 
 
 def choose_model(config, override) -> Path:
@@ -82,7 +86,7 @@ def cannot_listen(host: str, port: int, exc: OSError) -> str:
     return f"llmws: cannot listen on {host}:{port}: {exc.strerror or exc}"
 
 
-async def serve(server: LLMWSServer, host: str, port: int) -> None:
+async def serve(server: LLMWSServer, host: str, port: int, http_port: int | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -98,6 +102,16 @@ async def serve(server: LLMWSServer, host: str, port: int) -> None:
         log.info("removed %s, left by a download that was cut off", name)
     server.worker.start(loop)
     housekeeping = asyncio.create_task(server.housekeeping())
+    http, http_task = None, None
+    if http_port:
+        http = http_server(server, host, http_port, (server.config.server["tls_cert"], server.config.server["tls_key"]))
+        http_task = asyncio.create_task(http.serve())
+        while not http.started:  # uvicorn binds in its first steps
+            if http_task.done():
+                raise SystemExit(f"llmws: the HTTP API could not start on port {http_port}")
+            await asyncio.sleep(0.02)
+        scheme = "https" if server.config.server["tls_cert"] else "http"
+        log.info("OpenAI-compatible API on %s://%s:%d/v1", scheme, host, http_port)
     async with listening:
         bound = ", ".join(f"{sock.getsockname()[0]}:{sock.getsockname()[1]}" for sock in listening.sockets)
         log.info("listening on %s", bound)
@@ -106,6 +120,9 @@ async def serve(server: LLMWSServer, host: str, port: int) -> None:
         listening.close(close_connections=False)
         for connection in list(server.connections):
             await connection.websocket.close(1001, "Server shutting down")
+    if http:
+        http.should_exit = True
+        await http_task
     housekeeping.cancel()
     server.worker.stop()
 
@@ -119,7 +136,9 @@ def main(argv=None) -> int:
         print(f"llmws: {exc}", file=sys.stderr)
         return 2
     host, port = args.host or config.server["host"], config.server["port"] if args.port is None else args.port
-    check_port(host, port)
+    http_port = config.server["http_port"] if args.http_port is None else args.http_port or None
+    for each in (port, http_port) if http_port else (port,):
+        check_port(host, each)
     for name in ("models_dir", "sessions_dir", "logs_dir"):
         config.paths[name].mkdir(parents=True, exist_ok=True)
     (config.paths["var_dir"] / "models").mkdir(parents=True, exist_ok=True)
@@ -127,7 +146,7 @@ def main(argv=None) -> int:
     model_dir = choose_model(config, args.model)
     engine = Engine.for_config(model_dir, config)
     server = LLMWSServer(config, engine)
-    asyncio.run(serve(server, host, port))
+    asyncio.run(serve(server, host, port, http_port))
     return 0
 
 

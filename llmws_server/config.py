@@ -10,6 +10,7 @@ DEFAULTS = {
     "server": {
         "host": "0.0.0.0",
         "port": 8765,
+        "http_port": 8000,
         "max_message_size": 12582912,
         "ping_interval": 30,
         "ping_timeout": 10,
@@ -51,13 +52,14 @@ DEFAULTS = {
 }
 
 # Keys whose value must be a whole number (the others of numeric default accept any finite number).
-INTEGER_KEYS = {"port", "max_message_size", "max_clients", "max_clients_per_ip", "max_sessions",
+INTEGER_KEYS = {"port", "http_port", "max_message_size", "max_clients", "max_clients_per_ip", "max_sessions",
                 "queue_size_per_client", "max_queued_requests", "max_context_length", "max_new_tokens", "top_k",
                 "max_image_bytes", "max_image_pixels", "max_images_per_request"}
-POSITIVE_KEYS = {"port", "max_message_size", "max_clients", "max_clients_per_ip", "max_sessions", "hello_timeout_s",
+POSITIVE_KEYS = {"port", "http_port", "max_message_size", "max_clients", "max_clients_per_ip", "max_sessions", "hello_timeout_s",
                  "idle_timeout_s", "queue_size_per_client", "max_queued_requests", "detached_queue_timeout_s",
                  "max_session_buffer_mb", "max_image_bytes", "max_image_pixels", "max_images_per_request",
                  "max_context_length", "timeout_token_generation", "timeout_s"}
+NULLABLE_KEYS = {"http_port"}  # null turns it off
 DTYPES = {"auto", "bfloat16", "float16", "float32"}
 
 
@@ -170,8 +172,9 @@ def load_config(path) -> Config:
     except ValueError as exc:
         key = str(exc).split()[0]
         raise ConfigError(f"{file}, line {_line_of(text, key)}, key 'generation_defaults.{key}': {exc}") from None
-    if not 1 <= data["server"]["port"] <= 65535:
-        raise ConfigError(f"{file}, line {_line_of(text, 'port')}, key 'server.port': must be 1 to 65535")
+    for key in ("port", "http_port"):
+        if data["server"][key] is not None and not 1 <= data["server"][key] <= 65535:
+            raise ConfigError(f"{file}, line {_line_of(text, key)}, key 'server.{key}': must be 1 to 65535")
     if data["optimization"]["dtype"] not in DTYPES:
         raise ConfigError(f"{file}, line {_line_of(text, 'dtype')}, key 'optimization.dtype': "
                           f"must be one of {', '.join(sorted(DTYPES))}")
@@ -179,6 +182,8 @@ def load_config(path) -> Config:
 
 
 def _type_problem(key, default, value):
+    if value is None and key in NULLABLE_KEYS:
+        return None
     if isinstance(default, bool):
         return None if isinstance(value, bool) else "must be true or false"
     if isinstance(default, (int, float)):

@@ -122,6 +122,9 @@ class Engine:  # engine_api.Engine
             return self._encode_with_images(messages)
         return Prompt(self._token_ids(messages))
 
+    def encode_text(self, text: str) -> Prompt:
+        return Prompt(self.tokenizer(text)["input_ids"])
+
     def _token_ids(self, messages: list[dict]) -> list[int]:
         if self.tokenizer.chat_template:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -64,6 +64,9 @@ class Engine(Protocol):
     def encode(self, messages: list[dict]) -> Prompt:
         """A conversation ({"role", "content", "images"?: PIL images}) through the model's chat template."""
 
+    def encode_text(self, text: str) -> Prompt:
+        """Text to be continued as it is (a plain completion): no chat template."""
+
     def generate(self, prompt: Prompt, settings, max_new_tokens: int, on_text: Callable[[str], None],
                  should_stop: Callable[[], str | None]) -> tuple[int, str]:
         """One request alone: text pieces to `on_text` as they come; ends early when `should_stop` gives a

@@ -43,6 +43,7 @@ class InferenceJob(Job):
         super().__init__(session, loop)
         self.request_id = request.request_id or str(uuid.uuid4())
         self.messages = request.turns
+        self.raw_text = request.raw_text
         self.settings = request.settings
         self.timeout_s = timeout_s
 
@@ -56,7 +57,7 @@ class InferenceJob(Job):
     def prepare(self, engine):
         """Tokenize, refuse a prompt that leaves no room, clamp max_new_tokens to the room left, and say
         `start`. Returns (engine_api.Prompt, max tokens), or None when refused."""
-        prompt = engine.encode(self.messages)
+        prompt = engine.encode(self.messages) if self.raw_text is None else engine.encode_text(self.raw_text)
         tokens_in = len(prompt.ids)
         if tokens_in >= engine.max_context:
             self.emit(protocol.context_too_long(tokens_in, engine.max_context))

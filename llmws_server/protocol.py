@@ -39,6 +39,10 @@ class ProtocolError(ValueError):
         self.fields = fields
 
 
+class Busy(ProtocolError):
+    """Refused for now, not for what it says: the server's or the session's queue is full."""
+
+
 def parse_frame(raw) -> dict:
     if isinstance(raw, bytes):
         raise ProtocolError("Binary frames are not supported: send JSON text")
@@ -115,6 +119,7 @@ class InferenceRequest:
     turns: list[dict]  # see conversation()
     settings: GenerationSettings
     request_id: str | None
+    raw_text: str | None = None  # a plain completion: this text continued as it is, with no chat template
 
 
 def inference_request(message: dict, session_settings: dict) -> InferenceRequest:

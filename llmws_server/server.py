@@ -19,7 +19,7 @@ from .engine import Engine
 from .handshake import Handshake
 from .images import decode_images
 from .jobs import InferenceJob, SwitchJob
-from .protocol import (ADMIN_TYPES, ProtocolError, check_message, error, images_of, inference_request, is_hello,
+from .protocol import (ADMIN_TYPES, Busy, ProtocolError, check_message, error, images_of, inference_request, is_hello,
                        parse_frame, parse_hello, settings_update)
 from .sessions import SessionsFull, SessionStore
 from .worker import Worker
@@ -174,7 +174,11 @@ class LLMWSServer:
     # -- messages --------------------------------------------------------------------------------
 
     async def on_inference(self, session, message):
-        request = inference_request(message, session.config)
+        await self.submit(session, inference_request(message, session.config))
+
+    async def submit(self, session, request) -> InferenceJob:
+        """Queue a request for a session (a WebSocket session, or an HTTP request's); ValueError refuses it,
+        protocol.Busy when the server or the session has no room now."""
         turns = request.turns
         characters = sum(len(turn["content"]) for turn in turns)
         max_context = self.engine.max_context
@@ -184,12 +188,11 @@ class LLMWSServer:
                                 f"characters). Max: {max_context}. Please retry with shorter input.",
                                 max_context=max_context, input_length=at_least, input_length_estimated=True)
         if self.worker.waiting() >= self.limits["max_queued_requests"]:
-            raise ProtocolError(f"Server queue full ({self.limits['max_queued_requests']} requests waiting): "
-                                "try again later")
+            raise Busy(f"Server queue full ({self.limits['max_queued_requests']} requests waiting): try again later")
         most = self.limits["max_session_buffer_mb"] * 1024 ** 2
         if session.buffer_bytes > most:
-            raise ProtocolError(f"Session buffer full ({session.buffer_bytes // 1024 ** 2} MB not acknowledged): "
-                                "send ack once you have your answers, then retry")
+            raise Busy(f"Session buffer full ({session.buffer_bytes // 1024 ** 2} MB not acknowledged): "
+                       "send ack once you have your answers, then retry")
         job = InferenceJob(session, asyncio.get_running_loop(), request, self.limits["timeout_token_generation"])
         session.add_job(job, self.limits["queue_size_per_client"])
         if images_of(turns):
@@ -199,6 +202,7 @@ class LLMWSServer:
                 session.drop_job(job.request_id)
                 raise
         self.worker.submit(job)
+        return job
 
     async def _decode_images(self, turns) -> None:
         """Replace each turn's encoded images with decoded ones (off the event loop), or refuse them all."""
@@ -222,11 +226,15 @@ class LLMWSServer:
         job = session.jobs.get(request_id)
         if job is None:
             raise ProtocolError(f"No request {request_id} to cancel" if request_id else "No request to cancel")
-        if self.worker.remove(job):
-            session.drop_job(request_id)
-        else:
-            job.cancelled.set()  # the running stream ends with done, finish_reason "cancelled"
+        self.cancel_job(session, job)
         session.reply(protocol.cancelled(request_id))
+
+    def cancel_job(self, session, job) -> None:
+        """A queued job leaves the queue; a running one ends at its next token with done, "cancelled"."""
+        if self.worker.remove(job):
+            session.drop_job(job.request_id)
+        else:
+            job.cancelled.set()
 
     async def on_get_resources(self, session, message):
         engine = self.engine

@@ -69,7 +69,7 @@ class Session:
         """Hold a queued or running request until its last message; ValueError for a full queue or an id
         already in use."""
         if len(self.jobs) >= most:
-            raise ValueError("Queue full")
+            raise protocol.Busy("Queue full")
         if job.request_id in self.jobs:
             raise ValueError(f"request_id {job.request_id} is already in use")
         self.jobs[job.request_id] = job

@@ -81,6 +81,8 @@ class ServerProcess:
         for section, values in overrides.items():
             self.config[section].update(values)
         self.config["server"]["host"] = "127.0.0.1"
+        # The HTTP API only where a test asks for it (on a free port): servers run side by side.
+        self.config["server"]["http_port"] = overrides.get("server", {}).get("http_port")
         if "max_clients_per_ip" not in overrides.get("limits", {}):  # every test client is 127.0.0.1
             self.config["limits"]["max_clients_per_ip"] = self.config["limits"]["max_clients"]
         (root / "config.json").write_text(json.dumps(self.config, indent=2))
@@ -95,6 +97,10 @@ class ServerProcess:
     @property
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.config['server']['http_port']}"
 
     @property
     def sessions_dir(self) -> Path:

@@ -6,8 +6,10 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from llmws_server import catalog, protocol
+from llmws_server import catalog, openai_protocol, protocol
 from llmws_server.batching import BatchingWorker
 from llmws_server.config import DEFAULTS, GenerationSettings, load_config
 from llmws_server.engine_api import Progress, Prompt
@@ -210,3 +212,35 @@ def test_stopping_during_a_model_switch_ends_cleanly(event_loop_thread):
     assert loading.wait(5)
     worker.stop()
     assert not worker.thread.is_alive()
+
+
+# -- the OpenAI API's stop strings ------------------------------------------------------------------------
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet="abc ", max_size=40), cuts=st.lists(st.integers(0, 40), max_size=8),
+       stops=st.lists(st.text(alphabet="abc", min_size=1, max_size=4), min_size=1, max_size=4))
+def test_stop_strings_cut_the_text_where_the_first_one_begins_however_it_streams(text, cuts, stops):
+    """Streamed in any pieces, the text sent is the text before the earliest stop string, or all of it."""
+    found = [index for index in (text.find(stop) for stop in stops) if index >= 0]
+    expected = text[:min(found)] if found else text
+    watch, sent = openai_protocol.StopText(tuple(stops)), []
+    bounds = sorted({0, len(text), *(cut for cut in cuts if cut <= len(text))})
+    for start, end in zip(bounds, bounds[1:]):
+        if not watch.stopped:
+            sent.append(watch.feed(text[start:end]))
+    if not watch.stopped:
+        sent.append(watch.rest())
+    assert "".join(sent) == expected and watch.stopped == bool(found)
+
+
+def test_openai_settings_map_onto_the_servers_and_unsupported_ones_are_refused():
+    body = {"messages": [{"role": "developer", "content": "Be brief"}, {"role": "user", "content": "Hi"}],
+            "max_tokens": 5, "temperature": 0, "stop": "\n", "user": "ignored", "n": 1, "seed": None}
+    request = openai_protocol.chat_request(body, DEFAULT_SETTINGS)
+    assert request.inference.turns[0] == {"role": "system", "content": "Be brief"}
+    assert request.inference.settings.max_new_tokens == 5 and request.stop == ("\n",) and not request.stream
+    with pytest.raises(openai_protocol.APIError) as refused:
+        openai_protocol.chat_request({**body, "tools": [{"type": "function"}]}, DEFAULT_SETTINGS)
+    assert refused.value.param == "tools" and refused.value.status == 400
+    with pytest.raises(openai_protocol.APIError, match="max_tokens must be >= 1"):
+        openai_protocol.chat_request({**body, "max_tokens": 0}, DEFAULT_SETTINGS)
