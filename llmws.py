@@ -69,7 +69,7 @@ def tls_context(server_config):
     return context
 
 
-def check_port(host: str, port: int) -> None:
+def check_port(host: str, port: int, option: str = "--port") -> None:
     """Before anything else happens, make sure the port can be listened on, so that a start that cannot
     listen changes nothing (not the sessions of a server already running there, not the models)."""
     if not 1 <= port <= 65535:
@@ -77,12 +77,13 @@ def check_port(host: str, port: int) -> None:
     try:
         socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET).close()
     except OSError as exc:
-        raise SystemExit(cannot_listen(host, port, exc))
+        raise SystemExit(cannot_listen(host, port, exc, option))
 
 
-def cannot_listen(host: str, port: int, exc: OSError) -> str:
+def cannot_listen(host: str, port: int, exc: OSError, option: str = "--port") -> str:
     if exc.errno == errno.EADDRINUSE:
-        return f"llmws: port {port} is in use: is another llmws running? try --port {port + 1}"
+        hint = " (or --http-port 0 for no HTTP API)" if option == "--http-port" else ""
+        return f"llmws: port {port} is in use: is another llmws running? try {option} {port + 1}{hint}"
     return f"llmws: cannot listen on {host}:{port}: {exc.strerror or exc}"
 
 
@@ -137,8 +138,9 @@ def main(argv=None) -> int:
         return 2
     host, port = args.host or config.server["host"], config.server["port"] if args.port is None else args.port
     http_port = config.server["http_port"] if args.http_port is None else args.http_port or None
-    for each in (port, http_port) if http_port else (port,):
-        check_port(host, each)
+    check_port(host, port)
+    if http_port:
+        check_port(host, http_port, "--http-port")
     for name in ("models_dir", "sessions_dir", "logs_dir"):
         config.paths[name].mkdir(parents=True, exist_ok=True)
     (config.paths["var_dir"] / "models").mkdir(parents=True, exist_ok=True)

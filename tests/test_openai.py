@@ -1,12 +1,14 @@
 """The OpenAI-compatible HTTP API, driven by the official `openai` package (and httpx for what the SDK
 hides): the same model, FIFO and limits as the WebSocket, answers equal to the WebSocket's."""
 import asyncio
+import subprocess
+import sys
 
 import httpx
 import openai
 import pytest
 
-from conftest import BLOCKER, Client, free_port, inference, text_of
+from conftest import BLOCKER, REPO, Client, free_port, inference, text_of
 
 PROMPT = "Tell me about rivers"
 TOKEN = "http-secret"
@@ -155,3 +157,13 @@ async def test_the_token_and_the_origin_are_checked(start_server, tiny_model):
         assert foreign.status_code == 403
         assert (await http.get("/health")).status_code == 200  # liveness needs no token
     await asyncio.sleep(0)
+
+
+def test_a_taken_http_port_stops_the_start_with_one_line(http_server):
+    port = http_server.config["server"]["http_port"]
+    second = subprocess.run([sys.executable, str(REPO / "llmws.py"), "--config", str(http_server.root / "config.json"),
+                             "--port", str(free_port()), "--http-port", str(port)], cwd=http_server.root,
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode != 0
+    assert second.stderr.strip() == (f"llmws: port {port} is in use: is another llmws running? try --http-port "
+                                     f"{port + 1} (or --http-port 0 for no HTTP API)")
