@@ -2,9 +2,9 @@
 loop: its requests go through the same FIFO, limits and model as the WebSocket's.
 
     GET /v1/models, POST /v1/chat/completions, POST /v1/completions (stream or not)
+    /v1/responses: see http_responses.py
     GET /health (the process answers), GET /ready (a model is loaded and the worker runs)
 """
-import asyncio
 import contextlib
 import json
 import logging
@@ -18,30 +18,12 @@ from starlette.routing import Route
 
 from . import openai_protocol, protocol
 from .handshake import origin_allowed, same_secret
+from .http_responses import ResponsesEndpoints
 from .openai_protocol import APIError, Reply, StopText
+from .sessions import RequestSession
 
 log = logging.getLogger("llmws.http")
 QUEUE_HEADER = "x-llmws-queue-position"  # requests ahead when this one had to wait
-
-
-class RequestSession:
-    """An HTTP request's stand-in for a session: the worker's messages for it, queued on the event loop.
-    Each request is its own lane in the fair queue; nothing is buffered, the connection is the stream."""
-
-    buffer_bytes = 0
-
-    def __init__(self):
-        self.messages: asyncio.Queue = asyncio.Queue()
-        self.jobs = {}
-
-    def add_job(self, job, most: int) -> None:
-        self.jobs[job.request_id] = job
-
-    def drop_job(self, request_id: str) -> None:
-        self.jobs.pop(request_id, None)
-
-    def emit(self, message: dict) -> None:
-        self.messages.put_nowait(message)
 
 
 class HTTPApi:
@@ -55,6 +37,7 @@ class HTTPApi:
             Route("/v1/models", self.endpoint(self.models)),
             Route("/v1/chat/completions", self.endpoint(self.chat), methods=["POST"]),
             Route("/v1/completions", self.endpoint(self.completions), methods=["POST"]),
+            *ResponsesEndpoints(self).routes(),
         ])
 
     def endpoint(self, handler, guarded: bool = True):

@@ -79,7 +79,8 @@ def _object(body) -> dict:
     return body
 
 
-def _request(body: dict, turns: list, raw_text, defaults: dict) -> APIRequest:
+def request_settings(body: dict, defaults: dict) -> GenerationSettings:
+    """The body's settings over the defaults; what the API defines and this server cannot honour is refused."""
     for name, neutral in NEUTRAL.items():
         if body.get(name, neutral) not in (neutral, None):
             raise APIError(f"{name} is not supported by this server (only {neutral!r})", name)
@@ -89,12 +90,17 @@ def _request(body: dict, turns: list, raw_text, defaults: dict) -> APIRequest:
             try:
                 settings.update(validate_generation({ours: body[name]}))
             except ValueError as exc:
-                raise APIError(f"{name}: {exc}".replace(ours, name) if ours != name else str(exc), name) from None
+                raise APIError(str(exc).replace(ours, name), name) from None
+    return GenerationSettings(**settings)
+
+
+def _request(body: dict, turns: list, raw_text, defaults: dict) -> APIRequest:
+    settings = request_settings(body, defaults)
     stream = body.get("stream", False)
     options = body.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise APIError("stream must be true or false, stream_options an object", "stream")
-    request = protocol.InferenceRequest(turns, GenerationSettings(**settings), None, raw_text)
+    request = protocol.InferenceRequest(turns, settings, None, raw_text)
     return APIRequest(request, stream, bool(options.get("include_usage")), _stops(body.get("stop")))
 
 

@@ -3,6 +3,7 @@
 Every message that carries a `seq` is appended to var/sessions/<id>/buffer.jsonl *before* it is handed to
 the connection, so whatever a client may have seen can be replayed after a drop.
 """
+import asyncio
 import base64
 import binascii
 import json
@@ -59,6 +60,7 @@ class Session:
         self.buffer_failed = False
         self.buffer_bytes = 0  # written since the last ack
         self.detached_at = None  # when the last connection left, while none is live
+        self.response = None  # for a stored response of the HTTP API: what its events are told with
 
     @property
     def label(self) -> str:
@@ -196,3 +198,22 @@ class SessionStore:
         self.sessions[session.id] = session
         return session, False
 
+
+class RequestSession:
+    """An HTTP request's stand-in for a session: the worker's messages for it, queued on the event loop.
+    Each request is its own lane in the fair queue; nothing is buffered, the connection is the stream."""
+
+    buffer_bytes = 0
+
+    def __init__(self):
+        self.messages: asyncio.Queue = asyncio.Queue()
+        self.jobs = {}
+
+    def add_job(self, job, most: int) -> None:
+        self.jobs[job.request_id] = job
+
+    def drop_job(self, request_id: str) -> None:
+        self.jobs.pop(request_id, None)
+
+    def emit(self, message: dict) -> None:
+        self.messages.put_nowait(message)

@@ -167,3 +167,69 @@ def test_a_taken_http_port_stops_the_start_with_one_line(http_server):
     assert second.returncode != 0
     assert second.stderr.strip() == (f"llmws: port {port} is in use: is another llmws running? try --http-port "
                                      f"{port + 1} (or --http-port 0 for no HTTP API)")
+
+
+# -- the Responses API -----------------------------------------------------------------------------------
+
+def response_args(max_output_tokens=60, **extra):
+    return {"model": "any", "input": PROMPT, "max_output_tokens": max_output_tokens, "temperature": 0, **extra}
+
+
+async def test_a_dropped_background_stream_resumes_from_starting_after_with_nothing_lost(api):
+    whole = await api.responses.create(**response_args())
+    assert whole.status == "incomplete" and whole.usage.output_tokens == 60  # no end token: max_output_tokens
+    stream = await api.responses.create(**response_args(), background=True, stream=True)
+    before = []
+    async for event in stream:
+        before.append(event)
+        if sum(e.type == "response.output_text.delta" for e in before) == 5:
+            break
+    await stream.close()  # the connection drops mid-answer; a background response goes on
+    response_id = before[0].response.id
+    after = [event async for event in await api.responses.retrieve(response_id, stream=True,
+                                                                    starting_after=before[-1].sequence_number)]
+    numbers = [event.sequence_number for event in before + after]
+    assert numbers == list(range(len(numbers)))  # no gap, no duplicate
+    deltas = "".join(e.delta for e in before + after if e.type == "response.output_text.delta")
+    assert deltas == whole.output_text
+    assert after[-1].type == "response.incomplete" and after[-1].response.output_text == whole.output_text
+    again = await api.responses.retrieve(response_id)
+    assert again.output_text == whole.output_text and again.usage.output_tokens == 60
+    replayed = [event async for event in await api.responses.retrieve(response_id, stream=True)]
+    assert [(e.sequence_number, e.type) for e in replayed] == [(e.sequence_number, e.type) for e in before + after]
+
+
+async def test_background_responses_can_be_cancelled_queued_or_running(api, http_server):
+    client = await Client.open(http_server.url)
+    await client.send(BLOCKER)
+    await client.until("start")
+    queued = await api.responses.create(**response_args(), background=True)
+    assert queued.status == "queued"
+    cancelled = await api.responses.cancel(queued.id)
+    assert cancelled.status == "cancelled" and cancelled.output == []
+    await client.send({"type": "cancel", "request_id": "blocker"})
+    await client.until("done")
+    await client.close()
+    running = await api.responses.create(**response_args(4000), background=True, stream=True)
+    async for event in running:
+        if event.type == "response.output_text.delta":
+            break
+    await running.close()
+    stopped = await api.responses.cancel(event.item_id.replace("msg_", "resp_"))
+    assert stopped.status == "cancelled" and 0 < stopped.usage.output_tokens < 400
+    assert (await api.responses.retrieve(stopped.id)).status == "cancelled"
+
+
+async def test_responses_refuse_what_they_cannot_do_and_unknown_ids(api):
+    with pytest.raises(openai.BadRequestError) as refused:
+        await api.responses.create(**response_args(), background=True, store=False)
+    assert refused.value.body["param"] == "store"
+    with pytest.raises(openai.BadRequestError) as refused:
+        await api.responses.create(**response_args(max_output_tokens=0))
+    assert refused.value.body["param"] == "max_output_tokens"
+    with pytest.raises(openai.NotFoundError):
+        await api.responses.retrieve("resp_" + "0" * 32)
+    unstored = await api.responses.create(**response_args(8), store=False)
+    assert unstored.usage.output_tokens == 8
+    with pytest.raises(openai.NotFoundError):
+        await api.responses.retrieve(unstored.id)
