@@ -145,6 +145,8 @@ def main(argv=None) -> int:
         config.paths[name].mkdir(parents=True, exist_ok=True)
     (config.paths["var_dir"] / "models").mkdir(parents=True, exist_ok=True)
     setup_logging(config.paths["logs_dir"])
+    for key in config.ignored:
+        log.info("config.json: %s is the original LLMWS's and is not used here", key)
     model_dir = choose_model(config, args.model)
     engine = Engine.for_config(model_dir, config)
     server = LLMWSServer(config, engine)

@@ -43,7 +43,7 @@ def describe(folder: Path, source: str, root: Path, loaded: Path | None = None) 
     architectures = model_config.get("architectures") or [model_config.get("model_type", "unknown")]
     problem = weights_problem(folder)
     files = [path for path in folder.rglob("*") if path.is_file()]
-    return {"name": folder.name, "path": _relative(folder, root), "source": source,
+    return {"name": folder.name, "path": relative_path(folder, root), "source": source,
             "size_mb": round(sum(path.stat().st_size for path in files) / 1024 ** 2, 1),
             "architecture": architectures[0], "vision": "vision_config" in model_config,
             "loaded": loaded is not None and folder.resolve() == Path(loaded).resolve(),
@@ -118,7 +118,13 @@ def find_model(config, given) -> tuple[str, Path]:
     raise ValueError(f"Model not found: {given}")
 
 
-def _relative(path: Path, root: Path) -> str:
+def fingerprint(folder: Path) -> tuple:
+    """What changes when a model folder's files do: each file's name, size and modification time."""
+    return tuple(sorted((str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns)
+                        for path in folder.rglob("*") if path.is_file() and (stat := path.stat())))
+
+
+def relative_path(path: Path, root: Path) -> str:
     try:
         return str(path.relative_to(root))
     except ValueError:

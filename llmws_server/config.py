@@ -59,7 +59,11 @@ POSITIVE_KEYS = {"port", "http_port", "max_message_size", "max_clients", "max_cl
                  "idle_timeout_s", "queue_size_per_client", "max_queued_requests", "detached_queue_timeout_s",
                  "max_session_buffer_mb", "max_image_bytes", "max_image_pixels", "max_images_per_request",
                  "max_context_length", "timeout_token_generation", "timeout_s"}
-NULLABLE_KEYS = {"http_port"}  # null turns it off
+NULLABLE_KEYS = {"http_port"}
+# Keys the original LLMWS writes into config.json after each load (what it loaded, how it went) and where
+# it keeps training datasets: accepted and read past, so its config.json works here unchanged.
+ORIGINAL_KEYS = {"model": {"name", "params", "max_context", "last_loaded", "status", "error"},
+                 "paths": {"datasets_dir"}}  # null turns it off
 DTYPES = {"auto", "bfloat16", "float16", "float32"}
 
 
@@ -128,9 +132,10 @@ def _check_range(settings, key, ok, text):
 class Config:
     """The merged configuration; `paths` values are absolute Paths resolved against the config's folder."""
 
-    def __init__(self, data: dict, file: Path):
+    def __init__(self, data: dict, file: Path, ignored: list | None = None):
         self.data = data
         self.file = file
+        self.ignored = ignored or []  # the original LLMWS's keys this server reads past (ORIGINAL_KEYS)
         self.root = file.parent
         for section in DEFAULTS:
             setattr(self, section, data[section])
@@ -153,7 +158,7 @@ def load_config(path) -> Config:
         raise ConfigError(f"{file}, line {exc.lineno}, column {exc.colno}: invalid JSON: {exc.msg}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"{file}, line 1: the top level must be a JSON object")
-    data = copy.deepcopy(DEFAULTS)
+    data, ignored = copy.deepcopy(DEFAULTS), []
     for section, values in loaded.items():
         where = lambda key: f"{file}, line {_line_of(text, key)}, key '{section}.{key}'"  # noqa: E731
         if section not in DEFAULTS:
@@ -161,6 +166,9 @@ def load_config(path) -> Config:
         if not isinstance(values, dict):
             raise ConfigError(f"{file}, line {_line_of(text, section)}, key '{section}': must be an object")
         for key, value in values.items():
+            if key in ORIGINAL_KEYS.get(section, ()):
+                ignored.append(f"{section}.{key}")
+                continue
             if key not in DEFAULTS[section]:
                 raise ConfigError(f"{where(key)}: unknown key")
             problem = _type_problem(key, DEFAULTS[section][key], value)
@@ -178,7 +186,7 @@ def load_config(path) -> Config:
     if data["optimization"]["dtype"] not in DTYPES:
         raise ConfigError(f"{file}, line {_line_of(text, 'dtype')}, key 'optimization.dtype': "
                           f"must be one of {', '.join(sorted(DTYPES))}")
-    return Config(data, file)
+    return Config(data, file, ignored)
 
 
 def _type_problem(key, default, value):

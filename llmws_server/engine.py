@@ -105,11 +105,12 @@ class Engine:  # engine_api.Engine
         return str(self.dtype).removeprefix("torch.")
 
     def capabilities(self) -> dict:
-        """The welcome's capabilities: the seed's four, and how the model runs (added)."""
+        """The welcome's capabilities: the seed's four, the original's sdpa and training, and how the model
+        runs (added)."""
         return {"vision": self.vision, "flash_attention": self.attention == "flash_attention_2",
                 "compute_capability": self.compute_capability, "max_context": self.max_context,
                 "dtype": self.dtype_name, "attention": self.attention, "compile": self.compiled,
-                "device": self.device}
+                "device": self.device, "sdpa": self.attention == "sdpa", "training": False}
 
     @classmethod
     def for_config(cls, model_dir: Path, config) -> "Engine":

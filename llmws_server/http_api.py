@@ -3,7 +3,7 @@ loop: its requests go through the same FIFO, limits and model as the WebSocket's
 
     GET /v1/models, POST /v1/chat/completions, POST /v1/completions (stream or not)
     /v1/responses: see http_responses.py
-    GET /health (the process answers), GET /ready (a model is loaded and the worker runs)
+    GET /health (the process answers), GET /ready (a model is loaded and the worker runs), GET /metrics
 """
 import contextlib
 import json
@@ -13,7 +13,8 @@ import time
 import uvicorn
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import openai_protocol, protocol
@@ -34,6 +35,7 @@ class HTTPApi:
         self.app = Starlette(routes=[
             Route("/health", self.endpoint(self.health, guarded=False)),
             Route("/ready", self.endpoint(self.ready, guarded=False)),
+            Route("/metrics", self.endpoint(self.metrics)),
             Route("/v1/models", self.endpoint(self.models)),
             Route("/v1/chat/completions", self.endpoint(self.chat), methods=["POST"]),
             Route("/v1/completions", self.endpoint(self.completions), methods=["POST"]),
@@ -90,6 +92,9 @@ class HTTPApi:
         worker, engine = self.server.worker, self.server.engine
         ready = worker.thread.is_alive() and not worker.stopping and getattr(engine, "model", True) is not None
         return JSONResponse({"status": "ready" if ready else "not ready", "model": engine.name}, 200 if ready else 503)
+
+    async def metrics(self, request):
+        return Response(self.server.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     async def models(self, request):
         return JSONResponse(openai_protocol.models_list([self.server.engine.name], self.started))

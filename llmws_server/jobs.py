@@ -19,11 +19,15 @@ class Job:
         self.cancelled = threading.Event()
         self.position = None  # the queue position its client was last told
         self.context_needed = None  # tokens in + tokens allowed out, once known: what ran out of memory
+        self.created, self.answered = time.monotonic(), False  # queued when; has its first text gone out
+        self.observer = None  # called with (job, message) for each message: the server's metrics
 
     def emit(self, message: dict) -> None:
         """Thread-safe: the session numbers, buffers and sends it on the event loop."""
         if self.request_id is not None:
             message["request_id"] = self.request_id
+        if self.observer is not None:
+            self.observer(self, message)
         self.loop.call_soon_threadsafe(self.session.emit, message)
 
     def fail(self, text: str) -> None:
@@ -64,7 +68,7 @@ class InferenceJob(Job):
             return None
         max_tokens = min(self.settings.max_new_tokens, engine.max_context - tokens_in)
         self.context_needed = tokens_in + max_tokens
-        self.emit(protocol.start(tokens_in, max_tokens, prompt.images))
+        self.emit(protocol.start(tokens_in, max_tokens, prompt.images, self.settings.sampled))
         return prompt, max_tokens
 
     def run(self, worker) -> None:
@@ -92,11 +96,12 @@ class InferenceJob(Job):
 class SwitchJob(Job):
     """Swap the engine between two requests: unload, free memory, load; on failure, load the old one back."""
 
-    def __init__(self, session, loop, path, load, on_switched):
+    def __init__(self, session, loop, path, load, announce, on_switched):
         super().__init__(session, loop)
         self.path = path
         self.load = load  # path -> Engine
-        self.on_switched = on_switched  # called on the event loop with the new engine
+        self.announce = announce  # the new Engine -> the message that says it is loaded
+        self.on_switched = on_switched  # (the Engine serving now, why it failed or None), on the event loop
 
     def log(self, text: str) -> None:
         self.emit(protocol.log(text))
@@ -113,10 +118,12 @@ class SwitchJob(Job):
             log.exception("loading %s failed", self.path)
             self.log(f"Loading {self.path.name} failed; reloading {old.name}...")
             worker.engine = self.load(old.path)
-            self.fail(f"Model switch failed: {exc}. Still serving {old.name}.")
+            failure = f"Model switch failed: {exc}. Still serving {old.name}."
+            self.fail(failure)
+            self.loop.call_soon_threadsafe(self.on_switched, worker.engine, failure)
             return
         worker.engine = new
         self.log(f"✓ Model loaded: {new.name}, {new.params / 1e6:.1f}M parameters, "
                  f"{new.dtype_name} on {new.device}, max context {new.max_context}")
-        self.emit(protocol.model_switched(new.name))
-        self.loop.call_soon_threadsafe(self.on_switched, new)
+        self.emit(self.announce(new))
+        self.loop.call_soon_threadsafe(self.on_switched, new, None)

@@ -16,8 +16,12 @@ FIELDS = {
     "switch_model": {"model_path"},
     "download_model": {"repo", "target_dir"},
     "delete_model": {"model_name"},
+    # the original LLMWS's
+    "ping": set(),
+    "get_status": set(),
+    "recheck_model": set(),
 }
-ADMIN_TYPES = {"switch_model", "download_model", "delete_model"}  # model management: the admin scope
+ADMIN_TYPES = {"switch_model", "download_model", "delete_model", "recheck_model"}  # model management: the admin scope
 HELLO_FIELDS = {"session_id", "last_seq"}
 ROLES = {"system", "user", "assistant"}
 LEGACY_TAG = re.compile(r"<\|(system|user|assistant)\|>")
@@ -81,7 +85,9 @@ def _reject_constant(name):
 
 
 def is_hello(message: dict) -> bool:
-    return "type" not in message
+    """A frame without type is the hello, unless it carries a prompt: then it is an inference (as the
+    original LLMWS reads one)."""
+    return "type" not in message and "prompt" not in message and "messages" not in message
 
 
 def parse_hello(message: dict) -> tuple[object, int]:
@@ -95,7 +101,7 @@ def parse_hello(message: dict) -> tuple[object, int]:
 
 def check_message(message: dict) -> str:
     """The message's type, once its fields are known and of the right kind."""
-    kind = message.get("type")
+    kind = message.get("type", None if is_hello(message) else "inference")
     if not isinstance(kind, str):
         raise ProtocolError("type must be a string")
     if kind not in FIELDS:
@@ -243,9 +249,14 @@ def _content_parts(turn: dict, where: str) -> dict:
 # -- what the server sends ---------------------------------------------------------------------------
 # A request's messages get its request_id when they are emitted (jobs.Job.emit); the session adds seq.
 
+# The original LLMWS's train_status when nothing trains.
+TRAINING_IDLE = {"running": False, "request_id": None, "started_at": None, "steps_done": 0, "max_steps": 0,
+                 "last_loss": None, "checkpoint": None, "error": None}
+
+
 def welcome(session_id: str, resumed: bool, model: str, capabilities: dict, resources: dict) -> dict:
     return {"type": "welcome", "session_id": session_id, "resumed": resumed, "model": model,
-            "capabilities": capabilities, "resources": resources}
+            "capabilities": capabilities, "resources": resources, "training": TRAINING_IDLE}
 
 
 def log(text: str) -> dict:
@@ -260,8 +271,10 @@ def queued(position: int) -> dict:
     return {"type": "queued", "position": position}
 
 
-def start(tokens_in: int, max_tokens: int, images_in: int) -> dict:
-    return {"type": "start", "tokens_in": tokens_in, "max_tokens": max_tokens, "images_in": images_in}
+def start(tokens_in: int, max_tokens: int, images_in: int, sampled: bool) -> dict:
+    """do_sample (whether it samples) and multimodal (it has images) as the original LLMWS says them."""
+    return {"type": "start", "tokens_in": tokens_in, "max_tokens": max_tokens, "images_in": images_in,
+            "do_sample": sampled, "multimodal": images_in > 0}
 
 
 def token(text: str) -> dict:
@@ -299,8 +312,21 @@ def models_list(models: list) -> dict:
     return {"type": "models_list", "models": models}
 
 
-def model_switched(name: str) -> dict:
-    return {"type": "model_switched", "message": f"Model switched to {name}", "model": name}
+def model_switched(name: str, status: dict) -> dict:
+    return {"type": "model_switched", "message": f"Model switched to {name}", "model": name, "status": status}
+
+
+def recheck_complete(success: bool, status: dict, outcome: str) -> dict:
+    """outcome (added): "unchanged", or "reloaded" when the folder's files had changed."""
+    return {"type": "recheck_complete", "success": success, "status": status, "outcome": outcome}
+
+
+def pong() -> dict:
+    return {"type": "pong"}
+
+
+def status(model: dict, memory, sessions: int) -> dict:
+    return {"type": "status", "model": model, "memory": memory, "sessions": sessions, "training": TRAINING_IDLE}
 
 
 def download_started() -> dict:

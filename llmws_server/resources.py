@@ -43,14 +43,14 @@ def gpus(nvml=None, cuda=None) -> list[dict]:
     nvml = nvml if nvml is not None else _NVML
     devices = []
     for index in range(cuda.device_count()):
-        allocated = _gb(cuda.memory_allocated(index))
+        allocated = {"allocated_gb": _gb(cuda.memory_allocated(index)), "reserved_gb": _gb(cuda.memory_reserved(index))}
         if nvml:
-            devices.append({**_nvml_figures(nvml, index), "allocated_gb": allocated})
+            devices.append({**_nvml_figures(nvml, index), **allocated})
         else:
             free, total = cuda.mem_get_info(index)
             major, minor = cuda.get_device_capability(index)
             devices.append({"index": index, "device": cuda.get_device_name(index), "total_gb": _gb(total),
-                            "free_gb": _gb(free), "allocated_gb": allocated, "compute_capability": [major, minor]})
+                            "free_gb": _gb(free), **allocated, "compute_capability": [major, minor]})
     return devices
 
 
@@ -70,13 +70,14 @@ def _nvml_figures(nvml, index: int) -> dict:
 
 
 def cuda_info(nvml=None, cuda=None) -> dict | None:
-    """The seed's `cuda` block (GPU 0) with every GPU under `devices`, or None without CUDA."""
+    """The seed's `cuda` block (GPU 0, and the original's reserved_gb and num_gpus) with every GPU under
+    `devices`, or None without CUDA."""
     devices = gpus(nvml, cuda)
     if not devices:
         return None
     first = devices[0]
-    return {key: first[key] for key in ("device", "total_gb", "free_gb", "allocated_gb", "compute_capability")} | {
-        "devices": devices}
+    keys = ("device", "total_gb", "free_gb", "allocated_gb", "reserved_gb", "compute_capability")
+    return {key: first[key] for key in keys} | {"num_gpus": len(devices), "devices": devices}
 
 
 def cpu_info() -> dict:

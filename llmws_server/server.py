@@ -15,10 +15,11 @@ from . import catalog, protocol, resources
 from .batching import BatchingWorker
 from .connection import MESSAGES_PER_SECOND, Connection, remote_address
 from .downloads import Downloads
-from .engine import Engine
 from .handshake import Handshake
 from .images import decode_images
-from .jobs import InferenceJob, SwitchJob
+from .jobs import InferenceJob
+from .metrics import Metrics
+from .model_messages import ModelMessages
 from .protocol import (ADMIN_TYPES, Busy, ProtocolError, check_message, error, images_of, inference_request, is_hello,
                        parse_frame, parse_hello, settings_update)
 from .sessions import SessionsFull, SessionStore
@@ -31,7 +32,7 @@ HOUSEKEEPING_S = 10  # how often idle sessions and the queued requests of long-g
 PROMPT_CHARS_PER_TOKEN = 8  # a prompt longer than this many characters per context token is refused unread
 
 
-class LLMWSServer:
+class LLMWSServer(ModelMessages):
     def __init__(self, config, engine):
         self.config = config
         self.limits = config.limits
@@ -39,6 +40,8 @@ class LLMWSServer:
                                      self.limits["max_sessions"])
         batch = config.optimization["max_batch_size"]
         self.worker = BatchingWorker(engine, batch) if batch > 1 else Worker(engine)
+        self.metrics = Metrics(self)
+        self.loaded_fingerprint = catalog.fingerprint(engine.path)  # what recheck_model compares with
         self.downloads = Downloads(config)
         self.connections: set[Connection] = set()
         self.handshake = Handshake(config.server)
@@ -152,6 +155,9 @@ class LLMWSServer:
             raise
         welcome = protocol.welcome(session.id, resumed, self.engine.name, self.engine.capabilities(), device)
         session.attach(connection, welcome, last_seq)
+        if resumed:
+            self.metrics.resumes.inc()
+            self.metrics.replayed.inc(max(0, session.seq - last_seq))
         log.info("session %s %s", session.label, "resumed" if resumed else "opened")
         if requested is not None and not resumed:
             session.reply(protocol.log("The session you asked for is not known here: sessions are cleared when "
@@ -194,6 +200,7 @@ class LLMWSServer:
             raise Busy(f"Session buffer full ({session.buffer_bytes // 1024 ** 2} MB not acknowledged): "
                        "send ack once you have your answers, then retry")
         job = InferenceJob(session, asyncio.get_running_loop(), request, self.limits["timeout_token_generation"])
+        job.observer = self.metrics.observe
         session.add_job(job, self.limits["queue_size_per_client"])
         if images_of(turns):
             try:
@@ -217,6 +224,9 @@ class LLMWSServer:
         session.config.update(settings_update(message.get("data"), "data"))
         session.reply(protocol.config_ack(session.config))
 
+    async def on_ping(self, session, message):
+        session.reply(protocol.pong())
+
     async def on_ack(self, session, message):
         session.clear_buffer()
         session.reply(protocol.ack_received())
@@ -235,53 +245,3 @@ class LLMWSServer:
             session.drop_job(job.request_id)
         else:
             job.cancelled.set()
-
-    async def on_get_resources(self, session, message):
-        engine = self.engine
-        cuda, cpu, models = await asyncio.to_thread(
-            lambda: (resources.cuda_info(), resources.cpu_info(), catalog.scan(self.config, engine.path)))
-        model = {"name": engine.name, "path": str(engine.path), "vision": engine.vision}
-        session.reply(protocol.resources(cuda, cpu, model, models))
-
-    async def on_list_models(self, session, message):
-        models = await asyncio.to_thread(catalog.scan, self.config, self.engine.path)
-        session.reply(protocol.models_list(models))
-
-    async def on_switch_model(self, session, message):
-        _, path = catalog.find_model(self.config, message.get("model_path"))
-        problem = catalog.weights_problem(path)
-        if problem:
-            raise ProtocolError(f"Model {path.name} cannot be loaded yet: {problem}")
-        self.worker.submit(SwitchJob(session, asyncio.get_running_loop(), path,
-                                     lambda folder: Engine.for_config(folder, self.config),
-                                     lambda engine: self._announce_model(engine, session)))
-
-    def _announce_model(self, engine, switcher) -> None:
-        """Tell every other connected session which model now answers."""
-        for session in self.sessions.sessions.values():
-            if session is not switcher and session.connection is not None:
-                session.emit(protocol.log(f"Model switched to {engine.name} (max context {engine.max_context})"))
-
-    async def on_download_model(self, session, message):
-        url, destination = self.downloads.check(message.get("repo"), message.get("target_dir"))
-        session.reply(protocol.download_started())
-        asyncio.create_task(self._download(session, url, destination))
-
-    async def _download(self, session, url, destination) -> None:
-        def log_line(text):
-            session.emit(protocol.log(text))
-
-        log_line("Starting download...")
-        try:
-            entry = await self.downloads.download(url, destination, log_line)
-        except Exception as exc:
-            log.warning("download of %s failed: %s", url, exc)
-            session.emit(error(f"Download failed: {exc}"))
-            return
-        log_line("Download complete!")
-        session.emit(protocol.download_done(entry))
-
-    async def on_delete_model(self, session, message):
-        name = await asyncio.to_thread(catalog.delete, self.config, message.get("model_name"), self.engine.path)
-        session.reply(protocol.model_deleted(name))
-

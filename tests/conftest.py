@@ -143,13 +143,13 @@ def start_server(tmp_path_factory):
     """Start a server: start_server(model, limits={...}, ...) -> ServerProcess, stopped after the module."""
     started = []
 
-    def start(model: Path | None, populate=None, environment=None, **overrides) -> ServerProcess:
+    def start(model_dir: Path | None, populate=None, environment=None, **overrides) -> ServerProcess:
         """populate(root) may fill the project folder before the server starts; overrides are config
         sections; environment adds variables to the server's."""
         root = tmp_path_factory.mktemp("project")
         if populate:
             populate(root)
-        server = ServerProcess(root, model, overrides, environment)
+        server = ServerProcess(root, model_dir, overrides, environment)
         started.append(server)
         return server
 

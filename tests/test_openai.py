@@ -7,6 +7,7 @@ import sys
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import BLOCKER, REPO, Client, free_port, inference, text_of
 
@@ -233,3 +234,38 @@ async def test_responses_refuse_what_they_cannot_do_and_unknown_ids(api):
     assert unstored.usage.output_tokens == 8
     with pytest.raises(openai.NotFoundError):
         await api.responses.retrieve(unstored.id)
+
+
+async def scrape(http_server) -> dict:
+    """/metrics through prometheus_client's own parser: {(sample name, labels): value}."""
+    async with httpx.AsyncClient(base_url=http_server.http_url) as http:
+        response = await http.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(response.text) for sample in family.samples}
+
+
+async def test_metrics_count_what_happened(api, http_server):
+    before = await scrape(http_server)
+    completion = await api.chat.completions.create(**chat_args(7))
+    client = await Client.open(http_server.url)
+    streamed = await client.until_done(inference(PROMPT, max_new_tokens=3))
+    await client.close()
+    resumed = await Client.open(http_server.url, {"session_id": client.session_id, "last_seq": 0})
+    await resumed.close()
+    after = await scrape(http_server)
+
+    def grew(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0)
+
+    assert grew("llmws_generated_tokens_total") == 7 + 3
+    assert grew("llmws_prompt_tokens_total") == 2 * completion.usage.prompt_tokens
+    assert grew("llmws_requests_total", outcome="length") == 2
+    assert grew("llmws_time_to_first_token_seconds_count") == 2
+    assert grew("llmws_tokens_per_second_count") == 2
+    assert grew("llmws_resumes_total") == 1
+    assert grew("llmws_replayed_messages_total") == sum("seq" in message for message in streamed)
+    for gauge in ("llmws_queue_depth", "llmws_sessions", "llmws_process_resident_bytes", "llmws_device_free_bytes"):
+        assert (gauge, ()) in after
+    assert after[("llmws_process_resident_bytes", ())] > 10 * 2 ** 20

@@ -76,6 +76,9 @@ class FakeCuda:
     def memory_allocated(self, index):
         return 5 * GB
 
+    def memory_reserved(self, index):
+        return 6 * GB
+
     def mem_get_info(self, index):
         return 18 * GB, 24 * GB
 
@@ -114,6 +117,7 @@ def test_gpu_figures_from_nvml_for_every_gpu():
     info = resources.cuda_info(FakeNVML(), FakeCuda())
     assert info["device"] == "NVIDIA H100 80GB HBM3" and info["total_gb"] == 80.0 and info["free_gb"] == 60.0
     assert info["allocated_gb"] == 5.0 and info["compute_capability"] == [9, 0]
+    assert info["reserved_gb"] == 6.0 and info["num_gpus"] == 2
     assert [d["free_gb"] for d in info["devices"]] == [60.0, 50.0]
     assert info["devices"][0]["utilization_pct"] == 37 and info["devices"][0]["temperature_c"] == 55
     assert "utilization_pct" not in info["devices"][1]  # a GPU that does not say is still listed

@@ -49,10 +49,11 @@ def test_greedy_is_temperature_zero_or_do_sample_false(temperature, do_sample, s
 def test_every_outgoing_message_has_its_documented_type():
     protocol_doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
     built = [protocol.welcome("s", False, "m", {}, {}), protocol.log("x"), protocol.error("x"), protocol.queued(1),
-             protocol.start(1, 2, 0), protocol.token("x"), protocol.done(3, "stop", 0.5),
+             protocol.start(1, 2, 0, False), protocol.token("x"), protocol.done(3, "stop", 0.5),
              protocol.context_too_long(9, 8), protocol.config_ack({}), protocol.ack_received(),
              protocol.cancelled("r"), protocol.resources(None, {}, {}, []), protocol.models_list([]),
-             protocol.model_switched("m"), protocol.download_started(), protocol.download_done({}),
+             protocol.model_switched("m", {}), protocol.pong(), protocol.status({}, None, 1),
+             protocol.recheck_complete(True, {}, "unchanged"), protocol.download_started(), protocol.download_done({}),
              protocol.model_deleted("m")]
     for message in built:
         kind = message["type"]
@@ -208,7 +209,8 @@ def test_stopping_during_a_model_switch_ends_cleanly(event_loop_thread):
     session = Recorder(1)
     worker = Worker(engine)
     worker.start(loop)
-    worker.submit(SwitchJob(session, loop, Path("other"), slow_load, lambda new: None))
+    worker.submit(SwitchJob(session, loop, Path("other"), slow_load, lambda new: {"type": "model_switched"},
+                            lambda new, failure: None))
     assert loading.wait(5)
     worker.stop()
     assert not worker.thread.is_alive()
