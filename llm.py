@@ -86,6 +86,9 @@ HELP = """Commands:
   /switch <path>          load another model (models/NAME or var/models/NAME)
   /download <repo> <dir>  download a model into models/<dir>
   /delete <name>          delete a model from var/models/
+  /train <file.jsonl> [key=value ...]   LoRA-train the served model (max_steps, learning_rate, ...,
+                          checkpoint_name=NAME); the result is a new model in var/models/
+  /snapshot <name>        save the served model as var/models/<name>
   /session                show this session's id
   /cancel                 stop the running answer (Ctrl-C does the same)
   /clear                  start a new conversation
@@ -183,7 +186,7 @@ class Repl:
     def commands(self) -> dict:
         return {"/config": self.do_config, "/system": self.do_system, "/resources": self.do_resources,
                 "/models": self.do_models, "/switch": self.do_switch, "/download": self.do_download,
-                "/delete": self.do_delete, "/session": lambda words, rest: print(self.client.session_id),
+                "/delete": self.do_delete, "/train": self.do_train, "/snapshot": self.do_snapshot, "/session": lambda words, rest: print(self.client.session_id),
                 "/cancel": self.do_cancel, "/clear": self.do_clear, "/image": self.do_image,
                 "/help": lambda words, rest: print(HELP)}
 
@@ -273,12 +276,48 @@ class Repl:
             raise ValueError("usage: /delete <name>")
         print(self.call(self.client.delete_model(words[0]))["message"])
 
+    def do_train(self, words, rest):
+        if not words:
+            raise ValueError("usage: /train <file.jsonl> [key=value ...]")
+        settings = parse_settings(words[1:])
+        name = settings.pop("checkpoint_name", None)
+        future = asyncio.run_coroutine_threadsafe(self.client.train(
+            Path(words[0]).read_text(encoding="utf-8"), name, on_event=_show_training, **settings), self.loop)
+        while True:
+            try:
+                done = future.result()
+                break
+            except KeyboardInterrupt:
+                self._cancel_quietly()
+        loss = "-" if done["loss"] is None else f"{done['loss']:.4f}"
+        print(f"\n[train] {done['finish_reason']} after {done['steps']} steps, loss {loss}"
+              + (f": saved as {done['checkpoint']} (/switch {done['checkpoint']})" if done["checkpoint"] else ""))
+
+    def do_snapshot(self, words, rest):
+        if len(words) != 1:
+            raise ValueError("usage: /snapshot <name>")
+        print(f"saved as {self.call(self.client.save_snapshot(words[0]))['path']}")
+
     def do_cancel(self, words, rest):
         print(f"cancelled {self.call(self.client.cancel())['request_id']}")
 
     def do_clear(self, words, rest):
         self.history = []
         print("new conversation")
+
+
+def _show_training(event: dict) -> None:
+    """A progress bar with the loss, redrawn in place."""
+    if event["type"] == "train_progress":
+        done = event["step"] / event["max_steps"]
+        bar = "#" * int(30 * done)
+        sys.stdout.write(f"\r[train] {bar:<30} {event['step']}/{event['max_steps']} loss {event['loss']:.4f} "
+                         f"{event['tokens_per_s']:.0f} tokens/s")
+        sys.stdout.flush()
+    elif event["type"] == "train_checkpoint":
+        print(f"\n[train] checkpoint {event['path']}")
+    elif event["type"] == "train_started":
+        print(f"[train] {event['examples']} examples, {event['config']['max_steps']} steps")
 
 
 def _report_download(future) -> None:

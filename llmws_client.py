@@ -265,22 +265,55 @@ class LLMWSEnhancedClient:
         return await self._follow({"type": "download_model", "repo": repo, "target_dir": target_dir},
                                   "download_done", on_log)
 
+    async def train(self, dataset: str, checkpoint_name=None, on_event=None, **config) -> dict:
+        """LoRA training on the served model (admin scope): `dataset` is JSONL text. `on_event` sees
+        train_started, train_progress and train_checkpoint; returns train_done (its checkpoint is the saved
+        model's path, for switch_model)."""
+        request_id = str(uuid.uuid4())
+        message = {"type": "train", "request_id": request_id, "dataset": dataset, "config": config,
+                   **({"checkpoint_name": checkpoint_name} if checkpoint_name else {})}
+        return await self._run_job(message, "train_done", on_event)
+
+    async def save_snapshot(self, name: str) -> dict:
+        """The served model saved as var/models/NAME (admin scope)."""
+        message = {"type": "save_snapshot", "name": name, "request_id": str(uuid.uuid4())}
+        return await self._run_job(message, "snapshot_saved", None)
+
+    async def train_status(self) -> dict:
+        return (await self._ask({"type": "train_status"}, "train_status"))["training"]
+
+    async def _run_job(self, message: dict, final_type: str, on_event) -> dict:
+        """A job with a request_id: its numbered messages go to `on_event` until `final_type`."""
+        stream = self._streams[message["request_id"]] = asyncio.Queue()
+        try:
+            return await self._until(message, stream, final_type, on_event)
+        finally:
+            del self._streams[message["request_id"]]
+
     async def _follow(self, message: dict, final_type: str, on_log) -> dict:
-        """A long task (switch, download): its log lines go to `on_log` until `final_type` or an error."""
+        """A long task (switch, download): its log lines go to `on_log` until `final_type`."""
         events = asyncio.Queue()
         self._listeners.add(events)
         try:
-            ready = await self._send_and_wait(message, events)
-            while True:
-                event = ready.pop(0) if ready else await self._next(events)
-                if event["type"] == "error":
-                    raise LLMWSError(event)
-                if event["type"] == final_type:
-                    return event
-                if event["type"] == "log" and on_log:
-                    on_log(event["message"])
+            return await self._until(message, events, final_type,
+                                     lambda event: on_log and event["type"] == "log" and on_log(event["message"]))
         finally:
             self._listeners.discard(events)
+
+    async def _until(self, message: dict, queue: asyncio.Queue, final_type: str, on_event) -> dict:
+        """Send `message`; hand what comes on `queue` to `on_event` (queue positions to on_status) until
+        `final_type`, which is returned; an error raises LLMWSError."""
+        ready = await self._send_and_wait(message, queue)
+        while True:
+            event = ready.pop(0) if ready else await self._next(queue)
+            if event["type"] == "error":
+                raise LLMWSError(event)
+            if event["type"] == final_type:
+                return event
+            if event["type"] == "queued":
+                self.on_status(f"queued: {event['position']} ahead")
+            elif on_event:
+                on_event(event)
 
 
 IMAGE_TYPES = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpeg", b"GIF8": "gif", b"RIFF": "webp", b"BM": "bmp"}

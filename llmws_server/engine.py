@@ -17,6 +17,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 from . import resources
 from .engine_api import Prompt
 from .engine_batching import TransformersBatch
+from .engine_training import LoRATrainer, save_model
 
 log = logging.getLogger("llmws.engine")
 # Fault injection for the tests: a prompt containing this text runs out of memory after its first token.
@@ -70,7 +71,7 @@ class Engine:  # engine_api.Engine
         self.attention = choose_attention(optimization["use_flash_attention"], self.compute_capability)
         if not cuda:
             use_grouped_query_sdpa()
-        trust = model_options["trust_remote_code"]
+        trust = self.trust_remote_code = model_options["trust_remote_code"]
         started = time.monotonic()
         self.config = AutoConfig.from_pretrained(self.path, trust_remote_code=trust)
         self.vision = takes_images(self.config)
@@ -110,7 +111,7 @@ class Engine:  # engine_api.Engine
         return {"vision": self.vision, "flash_attention": self.attention == "flash_attention_2",
                 "compute_capability": self.compute_capability, "max_context": self.max_context,
                 "dtype": self.dtype_name, "attention": self.attention, "compile": self.compiled,
-                "device": self.device, "sdpa": self.attention == "sdpa", "training": False}
+                "device": self.device, "sdpa": self.attention == "sdpa", "training": not self.vision}
 
     @classmethod
     def for_config(cls, model_dir: Path, config) -> "Engine":
@@ -121,16 +122,18 @@ class Engine:  # engine_api.Engine
         images, which only a vision model's processor takes."""
         if self.vision:
             return self._encode_with_images(messages)
-        return Prompt(self._token_ids(messages))
+        return Prompt(self.chat_ids(messages))
 
     def encode_text(self, text: str) -> Prompt:
         return Prompt(self.tokenizer(text)["input_ids"])
 
-    def _token_ids(self, messages: list[dict]) -> list[int]:
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """A text-only conversation through the chat template (a plain "role: text" layout without one)."""
         if self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant:" * add_generation_prompt)
         return self.tokenizer(text)["input_ids"]
 
     def _encode_with_images(self, messages: list[dict]) -> Prompt:
@@ -193,6 +196,12 @@ class Engine:  # engine_api.Engine
 
     def open_batch(self, kind: str, slots: int, max_new_tokens: int) -> TransformersBatch:
         return TransformersBatch(self, kind == "sample", slots, max_new_tokens)
+
+    def trainer(self, examples: list, settings) -> LoRATrainer:
+        return LoRATrainer(self, examples, settings)
+
+    def save(self, folder: Path) -> None:
+        save_model(self, folder)
 
     @staticmethod
     def is_out_of_memory(exc: BaseException) -> bool:

@@ -49,6 +49,14 @@ class Batch(Protocol):
         """Stop generating and free the batch's memory."""
 
 
+class Trainer(Protocol):
+    def step(self) -> tuple[float, int]:
+        """One batch forward and back: (loss, tokens)."""
+
+    def save(self, folder: Path) -> None:
+        """The model as trained so far, merged, as a model folder."""
+
+
 class Engine(Protocol):
     name: str
     path: Path
@@ -77,6 +85,13 @@ class Engine(Protocol):
 
     def open_batch(self, kind: str, slots: int, max_new_tokens: int) -> Batch:
         """A batch for up to `slots` requests of one kind."""
+
+    def trainer(self, examples: list, settings) -> "Trainer":
+        """LoRA training of the loaded model, as a context manager (the served weights never change);
+        ValueError for a dataset line the model cannot take."""
+
+    def save(self, folder: Path) -> None:
+        """The served model as a model folder."""
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         ...

@@ -1,17 +1,22 @@
 """What the worker runs: one contract (Job) for every kind of job. A job reports back only through
 `emit`, which hands each message to the event loop, so the worker thread never touches a socket."""
 import logging
+import shutil
 import threading
 import time
 import uuid
+from dataclasses import asdict
+from pathlib import Path
 
 from . import protocol
+from .training import TrainStatus
 
 log = logging.getLogger("llmws.jobs")
 
 
 class Job:
     request_id = None  # a job without one (a model switch) sends messages without one
+    failure = "Generation"  # what "… failed: <reason>" names when it raises
 
     def __init__(self, session, loop):
         self.session = session
@@ -127,3 +132,84 @@ class SwitchJob(Job):
                  f"{new.dtype_name} on {new.device}, max context {new.max_context}")
         self.emit(self.announce(new))
         self.loop.call_soon_threadsafe(self.on_switched, new, None)
+
+
+def save_model_folder(folder: Path, save) -> None:
+    """`save(partial folder)`, then the rename that makes it a model: a failure leaves no half model."""
+    partial = folder.with_name(f".saving-{folder.name}")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        save(partial)
+        partial.rename(folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+class TrainJob(Job):
+    """LoRA training of the served model, in the FIFO like any request. What it trained is saved merged as
+    a new model (models_dir/checkpoint_name); the served model stays as it was."""
+    failure = "Training"
+
+    def __init__(self, session, loop, request, models_dir: Path, shown_dir: str):
+        super().__init__(session, loop)
+        self.request_id = request.request_id or str(uuid.uuid4())
+        self.request, self.models_dir, self.shown_dir = request, models_dir, shown_dir
+        self.status = TrainStatus(request_id=self.request_id, max_steps=request.settings.max_steps)
+
+    def fail(self, text: str) -> None:
+        self.status.error = text
+        super().fail(text)
+
+    def run(self, worker) -> None:
+        self.status.running, self.status.started_at = True, time.time()
+        try:
+            self._train(worker.engine, self.request.settings)
+        finally:
+            self.status.running = False
+
+    def _train(self, engine, settings) -> None:
+        reason, loss, step, tokens = "done", None, 0, 0
+        with engine.trainer(self.request.examples, settings) as trainer:
+            self.emit(protocol.train_started(asdict(settings), len(self.request.examples), self.request.checkpoint_name))
+            started = time.monotonic()
+            while step < settings.max_steps:
+                if self.cancelled.is_set():
+                    reason = "cancelled"
+                    break
+                loss, used = trainer.step()
+                step, tokens = step + 1, tokens + used
+                self.status.steps_done, self.status.last_loss = step, loss
+                if step % settings.log_every == 0 or step == settings.max_steps:
+                    rate = tokens / max(time.monotonic() - started, 1e-9)
+                    self.emit(protocol.train_progress(step, settings.max_steps, loss, settings.learning_rate, rate))
+                if self.request.save_checkpoint and settings.save_every and step % settings.save_every == 0 \
+                        and step < settings.max_steps:
+                    self._save(trainer, f"{self.request.checkpoint_name}-step-{step}", step)
+            saved = self._save(trainer, self.request.checkpoint_name, step) \
+                if self.request.save_checkpoint and reason == "done" else None
+        self.emit(protocol.train_done(step, saved, reason, loss))
+
+    def _save(self, trainer, name: str, step: int) -> str:
+        folder = self.models_dir / name
+        if folder.exists():
+            raise ValueError(f"{self.shown_dir}/{name} exists already: choose another checkpoint_name")
+        save_model_folder(folder, trainer.save)
+        self.status.checkpoint = shown = f"{self.shown_dir}/{name}"
+        self.emit(protocol.train_checkpoint(step, shown))
+        return shown
+
+
+class SnapshotJob(Job):
+    """The served model as it is, saved as a new model folder."""
+    failure = "Snapshot"
+
+    def __init__(self, session, loop, folder: Path, shown: str, request_id: str | None = None):
+        super().__init__(session, loop)
+        self.request_id = request_id or str(uuid.uuid4())
+        self.folder, self.shown = folder, shown
+
+    def run(self, worker) -> None:
+        if self.folder.exists():
+            raise ValueError(f"{self.shown} exists already: choose another name")
+        save_model_folder(self.folder, worker.engine.save)
+        self.emit(protocol.snapshot_saved(self.shown))

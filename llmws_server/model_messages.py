@@ -3,10 +3,14 @@ downloading and deleting models. LLMWSServer takes these handlers in (a mixin: o
 type, as in server.py)."""
 import asyncio
 import logging
+import time
 
 from . import catalog, protocol, resources
 from .engine import Engine
-from .jobs import SwitchJob
+from .jobs import SnapshotJob, SwitchJob, TrainJob
+from .training import TrainStatus, train_request
+
+KEPT_DATASETS = 4  # datasets kept (by request_id) for a `train` with resume: true
 
 log = logging.getLogger("llmws.server")
 
@@ -15,6 +19,8 @@ class ModelMessages:
     """Needs from the server: config, engine, worker, sessions, metrics."""
 
     switch_error = None  # why the last switch failed (the old model was loaded back), until one succeeds
+    training = None  # the last TrainJob
+    datasets: dict  # the server's: train datasets by request_id, for a `train` with resume: true
 
     def model_status(self, engine=None) -> dict:
         """The original LLMWS's model status: loaded, status (OK, LOADING), name, path, error, params, max_context."""
@@ -33,7 +39,7 @@ class ModelMessages:
 
     async def on_get_status(self, session, message):
         memory = await asyncio.to_thread(resources.cuda_info)
-        session.reply(protocol.status(self.model_status(), memory, len(self.sessions.sessions)))
+        session.reply(protocol.status(self.model_status(), memory, len(self.sessions.sessions), self.train_status()))
 
     async def on_list_models(self, session, message):
         models = await asyncio.to_thread(catalog.scan, self.config, self.engine.path)
@@ -94,3 +100,40 @@ class ModelMessages:
     async def on_delete_model(self, session, message):
         name = await asyncio.to_thread(catalog.delete, self.config, message.get("model_name"), self.engine.path)
         session.reply(protocol.model_deleted(name))
+
+    # -- training --------------------------------------------------------------------------------------------
+
+    def train_status(self) -> dict:
+        return (self.training.status if self.training else TrainStatus()).shape()
+
+    def _new_model_folder(self, name: str):
+        """(folder, shown path) for a model to be saved in var/models/; ValueError if it exists."""
+        folder = self.config.paths["var_dir"] / "models" / catalog.check_name(name)
+        shown = catalog.relative_path(folder, self.config.root)
+        if folder.exists():
+            raise ValueError(f"{shown} exists already: choose another name")
+        return folder, shown
+
+    async def on_train(self, session, message):
+        datasets = self.datasets
+        request = train_request(message, datasets)
+        folder, _ = self._new_model_folder(request.checkpoint_name)
+        job = TrainJob(session, asyncio.get_running_loop(), request, folder.parent,
+                       catalog.relative_path(folder.parent, self.config.root))
+        job.observer = self.metrics.observe
+        session.add_job(job, self.limits["queue_size_per_client"])
+        if request.request_id:
+            datasets[request.request_id] = request.examples
+            while len(datasets) > KEPT_DATASETS:
+                datasets.pop(next(iter(datasets)))
+        self.training = job
+        self.worker.submit(job)
+
+    async def on_train_status(self, session, message):
+        session.reply(protocol.train_status(self.train_status()))
+
+    async def on_save_snapshot(self, session, message):
+        folder, shown = self._new_model_folder(message.get("name") or f"snapshot-{int(time.time())}")
+        job = SnapshotJob(session, asyncio.get_running_loop(), folder, shown, message.get("request_id"))
+        session.add_job(job, self.limits["queue_size_per_client"])
+        self.worker.submit(job)

@@ -20,8 +20,11 @@ FIELDS = {
     "ping": set(),
     "get_status": set(),
     "recheck_model": set(),
+    "train": {"dataset", "resume", "save_checkpoint", "checkpoint_name", "config", "request_id"},
+    "train_status": set(),
+    "save_snapshot": {"name", "request_id"},
 }
-ADMIN_TYPES = {"switch_model", "download_model", "delete_model", "recheck_model"}  # model management: the admin scope
+ADMIN_TYPES = {"switch_model", "download_model", "delete_model", "recheck_model", "train", "save_snapshot"}  # model management: the admin scope
 HELLO_FIELDS = {"session_id", "last_seq"}
 ROLES = {"system", "user", "assistant"}
 LEGACY_TAG = re.compile(r"<\|(system|user|assistant)\|>")
@@ -249,14 +252,9 @@ def _content_parts(turn: dict, where: str) -> dict:
 # -- what the server sends ---------------------------------------------------------------------------
 # A request's messages get its request_id when they are emitted (jobs.Job.emit); the session adds seq.
 
-# The original LLMWS's train_status when nothing trains.
-TRAINING_IDLE = {"running": False, "request_id": None, "started_at": None, "steps_done": 0, "max_steps": 0,
-                 "last_loss": None, "checkpoint": None, "error": None}
-
-
-def welcome(session_id: str, resumed: bool, model: str, capabilities: dict, resources: dict) -> dict:
+def welcome(session_id: str, resumed: bool, model: str, capabilities: dict, resources: dict, training: dict) -> dict:
     return {"type": "welcome", "session_id": session_id, "resumed": resumed, "model": model,
-            "capabilities": capabilities, "resources": resources, "training": TRAINING_IDLE}
+            "capabilities": capabilities, "resources": resources, "training": training}
 
 
 def log(text: str) -> dict:
@@ -325,8 +323,34 @@ def pong() -> dict:
     return {"type": "pong"}
 
 
-def status(model: dict, memory, sessions: int) -> dict:
-    return {"type": "status", "model": model, "memory": memory, "sessions": sessions, "training": TRAINING_IDLE}
+def status(model: dict, memory, sessions: int, training: dict) -> dict:
+    return {"type": "status", "model": model, "memory": memory, "sessions": sessions, "training": training}
+
+
+def train_started(settings: dict, examples: int, checkpoint_name: str) -> dict:
+    return {"type": "train_started", "config": settings, "examples": examples, "checkpoint_name": checkpoint_name}
+
+
+def train_progress(step: int, max_steps: int, loss: float, learning_rate: float, tokens_per_s: float) -> dict:
+    return {"type": "train_progress", "step": step, "max_steps": max_steps, "loss": round(loss, 5),
+            "learning_rate": learning_rate, "tokens_per_s": round(tokens_per_s, 1)}
+
+
+def train_checkpoint(step: int, path: str) -> dict:
+    return {"type": "train_checkpoint", "step": step, "path": path}
+
+
+def train_done(steps: int, checkpoint: str | None, reason: str, loss: float | None) -> dict:
+    """reason (added): "done", or "cancelled" (nothing is saved then)."""
+    return {"type": "train_done", "steps": steps, "checkpoint": checkpoint, "finish_reason": reason, "loss": loss}
+
+
+def train_status(training: dict) -> dict:
+    return {"type": "train_status", "training": training}
+
+
+def snapshot_saved(path: str) -> dict:
+    return {"type": "snapshot_saved", "path": path}
 
 
 def download_started() -> dict:

@@ -42,6 +42,7 @@ class LLMWSServer(ModelMessages):
         self.worker = BatchingWorker(engine, batch) if batch > 1 else Worker(engine)
         self.metrics = Metrics(self)
         self.loaded_fingerprint = catalog.fingerprint(engine.path)  # what recheck_model compares with
+        self.datasets = {}
         self.downloads = Downloads(config)
         self.connections: set[Connection] = set()
         self.handshake = Handshake(config.server)
@@ -153,7 +154,8 @@ class LLMWSServer(ModelMessages):
             log.warning("refused a connection: %s", exc)
             await websocket.close(1013, "Server full: too many sessions in use, try again later")
             raise
-        welcome = protocol.welcome(session.id, resumed, self.engine.name, self.engine.capabilities(), device)
+        welcome = protocol.welcome(session.id, resumed, self.engine.name, self.engine.capabilities(), device,
+                                   self.train_status())
         session.attach(connection, welcome, last_seq)
         if resumed:
             self.metrics.resumes.inc()

@@ -19,7 +19,7 @@ from . import protocol
 log = logging.getLogger("llmws.sessions")
 
 KEY = b"llmws"
-TERMINAL_TYPES = {"done", "error"}
+TERMINAL_TYPES = {"done", "error", "train_done", "snapshot_saved"}  # a job's last message
 UNUSED_IDLE_S = 300  # a session that never ran anything is forgotten this long after its client left
 
 

@@ -92,7 +92,7 @@ class Worker:
         except Exception as exc:
             if not self.engine.is_out_of_memory(exc):
                 log.exception("request %s failed", job.request_id)
-                job.fail(f"Generation failed: {exc}")
+                job.fail(f"{job.failure} failed: {exc}")
                 return
             log.warning("out of memory while running request %s", job.request_id)
             self.engine.free_memory()

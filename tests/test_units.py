@@ -48,12 +48,14 @@ def test_greedy_is_temperature_zero_or_do_sample_false(temperature, do_sample, s
 
 def test_every_outgoing_message_has_its_documented_type():
     protocol_doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
-    built = [protocol.welcome("s", False, "m", {}, {}), protocol.log("x"), protocol.error("x"), protocol.queued(1),
+    built = [protocol.welcome("s", False, "m", {}, {}, {}), protocol.log("x"), protocol.error("x"), protocol.queued(1),
              protocol.start(1, 2, 0, False), protocol.token("x"), protocol.done(3, "stop", 0.5),
              protocol.context_too_long(9, 8), protocol.config_ack({}), protocol.ack_received(),
              protocol.cancelled("r"), protocol.resources(None, {}, {}, []), protocol.models_list([]),
-             protocol.model_switched("m", {}), protocol.pong(), protocol.status({}, None, 1),
-             protocol.recheck_complete(True, {}, "unchanged"), protocol.download_started(), protocol.download_done({}),
+             protocol.model_switched("m", {}), protocol.pong(), protocol.status({}, None, 1, {}),
+             protocol.recheck_complete(True, {}, "unchanged"), protocol.train_started({}, 1, "x"),
+             protocol.train_progress(1, 2, 0.5, 1e-4, 10.0), protocol.train_checkpoint(1, "p"),
+             protocol.train_done(1, None, "done", 0.5), protocol.train_status({}), protocol.snapshot_saved("p"), protocol.download_started(), protocol.download_done({}),
              protocol.model_deleted("m")]
     for message in built:
         kind = message["type"]

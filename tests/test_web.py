@@ -4,6 +4,7 @@ import concurrent.futures
 import json
 import os
 import shutil
+import threading
 
 import pytest
 
@@ -218,3 +219,23 @@ def test_page_opened_from_disk_works_where_null_is_allowed(browser, start_server
     page.click("#connect")
     page.wait_for_function("document.getElementById('status').textContent === 'connected'")
     context.close()
+
+
+def test_training_from_another_client_shows_its_progress(page, tiny_server):
+    """Any client may start training: the page sees it through train_status and shows step and loss."""
+    line, seen = json.dumps({"text": "rivers run to the sea"}), threading.Event()
+
+    async def train_until_seen():
+        async with LLMWSEnhancedClient("127.0.0.1", tiny_server.port) as client:
+            training = asyncio.create_task(client.train(line, "web-watched", max_steps=100000, log_every=50))
+            await asyncio.to_thread(seen.wait, 120)
+            await client.cancel()
+            return await training
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        done = pool.submit(asyncio.run, train_until_seen())
+        page.wait_for_function("!document.getElementById('training').hidden", timeout=60000)
+        seen.set()
+        assert page.text_content("#trainingText").startswith("training: step ")
+        assert "/100000, loss " in page.text_content("#trainingText")
+        assert done.result(timeout=120)["finish_reason"] == "cancelled"
+    page.wait_for_function("document.getElementById('training').hidden", timeout=30000)
