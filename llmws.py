@@ -18,7 +18,7 @@ from pathlib import Path
 from llmws_server import catalog
 from llmws_server.config import ConfigError, load_config
 from llmws_server.default_model import install_default_model
-from llmws_server.engine import Engine
+from llmws_server.engines import load_engine
 from llmws_server.http_api import http_server
 from llmws_server.server import LLMWSServer
 
@@ -55,8 +55,8 @@ def choose_model(config, override) -> Path:
     chosen = override or config.model["path"]
     if chosen:
         path = config.resolve(chosen)
-        if not (path / "config.json").is_file():
-            raise SystemExit(f"Model not found: {path} has no config.json")
+        if not catalog.is_model_folder(path):
+            raise SystemExit(f"Model not found: {path} has no config.json and no .gguf file")
         return path
     return catalog.auto_select(config) or install_default_model(config.paths["models_dir"])
 
@@ -114,8 +114,12 @@ async def serve(server: LLMWSServer, host: str, port: int, http_port: int | None
         scheme = "https" if server.config.server["tls_cert"] else "http"
         log.info("OpenAI-compatible API on %s://%s:%d/v1", scheme, host, http_port)
     async with listening:
-        bound = ", ".join(f"{sock.getsockname()[0]}:{sock.getsockname()[1]}" for sock in listening.sockets)
-        log.info("listening on %s", bound)
+        secure = bool(server.config.server["tls_cert"])
+        bound = ", ".join(f"{'wss' if secure else 'ws'}://{sock.getsockname()[0]}:{sock.getsockname()[1]}"
+                          for sock in listening.sockets)
+        page_host = "localhost" if host in ("0.0.0.0", "::", "127.0.0.1", "::1") else host
+        log.info("listening on %s: open %s://%s:%d/ in a browser, or run: python llm.py%s", bound,
+                 "https" if secure else "http", page_host, port, "" if port == 8765 else f" --port {port}")
         await stop.wait()
         log.info("shutting down")
         listening.close(close_connections=False)
@@ -148,7 +152,10 @@ def main(argv=None) -> int:
     for key in config.ignored:
         log.info("config.json: %s is the original LLMWS's and is not used here", key)
     model_dir = choose_model(config, args.model)
-    engine = Engine.for_config(model_dir, config)
+    try:
+        engine = load_engine(model_dir, config)
+    except ValueError as exc:
+        raise SystemExit(f"llmws: {exc}")
     server = LLMWSServer(config, engine)
     asyncio.run(serve(server, host, port, http_port))
     return 0

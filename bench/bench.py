@@ -4,6 +4,9 @@ settings, in one run. Prints a table, writes bench/results/bench.json and bench/
 
     python bench/bench.py [--quick] [--model DIR] [--targets raw,llmws,...] [--no-serve] [--rounds 3]
 
+Targets: raw (model.generate in-process), llmws, llmws-batched, serve and serve-cb (transformers serve),
+llamacpp (llama-cpp-python in-process on the default model's GGUF), llmws-gguf (this server on that GGUF).
+
 Every target stays up for the whole run and the rounds go over them in alternating order, so a slow
 minute on a noisy machine falls on all of them alike; each row is the median over the rounds.
 
@@ -49,10 +52,12 @@ class Stream:
         self.first = self.last = None
         self.tokens = 0
         self.text = ""
+        self.first_chars = 0  # the first piece's length: rates count what came after it
 
     def piece(self, text: str) -> None:
         self.last = time.monotonic()
-        self.first = self.first or self.last
+        if self.first is None:
+            self.first, self.first_chars = self.last, len(text)
         self.text += text
 
     @property
@@ -62,6 +67,10 @@ class Stream:
     @property
     def decode_rate(self) -> float:
         return (self.tokens - 1) / max(self.last - self.first, 1e-9)
+
+    @property
+    def chars_rate(self) -> float:
+        return (len(self.text) - self.first_chars) / max(self.last - self.first, 1e-9)
 
 
 # -- targets ---------------------------------------------------------------------------------------
@@ -107,9 +116,41 @@ class RawGenerate:
         pass
 
 
+class LlamaCppTarget:
+    """The limit for the llama.cpp engine: llama-cpp-python's own create_chat_completion in this process,
+    streamed, one request at a time, on the GGUF's chat template."""
+
+    def __init__(self, model_dir, max_tokens):
+        from llama_cpp import Llama
+
+        gguf = next(Path(model_dir).glob("*.gguf"))
+        self.name = f"llama-cpp-python {gguf.name}"
+        threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or None
+        self.llama = Llama(str(gguf), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False,
+                           chat_format="chat_template.default")
+        self.max_tokens, self.pid = max_tokens, os.getpid()
+
+    def run(self, clients: int) -> list[Stream]:
+        return [self._one() for _ in range(clients)]
+
+    def _one(self) -> Stream:
+        stream = Stream()
+        for chunk in self.llama.create_chat_completion([{"role": "user", "content": PROMPT}], temperature=0,
+                                                       max_tokens=self.max_tokens, stream=True):
+            piece = chunk["choices"][0]["delta"].get("content")
+            if piece:
+                stream.piece(piece)
+                stream.tokens += 1  # llama-cpp-python streams one token per chunk
+        return stream
+
+    def stop(self):
+        self.llama.close()
+
+
 class LLMWSTarget:
     def __init__(self, model_dir, max_tokens, folder, batch=1):
-        self.name = "llmws" + (f" max_batch_size={batch}" if batch > 1 else "")
+        self.name = "llmws" + (f" max_batch_size={batch}" if batch > 1 else "") + (
+            " llama.cpp" if "GGUF" in str(model_dir) else "")
         self.port, self.max_tokens = free_port(), max_tokens
         self.process = start_server(model_dir, self.port, folder, {"generation_defaults": {"repetition_penalty": 1.0},
                                                                    "optimization": {"max_batch_size": batch}})
@@ -221,6 +262,7 @@ def summarize(name: str, clients: int, runs: list[dict]) -> dict:
             "ttft_p50_s": round(statistics.median(stream.ttft for stream in streams), 3),
             "ttft_max_s": round(max(stream.ttft for stream in streams), 3),
             "decode_tokens_per_s": round(statistics.median(stream.decode_rate for stream in streams), 2),
+            "decode_chars_per_s": round(statistics.median(stream.chars_rate for stream in streams), 1),
             "aggregate_tokens_per_s": round(statistics.median(aggregates), 2),
             "aggregate_per_round": [round(value, 2) for value in aggregates],
             "peak_rss_mb": round(max(run["peak"] for run in runs) / 1024 ** 2),
@@ -245,11 +287,14 @@ def chart(rows, path: Path) -> None:
     figure.savefig(path, dpi=100)
 
 
-TARGETS = ["raw", "llmws", "llmws-batched", "serve", "serve-cb"]
+TARGETS = ["raw", "llmws", "llmws-batched", "serve", "serve-cb", "llamacpp", "llmws-gguf"]
+GGUF_MODEL = REPO / "models" / "SmolLM2-135M-Instruct-GGUF"
 
 
 def make_target(kind: str, model: str, max_tokens: int, folder: Path, batch: int):
     return {"raw": lambda: RawGenerate(model, max_tokens),
+            "llamacpp": lambda: LlamaCppTarget(GGUF_MODEL, max_tokens),
+            "llmws-gguf": lambda: LLMWSTarget(GGUF_MODEL, max_tokens, folder),
             "llmws": lambda: LLMWSTarget(model, max_tokens, folder),
             "llmws-batched": lambda: LLMWSTarget(model, max_tokens, folder, batch=batch),
             "serve": lambda: ServeTarget(model, max_tokens, False),
@@ -280,7 +325,7 @@ def main() -> int:
                 targets.append(make_target(kind, args.model, max_tokens, Path(folder), max(counts)))
                 targets[-1].run(1)  # warm-up
             cases = [(target, clients) for target in targets
-                     for clients in ([1] if isinstance(target, RawGenerate) else counts)]
+                     for clients in ([1] if isinstance(target, (RawGenerate, LlamaCppTarget)) else counts)]
             runs = {case: [] for case in cases}
             # Every target stays up and the rounds alternate their order, so a noisy minute hits them all alike.
             for number in range(rounds):
@@ -297,11 +342,12 @@ def main() -> int:
 
 def report(rows: list[dict], max_tokens: int, out: Path) -> None:
     texts = {text for row in rows for text in row["texts"]}
-    print(f"\n{'target':42} {'clients':>7} {'aggregate tok/s':>15} {'decode tok/s':>12} {'TTFT p50':>9} "
-          f"{'TTFT max':>9} {'peak MB':>8}")
+    print(f"\n{'target':50} {'clients':>7} {'aggregate tok/s':>15} {'decode tok/s':>12} {'chars/s':>8} "
+          f"{'TTFT p50':>9} {'TTFT max':>9} {'peak MB':>8}")
     for row in rows:
-        print(f"{row['target']:42} {row['clients']:>7} {row['aggregate_tokens_per_s']:>15} "
-              f"{row['decode_tokens_per_s']:>12} {row['ttft_p50_s']:>8}s {row['ttft_max_s']:>8}s {row['peak_rss_mb']:>8}")
+        print(f"{row['target']:50} {row['clients']:>7} {row['aggregate_tokens_per_s']:>15} "
+              f"{row['decode_tokens_per_s']:>12} {row['decode_chars_per_s']:>8} {row['ttft_p50_s']:>8}s "
+              f"{row['ttft_max_s']:>8}s {row['peak_rss_mb']:>8}")
     summary = {"max_new_tokens": max_tokens, "prompt": PROMPT, "rows": rows}
     by_name = {(row["target"], row["clients"]): row for row in rows}
     raw, ours = by_name.get(("raw generate", 1)), by_name.get(("llmws", 1))
@@ -309,6 +355,12 @@ def report(rows: list[dict], max_tokens: int, out: Path) -> None:
         summary["decode_ratio_1_client"] = ratio = ours["decode_tokens_per_s"] / raw["decode_tokens_per_s"]
         print(f"\nllmws / raw generate, 1 client: decode {ratio:.3f}, "
               f"TTFT {1000 * (ours['ttft_p50_s'] - raw['ttft_p50_s']):+.0f} ms")
+    binding = next((row for row in rows if row["target"].startswith("llama-cpp-python") and row["clients"] == 1), None)
+    gguf = by_name.get(("llmws llama.cpp", 1))
+    if binding and gguf:
+        summary["llamacpp_chars_ratio_1_client"] = ratio = gguf["decode_chars_per_s"] / binding["decode_chars_per_s"]
+        print(f"llmws llama.cpp / llama-cpp-python, 1 client: text rate {ratio:.3f}, "
+              f"TTFT {1000 * (gguf['ttft_p50_s'] - binding['ttft_p50_s']):+.0f} ms")
     clients = max(row["clients"] for row in rows)
     batched = next((row for row in rows if "max_batch_size" in row["target"] and row["clients"] == clients), None)
     serve = by_name.get(("transformers serve --continuous-batching", clients))

@@ -1,5 +1,5 @@
-"""The model catalogue: folders under models/ and var/models/ holding a config.json, and the rules for
-turning a client's name or path into one of them."""
+"""The model catalogue: folders under models/ and var/models/ holding a config.json (transformers) or a
+.gguf file (llama.cpp), and the rules for turning a client's name or path into one of them."""
 import json
 import re
 import shutil
@@ -8,6 +8,19 @@ from pathlib import Path
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 LFS_POINTER_PREFIX = b"version https://git-lfs"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# The quantisation a GGUF file's name gives by convention (name.Q4_K_M.gguf); the engine reads the real one.
+GGUF_QUANTIZATION = re.compile(r"[.\-_]((?:I?Q\d\w*)|BF16|F16|F32)\.gguf$", re.IGNORECASE)
+
+
+def is_model_folder(folder: Path) -> bool:
+    return (folder / "config.json").is_file() or any(folder.glob("*.gguf"))
+
+
+def engine_for(folder: Path, setting: str = "auto") -> str:
+    """model.engine: "auto" takes llama.cpp for GGUF weights without safetensors, transformers otherwise."""
+    if setting != "auto":
+        return setting
+    return "llama.cpp" if any(folder.glob("*.gguf")) and not any(folder.glob("*.safetensors")) else "transformers"
 
 
 def model_dirs(config) -> list[tuple[str, Path]]:
@@ -40,14 +53,19 @@ def describe(folder: Path, source: str, root: Path, loaded: Path | None = None) 
         model_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         model_config = {}
-    architectures = model_config.get("architectures") or [model_config.get("model_type", "unknown")]
+    engine = engine_for(folder)
+    architectures = model_config.get("architectures") or [model_config.get("model_type", engine == "llama.cpp"
+                                                                            and "gguf" or "unknown")]
     problem = weights_problem(folder)
     files = [path for path in folder.rglob("*") if path.is_file()]
+    quantizations = sorted({match.group(1).upper() for path in files if (match := GGUF_QUANTIZATION.search(path.name))})
     return {"name": folder.name, "path": relative_path(folder, root), "source": source,
             "size_mb": round(sum(path.stat().st_size for path in files) / 1024 ** 2, 1),
             "architecture": architectures[0], "vision": "vision_config" in model_config,
             "loaded": loaded is not None and folder.resolve() == Path(loaded).resolve(),
-            "complete": problem is None, **({"problem": problem} if problem else {})}
+            "complete": problem is None, "engine": engine,
+            **({"quantization": ", ".join(quantizations)} if engine == "llama.cpp" and quantizations else {}),
+            **({"problem": problem} if problem else {})}
 
 
 def scan(config, loaded: Path | None = None) -> list[dict]:
@@ -57,7 +75,7 @@ def scan(config, loaded: Path | None = None) -> list[dict]:
         if not directory.is_dir():
             continue
         for folder in sorted(directory.iterdir()):
-            if folder.is_dir() and not folder.name.startswith(".") and (folder / "config.json").is_file():
+            if folder.is_dir() and not folder.name.startswith(".") and is_model_folder(folder):
                 entries.append(describe(folder, source, config.root, loaded))
     return entries
 
@@ -113,7 +131,7 @@ def find_model(config, given) -> tuple[str, Path]:
     for source, candidate in candidates:
         resolved = candidate.resolve()
         for allowed_source, directory in model_dirs(config):
-            if resolved.parent == directory.resolve() and (resolved / "config.json").is_file():
+            if resolved.parent == directory.resolve() and is_model_folder(resolved):
                 return allowed_source, resolved
     raise ValueError(f"Model not found: {given}")
 

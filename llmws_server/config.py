@@ -21,7 +21,8 @@ DEFAULTS = {
         "tls_cert": None,
         "tls_key": None,
     },
-    "model": {"path": None, "use_safetensors": True, "trust_remote_code": False, "device_map": "auto"},
+    "model": {"path": None, "engine": "auto", "gguf_file": None, "use_safetensors": True, "trust_remote_code": False,
+              "device_map": "auto"},
     "optimization": {"use_flash_attention": True, "dtype": "auto", "compile": False, "max_batch_size": 1},
     "generation_defaults": {
         "max_new_tokens": 2048,
@@ -64,6 +65,7 @@ NULLABLE_KEYS = {"http_port"}
 # it keeps training datasets: accepted and read past, so its config.json works here unchanged.
 ORIGINAL_KEYS = {"model": {"name", "params", "max_context", "last_loaded", "status", "error"},
                  "paths": {"datasets_dir"}}  # null turns it off
+ENGINES = ("auto", "transformers", "llama.cpp")
 DTYPES = {"auto", "bfloat16", "float16", "float32"}
 
 
@@ -183,6 +185,9 @@ def load_config(path) -> Config:
     for key in ("port", "http_port"):
         if data["server"][key] is not None and not 1 <= data["server"][key] <= 65535:
             raise ConfigError(f"{file}, line {_line_of(text, key)}, key 'server.{key}': must be 1 to 65535")
+    if data["model"]["engine"] not in ENGINES:
+        raise ConfigError(f"{file}, line {_line_of(text, 'engine')}, key 'model.engine': "
+                          f"must be one of {', '.join(ENGINES)}")
     if data["optimization"]["dtype"] not in DTYPES:
         raise ConfigError(f"{file}, line {_line_of(text, 'dtype')}, key 'optimization.dtype': "
                           f"must be one of {', '.join(sorted(DTYPES))}")

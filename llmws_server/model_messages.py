@@ -6,7 +6,7 @@ import logging
 import time
 
 from . import catalog, protocol, resources
-from .engine import Engine
+from .engines import load_engine
 from .jobs import SnapshotJob, SwitchJob, TrainJob
 from .training import TrainStatus, train_request
 
@@ -63,7 +63,7 @@ class ModelMessages:
         problem = catalog.weights_problem(path)
         if problem:
             raise ValueError(f"Model {path.name} cannot be loaded yet: {problem}")
-        job = SwitchJob(session, asyncio.get_running_loop(), path, lambda folder: Engine.for_config(folder, self.config),
+        job = SwitchJob(session, asyncio.get_running_loop(), path, lambda folder: load_engine(folder, self.config),
                         announce, lambda engine, failure: self._switched(engine, failure, session))
         job.observer = self.metrics.observe
         self.worker.submit(job)

@@ -78,7 +78,12 @@ async def test_requests_start_in_arrival_order_and_the_fifth_waits_for_a_slot(ba
     assert starts == list(range(len(PROMPTS)))  # in arrival order
     first_done = events.index(next(event for event in events if event[0] == "done"))
     assert set(starts[:SLOTS]) <= {index for kind, index in events[:first_done] if kind == "start"}  # together
-    assert events.index(("start", SLOTS)) > first_done  # the fifth waited for a slot to free
+    # The fifth waited for a slot to free: it started only when a first request was (nearly) through its 300
+    # tokens. Messages of different sockets may arrive a few apart, so "nearly", not "after its done".
+    def pieces(first, upto=len(events)):
+        return sum(1 for kind, index in events[:upto] if kind == "token" and index == first)
+    fifth_start = events.index(("start", SLOTS))
+    assert max(pieces(first, fifth_start) / pieces(first) for first in range(SLOTS)) > 0.9
     assert ("queued", SLOTS) in events
     for client in clients:
         await client.close()

@@ -32,7 +32,7 @@ async def test_a_short_lora_run_learns_and_saves_a_model_that_answers_differentl
     client = await Client.open(train_server.url)
     before = text_of(await client.until_done(inference(QUESTION, max_new_tokens=12)))
     events = await client.until_done(train("secret"), "train_done")
-    kinds = [event["type"] for event in events]
+    kinds = [event["type"] for event in events if event["type"] != "queued"]  # the answer before may still end
     assert kinds[0] == "train_started" and kinds[-1] == "train_done", kinds
     progress = [event for event in events if event["type"] == "train_progress"]
     assert [event["step"] for event in progress] == [4, 8, 12, 16, 20, 24]
