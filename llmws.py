@@ -16,24 +16,36 @@ import sys
 from pathlib import Path
 
 from llmws_server import catalog
-from llmws_server.config import ConfigError, load_config
-from llmws_server.default_model import install_default_model
-from llmws_server.engines import load_engine
-from llmws_server.http_api import http_server
-from llmws_server.server import LLMWSServer
+from llmws_server.config import DEFAULTS, ConfigError, load_config
+
+# The server's modules (torch, transformers, uvicorn) are imported in main(), after the arguments are read:
+# --help and argument errors answer at once.
 
 log = logging.getLogger("llmws")
 
 
+EXAMPLES = """examples:
+  python llmws.py                                   serve the default model (installed on first start)
+  python llmws.py --model models/SmolLM2-135M-Instruct-GGUF   the same model on llama.cpp (GGUF)
+  python llmws.py --host 127.0.0.1 --port 9000 --http-port 0  this machine only, no HTTP API
+
+then open http://localhost:8765/ in a browser, or run: python llm.py"""
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    server = DEFAULTS["server"]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(Path(__file__).with_name("config.json")),
-                        help="configuration file (written with the defaults if missing)")
-    parser.add_argument("--host", help="interface to listen on (default: server.host)")
-    parser.add_argument("--port", type=int, help="WebSocket port (default: server.port)")
+                        help="configuration file, written with the defaults if missing (default: %(default)s)")
+    parser.add_argument("--host", help=f"interface to listen on (default: server.host, {server['host']})")
+    parser.add_argument("--port", type=int, help=f"WebSocket port, also serving the web page (default: "
+                                                 f"server.port, {server['port']})")
     parser.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API port, 0 for none "
-                                                      "(default: server.http_port)")
-    parser.add_argument("--model", help="model folder to serve (default: model.path, else auto-select)")
+                                                      f"(default: server.http_port, {server['http_port']})")
+    parser.add_argument("--model", help="model folder to serve: models/NAME, var/models/NAME or any path "
+                                        "(default: model.path, else the first complete model in models/, "
+                                        "else the default model)")
     return parser.parse_args(argv)
 
 
@@ -56,8 +68,10 @@ def choose_model(config, override) -> Path:
     if chosen:
         path = config.resolve(chosen)
         if not catalog.is_model_folder(path):
-            raise SystemExit(f"Model not found: {path} has no config.json and no .gguf file")
+            known = ", ".join(entry["path"] for entry in catalog.scan(config)) or "none yet"
+            raise SystemExit(f"Model not found: {path} has no config.json and no .gguf file (models here: {known})")
         return path
+    from llmws_server.default_model import install_default_model
     return catalog.auto_select(config) or install_default_model(config.paths["models_dir"])
 
 
@@ -87,7 +101,7 @@ def cannot_listen(host: str, port: int, exc: OSError, option: str = "--port") ->
     return f"llmws: cannot listen on {host}:{port}: {exc.strerror or exc}"
 
 
-async def serve(server: LLMWSServer, host: str, port: int, http_port: int | None) -> None:
+async def serve(server, host: str, port: int, http_port: int | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -105,6 +119,7 @@ async def serve(server: LLMWSServer, host: str, port: int, http_port: int | None
     housekeeping = asyncio.create_task(server.housekeeping())
     http, http_task = None, None
     if http_port:
+        from llmws_server.http_api import http_server
         http = http_server(server, host, http_port, (server.config.server["tls_cert"], server.config.server["tls_key"]))
         http_task = asyncio.create_task(http.serve())
         while not http.started:  # uvicorn binds in its first steps
@@ -152,6 +167,8 @@ def main(argv=None) -> int:
     for key in config.ignored:
         log.info("config.json: %s is the original LLMWS's and is not used here", key)
     model_dir = choose_model(config, args.model)
+    from llmws_server.engines import load_engine
+    from llmws_server.server import LLMWSServer
     try:
         engine = load_engine(model_dir, config)
     except ValueError as exc:

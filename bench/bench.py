@@ -25,6 +25,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
+
 from common import REPO, PeakMemory, free_port, start_server
 
 BENCH = Path(__file__).resolve().parent
@@ -125,7 +127,7 @@ class LlamaCppTarget:
 
         gguf = next(Path(model_dir).glob("*.gguf"))
         self.name = f"llama-cpp-python {gguf.name}"
-        threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or None
+        threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or psutil.cpu_count(logical=False) or None  # as the server
         self.llama = Llama(str(gguf), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False,
                            chat_format="chat_template.default")
         self.max_tokens, self.pid = max_tokens, os.getpid()

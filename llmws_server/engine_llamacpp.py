@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 from llama_cpp import Llama, llama_vocab_is_eog
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -45,7 +46,7 @@ class LlamaCppEngine:  # engine_api.Engine
         self.metadata = dict(probe.metadata)
         probe.close()
         self.max_context = self._context_that_fits(max_context_cap)
-        threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or None
+        threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or psutil.cpu_count(logical=False) or None  # physical cores
         self.llama = Llama(str(self.file), n_ctx=self.max_context, n_threads=threads, n_threads_batch=threads,
                            verbose=False)
         self.params = self.llama._model.n_params()

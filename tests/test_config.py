@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, free_port
 from llmws_server.config import DEFAULTS, ConfigError, load_config, validate_generation
 
 
@@ -88,3 +88,24 @@ def test_generation_settings_in_range_pass():
     settings = {"temperature": 0, "top_p": 1, "top_k": 0, "max_new_tokens": 1, "repetition_penalty": 1.0,
                 "do_sample": False}
     assert validate_generation(dict(settings)) == settings
+
+
+def test_help_answers_without_loading_the_model_stack_and_shows_the_defaults():
+    probe = (f"import runpy, sys\nsys.argv = ['llmws.py', '--help']\ntry:\n"
+             f"    runpy.run_path({str(REPO / 'llmws.py')!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')")
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert "torch not loaded" in shown.stdout
+    for default in ("server.port, 8765", "server.http_port, 8000", "server.host, 0.0.0.0", "examples:"):
+        assert default in shown.stdout
+
+
+def test_a_model_path_that_does_not_exist_is_one_line_listing_those_that_do(tmp_path, tiny_model):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "mine").symlink_to(tiny_model, target_is_directory=True)
+    refused = subprocess.run([sys.executable, str(REPO / "llmws.py"), "--config", str(tmp_path / "config.json"),
+                              "--port", str(free_port()), "--http-port", "0", "--model", "models/nothere"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert refused.stderr.startswith("Model not found: ")
+    assert "(models here: models/mine)" in refused.stderr
