@@ -237,7 +237,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         port = free_port()
-        server = start_server(args.model, port, Path(folder), {"server": {"host": "127.0.0.1"}})
+        server = start_server(args.model, port, Path(folder), {"server": {"host": "127.0.0.1", "http_port": None}})
         try:
             rows = asyncio.run(run(f"ws://127.0.0.1:{port}", port, server.pid, Path(folder)))
         finally:
