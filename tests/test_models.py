@@ -179,7 +179,10 @@ async def test_download_from_a_git_lfs_repo_while_chatting(models_server, lfs_re
         switch_logs = []
         switched = await client.switch_model("models/downloaded", on_log=switch_logs.append)
         assert switched["model"] == "downloaded" and switch_logs[0].startswith("Unloading")
-        assert await client.delete_model("tiny-b")
+        deleted = await client.delete_model("tiny-b")
+        assert deleted == {"type": "model_deleted", "message": "Model tiny-b deleted"}
+        assert not (models_server.root / "var" / "models" / "tiny-b").exists()
+        assert "tiny-b" not in [entry["name"] for entry in await client.list_models()]
         with pytest.raises(LLMWSError, match="exists already"):
             await client.download_model(url, "downloaded")
         await client.switch_model("models/tiny-a")

@@ -9,11 +9,12 @@ import random
 import shutil
 import sys
 
+import openai
 import pexpect
 import pytest
 from PIL import Image
 
-from conftest import REPO, Client, inference, text_of
+from conftest import REPO, Client, free_port, inference, text_of
 
 FAMILIES = ["idefics3", "llava"]
 
@@ -253,3 +254,22 @@ async def test_with_batching_on_image_and_text_requests_are_all_answered(start_s
     assert sum(kind == "done" for _, kind, _ in events) == 3
     for client in clients:
         await client.close()
+
+
+async def test_the_openai_api_takes_images_as_content_parts(start_server, vision_models):
+    """The `openai` package's image_url parts reach the model as the WebSocket's images do: same answer."""
+    server = start_server(vision_models["idefics3"], server={"http_port": free_port()})
+    client = await Client.open(server.url)
+    reference = await client.until_done(with_images([RED]))
+    await client.close()
+    api = openai.AsyncOpenAI(base_url=server.http_url + "/v1", api_key="unused", max_retries=0)
+    parts = [{"type": "image_url", "image_url": {"url": RED}}, {"type": "text", "text": "What is in the picture?"}]
+    completion = await api.chat.completions.create(model="any", messages=[{"role": "user", "content": parts}],
+                                                   max_tokens=8, temperature=0)
+    assert completion.choices[0].message.content == text_of(reference)
+    start = next(m for m in reference if m["type"] == "start")
+    assert completion.usage.prompt_tokens == start["tokens_in"]
+    with pytest.raises(openai.BadRequestError) as refused:
+        await api.chat.completions.create(model="any", max_tokens=8, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, {"type": "text", "text": "x"}]}])
+    assert "images[0]" in refused.value.body["message"]
