@@ -50,7 +50,8 @@ def describe_failure(exc: BaseException, args) -> str:
     if isinstance(exc, ConnectionClosed) and exc.rcvd:
         return f"server closed the connection: {exc.rcvd.code} {exc.rcvd.reason}"
     if isinstance(exc, (OSError, asyncio.TimeoutError)):
-        return f"cannot reach the server at {args.host}:{args.port} ({exc or 'timed out'})"
+        return (f"cannot reach the server at {args.host}:{args.port} ({exc or 'timed out'}): "
+                "is `python llmws.py` running?")
     return str(exc)
 
 
@@ -78,7 +79,7 @@ def _write(text: str) -> None:
 # -- interactive mode ----------------------------------------------------------------------------
 
 HELP = """Commands:
-  /config key=value ...   change generation settings (temperature, top_p, top_k, max_new_tokens, ...)
+  /config [key=value ...] show, or change, the generation settings (temperature, top_p, top_k, max_new_tokens, ...)
   /system [text]          set the system prompt (no text: none)
   /image <path>           attach an image to your next question (again for more; needs a vision model)
   /resources              device, memory, model, context limit
@@ -225,8 +226,10 @@ class Repl:
             pass  # it had just finished
 
     def do_config(self, words, rest):
-        if not words:
-            raise ValueError("usage: /config key=value ...")
+        if not words:  # the settings the next question goes with: the session's, under the command line's
+            config = {**self.call(self.client.set_config()), **self.settings}
+            print(", ".join(f"{key}={value}" for key, value in config.items()))
+            return
         changes = parse_settings(words)
         config = self.call(self.client.set_config(**changes))
         for key in changes:  # the session's new value now rules, not the command line's

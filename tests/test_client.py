@@ -178,6 +178,7 @@ def test_one_shot_reads_a_piped_prompt_and_prints_json(tiny_server):
 def test_one_shot_fails_with_a_one_line_reason(tiny_server):
     unreachable = run_llm("--prompt", "hi", "--port", str(free_port()), "--host", "127.0.0.1")
     assert unreachable.returncode == 1 and "cannot reach the server" in unreachable.stderr
+    assert "is `python llmws.py` running?" in unreachable.stderr
     assert len(unreachable.stderr.strip().splitlines()) == 1
     refused = run_llm("--prompt", "hi", "--port", str(tiny_server.port), "--host", "127.0.0.1",
                       "--temperature", "-1")
@@ -200,6 +201,7 @@ def test_repl_chats_runs_commands_and_quits(repl, tmp_path):
     repl.expect(r"\[(\d+) tokens, [\d.]+ tokens/s")
     repl.expect("you> ")
     for command, expected in [("/help", "/download <repo> <dir>"), ("/session", r"[0-9a-f-]{36}"),
+                              ("/config", "max_new_tokens=40, do_sample=True"),
                               ("/config temperature=0 max_new_tokens=8", "temperature=0"),
                               ("/config oops", "error: expected key=value"), ("/config top_p=9", "error: .*top_p"),
                               ("/resources", "max context +4096"), ("/models", "no models"),
