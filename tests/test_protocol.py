@@ -2,17 +2,22 @@
 import json
 
 import pytest
+import torch
 from websockets.asyncio.client import connect
 
 from conftest import TINY_MAX_POSITIONS, Client, inference, text_of
+from llmws_server.engine import choose_dtype
 
+# What dtype "auto" picks here: float32 on a CPU, bfloat16 (or float16) on a GPU.
+AUTO_DTYPE = str(choose_dtype("auto", torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None)
+                 ).removeprefix("torch.")
 
 async def test_welcome_carries_every_field(tiny_server):
     client = await Client.open(tiny_server.url)
     welcome = client.welcome
     assert welcome["resumed"] is False and welcome["model"] == "tiny-llama"
     assert {"vision", "flash_attention", "compute_capability", "max_context"} <= set(welcome["capabilities"])
-    assert welcome["capabilities"]["dtype"] == "float32" and welcome["capabilities"]["attention"] == "sdpa"
+    assert welcome["capabilities"]["dtype"] == AUTO_DTYPE and welcome["capabilities"]["attention"] == "sdpa"
     assert welcome["capabilities"]["max_context"] == TINY_MAX_POSITIONS
     assert welcome["capabilities"]["flash_attention"] is False
     assert set(welcome["resources"]) == {"device", "total_gb", "free_gb", "compute_capability"}
@@ -142,7 +147,7 @@ async def test_first_frame_with_a_type_is_an_implicit_hello(tiny_server):
 async def test_resources_and_models_list(tiny_server):
     client = await Client.open(tiny_server.url)
     resources = await client.request({"type": "get_resources"})
-    assert resources["type"] == "resources" and resources["cuda"] is None
+    assert resources["type"] == "resources" and (resources["cuda"] is None) == (not torch.cuda.is_available())
     assert resources["cpu"]["cores"] >= 1 and resources["cpu"]["process_rss_gb"] > 0
     assert resources["model"]["name"] == "tiny-llama" and resources["model"]["vision"] is False
     assert resources["available_models"] == []  # the tiny model lives outside this project's model folders

@@ -185,7 +185,7 @@ def test_the_repl_attaches_an_image_to_the_next_question(vision_servers, tmp_pat
     picture.write_bytes(png())
     repl = pexpect.spawn(sys.executable, [str(REPO / "llm.py"), "--port", str(vision_servers["llava"].port),
                                           "--host", "127.0.0.1", "--max-tokens", "6", "--temperature", "0"],
-                         env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}, encoding="utf-8", timeout=60)
+                         env={**os.environ, "HOME": str(tmp_path)}, encoding="utf-8", timeout=60)
     repl.expect("you> ")
     repl.sendline(f"/image {picture}")
     repl.expect(r"attached red.png \(1 image for your next question\)")
