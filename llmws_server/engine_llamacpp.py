@@ -31,7 +31,6 @@ def gguf_files(folder: Path) -> list[Path]:
 class LlamaCppEngine:  # engine_api.Engine
     vision = False
     device = "cpu"
-    engine_name = "llama.cpp"
 
     def __init__(self, model_dir: Path, gguf_file: str | None, max_context_cap: int):
         self.path = Path(model_dir)
@@ -55,7 +54,6 @@ class LlamaCppEngine:  # engine_api.Engine
         template = self.metadata.get("tokenizer.chat_template")
         self.formatter = Jinja2ChatFormatter(template, self._token_text(self.eos), self._token_text(
             self.llama.token_bos())) if template else None
-        self.kv_token_budget = self.max_context
         log.info("loaded %s (%s, %s) in %.1f s on llama.cpp: %.1fM parameters, max context %d", self.name,
                  self.file.name, self.dtype_name, time.monotonic() - started, self.params / 1e6, self.max_context)
 

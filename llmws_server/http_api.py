@@ -11,9 +11,9 @@ import logging
 import time
 
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
-from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -89,9 +89,10 @@ class HTTPApi:
         return JSONResponse({"status": "ok"})
 
     async def ready(self, request):
-        worker, engine = self.server.worker, self.server.engine
-        ready = worker.thread.is_alive() and not worker.stopping and getattr(engine, "model", True) is not None
-        return JSONResponse({"status": "ready" if ready else "not ready", "model": engine.name}, 200 if ready else 503)
+        worker = self.server.worker  # not ready while a model switch unloads and loads
+        ready = worker.thread.is_alive() and not worker.stopping and self.server.model_status()["status"] == "OK"
+        return JSONResponse({"status": "ready" if ready else "not ready", "model": self.server.engine.name},
+                            200 if ready else 503)
 
     async def metrics(self, request):
         return Response(self.server.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
