@@ -115,7 +115,7 @@ async def serve(server, host: str, port: int, http_port: int | None) -> None:
     server.sessions.clear_all()
     for name in server.downloads.clear_leftovers():
         log.info("removed %s, left by a download that was cut off", name)
-    server.worker.start(loop)
+    await asyncio.to_thread(server.worker.start, loop)  # the batching worker sets its batch up first
     housekeeping = asyncio.create_task(server.housekeeping())
     http, http_task = None, None
     if http_port:

@@ -1,11 +1,13 @@
 """The batching worker: the same FIFO, but up to `max_batch_size` requests generate at once, in one
 batch the engine runs (engine_api.Batch).
 
-Requests are admitted in arrival order, each as soon as a slot frees. The engine says which requests may
-share a batch (their `batch_kind`: for transformers, greedy apart from sampled) and which must run alone
-(None: a repetition penalty, images, a model switch). A request that cannot join the running batch waits,
-in order, until the batch drains; nothing is admitted past a request that waits.
+Requests are admitted in arrival order, each as soon as a slot frees, whatever their settings. The engine
+says which requests may not share the batch (for transformers: one with images); they and the jobs that
+are not requests (a model switch, training, a snapshot) run alone: such a job waits, in order, until the
+batch drains, and nothing is admitted past it. The batch is opened (and warmed up) when the worker starts
+and again after a model switch, and kept open between requests.
 """
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -34,19 +36,30 @@ class BatchingWorker(Worker):
         super().__init__(engine)
         self.max_batch_size = max_batch_size
         self.members: dict[str, Member] = {}  # the batch's name for a request -> the request
-        self.batch = None  # the engine's Batch, kept open between requests of the same kind
-        self.batch_kind = None
+        self.batch = None  # the engine's Batch, kept open between requests
+
+    def start(self, loop) -> None:
+        self._open_batch()  # before the server listens: no first request waits for it
+        super().start(loop)
+
+    def _position_at(self, index: int) -> int:
+        """0 when the job will start at the worker's next look, with those ahead of it: a free slot each
+        and nothing among them that runs alone; else how many are ahead of it (lock held)."""
+        if self.running is None:
+            ahead = list(itertools.islice(self.queue, index + 1))
+            if len(self.members) + len(ahead) <= self.max_batch_size and all(
+                    job.batchable(self.engine) for job in ahead):
+                return 0
+            if index == 0 and not self.members:  # one that runs alone, with nothing running
+                return 0
+        return max(1, index + self._busy())
 
     def _busy(self) -> int:
-        """1 while the next job cannot start at once: no slot is free, something runs alone, or the batch
-        runs another kind than the next job's (lock held)."""
+        """1 while the next job cannot start at once: no slot is free, something runs alone, or the next job
+        must run alone and the batch has not drained (lock held)."""
         if self.running is not None or len(self.members) >= self.max_batch_size:
             return 1
-        return int(bool(self.members and self.queue and not self._joins(self.queue.head())))
-
-    def _joins(self, job) -> bool:
-        kind = job.batch_kind(self.engine)
-        return kind is not None and kind == self.batch_kind
+        return int(bool(self.members and self.queue and not self.queue.head().batchable(self.engine)))
 
     def _loop(self) -> None:
         while True:
@@ -66,49 +79,59 @@ class BatchingWorker(Worker):
 
     def _admit(self) -> list:
         """Jobs to start now, from the head of the queue (lock held)."""
-        admitted, kind = [], self.batch_kind if self.members else None
+        admitted = []
         while self.queue and len(self.members) + len(admitted) < self.max_batch_size:
-            job_kind = self.queue.head().batch_kind(self.engine)
-            if (self.members or admitted) and (job_kind is None or job_kind != kind):
-                break  # it must run alone, or in another kind of batch: wait for this one to drain
+            alone = not self.queue.head().batchable(self.engine)
+            if alone and (self.members or admitted):
+                break  # it waits for the batch to drain
             admitted.append(self.queue.popleft())
-            if job_kind is None:
+            if alone:
                 break
-            kind = job_kind
         if admitted:
             self._positions_changed()
         return admitted
 
     def _start(self, job) -> None:
-        kind = job.batch_kind(self.engine)
-        if kind is None:  # with nothing else generating
+        if not job.batchable(self.engine):  # with nothing else generating
+            engine = self.engine
             self._close_batch()
             self.running = job
             self._run(job)
             self.running = None
+            if self.engine is not engine:  # a switch: the new model's batch, warm before its first request
+                self._open_batch()
             return
         try:
-            self._add(job, kind)
+            self._add(job)
         except Exception as exc:
             log.exception("request %s could not start", job.request_id)
             job.fail(f"Generation failed: {exc}")
 
-    def _add(self, job, kind: str) -> None:
+    def _add(self, job) -> None:
         prepared = job.prepare(self.engine)
         if prepared is None:
             return
         prompt, max_tokens = prepared
-        if self.batch is None or self.batch_kind != kind or self.batch.failure() is not None:
+        if self.batch is None or self.batch.failure() is not None:
             self._close_batch()
-            self.batch = self.engine.open_batch(kind, self.max_batch_size, job.settings.max_new_tokens)
-            self.batch_kind = kind
+            self.batch = self.engine.open_batch(self.max_batch_size)
         name = self.batch.add(prompt, max_tokens, job.settings)
         self.members[name] = Member(job, max_tokens)
+
+    def _open_batch(self) -> None:
+        """Open the batch ahead of the requests, if the engine batches at all (errors wait for a request)."""
+        if self.batch is None and self.engine.batchable(0):
+            try:
+                started = time.monotonic()
+                self.batch = self.engine.open_batch(self.max_batch_size)
+                log.info("batch of up to %d requests ready in %.1f s", self.max_batch_size, time.monotonic() - started)
+            except Exception:
+                log.exception("could not open the batch")
 
     def _close_batch(self) -> None:
         if self.batch is not None:
             self.batch.close()
-            self.batch = self.batch_kind = None
+            self.batch = None
 
     def _collect(self) -> None:
         """Hand on what the batch produced in the last moment; end cancelled and overdue requests."""
@@ -128,7 +151,7 @@ class BatchingWorker(Worker):
             for name, member in list(self.members.items()):
                 self._leave(name)
                 member.job.fail(failure)
-            self.batch = self.batch_kind = None
+            self.batch = None
 
     def _hand_on(self, progress, member: Member) -> None:
         member.tokens = progress.tokens

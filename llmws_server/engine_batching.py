@@ -1,6 +1,8 @@
-"""The transformers engine's batches (engine_api.Batch), on transformers' continuous batching
-(`model.init_continuous_batching()`): requests join and leave while the others generate."""
+"""The transformers engine's batch (engine_api.Batch), on transformers' continuous batching
+(`model.init_continuous_batching()`): requests join and leave while the others generate, each with its
+own settings (engine_sampling)."""
 import math
+import time
 import uuid
 
 from tokenizers.decoders import DecodeStream
@@ -8,31 +10,25 @@ from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from .engine_api import OOM_MESSAGE, Progress
+from .engine_sampling import request_kwargs, request_sampling
 
 PAGE_SIZE = 256
 # Tokens one batching step may take in (longer prompts are prefilled in pieces). transformers' default of
 # 8192 makes a float mask of 8192 x (cache + 8192) tokens: gigabytes, filled on every new manager.
 MAX_BATCH_TOKENS = 512
-# A sampling manager is made with these so that it has every warper; each request then passes its own values.
-SAMPLING_PLACEHOLDERS = {"temperature": 0.5, "top_p": 0.5, "top_k": 50}
-GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+# The KV cache holds this many tokens per slot (one request may use more while the others use less).
+SLOT_TOKENS = 2048
+WARM_PROMPT = [0, 1, 2, 3]  # token ids for the request that warms a new batch up
 
 
 def cache_pages(slots: int, max_context: int, kv_token_budget: int | None) -> int:
-    """KV pages for the batch: every slot at the full context, but no more than free memory holds. The
-    scheduler shares the pages out as requests grow; when they run short it admits no new prompt until
-    some free up."""
-    tokens = slots * max_context
+    """KV pages for the batch: SLOT_TOKENS a slot, and at least one full context, but no more than free
+    memory holds. The scheduler shares the pages out as requests grow; when they run short it admits no
+    new prompt until some free up."""
+    tokens = max(slots * min(max_context, SLOT_TOKENS), max_context)
     if kv_token_budget is not None:
         tokens = max(min(tokens, kv_token_budget), max_context)
     return math.ceil(tokens / PAGE_SIZE)
-
-
-def sampling_kwargs(settings) -> dict:
-    """A sampled request's own settings, as the per-request processors take them (top_k 0 keeps every token)."""
-    if not settings.sampled:
-        return {}
-    return {"temperature": float(settings.temperature), "top_p": float(settings.top_p), "top_k": int(settings.top_k)}
 
 
 class TextStream:
@@ -52,28 +48,41 @@ class TextStream:
 
 
 class TransformersBatch:
-    def __init__(self, engine, sampled: bool, slots: int, max_new_tokens: int):
+    def __init__(self, engine, slots: int):
         self.engine = engine
         self.model = engine.model
         tokenizer = engine.tokenizer
         eos = self.model.generation_config.eos_token_id
-        warpers = {"do_sample": True, **SAMPLING_PLACEHOLDERS} if sampled else GREEDY
-        generation = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos if eos is not None else -1,
-                                      pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **warpers)
+        # The batch decodes greedily; a sampled request's token is drawn by the sampler, which needs the
+        # steps one after the other (no asynchronous batching, no CUDA graphs).
+        generation = GenerationConfig(max_new_tokens=engine.max_context, do_sample=False, temperature=None,
+                                      top_p=None, top_k=None, eos_token_id=eos if eos is not None else -1,
+                                      pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         batching = ContinuousBatchingConfig(
             max_requests_per_batch=slots, page_size=PAGE_SIZE, max_batch_tokens=MAX_BATCH_TOKENS,
             num_blocks=cache_pages(slots, engine.max_context, engine.kv_token_budget),
-            per_request_processors=sampled)
+            use_cuda_graph=False, use_async_batching=False)
         self.manager = self.model.init_continuous_batching(generation_config=generation,
                                                            continuous_batching_config=batching)
+        self.manager.logit_processor = request_sampling()
         self.manager.start()
         self.streams: dict[str, TextStream] = {}
+        self._warm()
+
+    def _warm(self) -> None:
+        """One short request, so that the first client's does not pay for the first step's set-up."""
+        started = time.monotonic()
+        self.manager.add_request(WARM_PROMPT, request_id="warm-up", max_new_tokens=2)
+        while self.manager.is_running() and time.monotonic() - started < 60:
+            result = self.manager.get_result(timeout=0.1)
+            if result is not None and result.is_finished():
+                break
 
     def add(self, prompt, max_tokens: int, settings) -> str:
         request = uuid.uuid4().hex
         self.streams[request] = TextStream(self.engine.tokenizer)
         self.manager.add_request(prompt.ids, request_id=request, max_new_tokens=max_tokens, streaming=True,
-                                 **sampling_kwargs(settings))
+                                 **request_kwargs(settings))
         return request
 
     def cancel(self, request: str) -> None:

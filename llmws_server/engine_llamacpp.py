@@ -119,10 +119,13 @@ class LlamaCppEngine:  # engine_api.Engine
             on_text(rest)
         return generated, reason
 
-    def batch_kind(self, settings, images: int) -> str | None:
-        return None  # one request at a time (see README: Engines)
+    def batchable(self, images: int) -> bool:
+        return False  # one request at a time (see README: Engines)
 
-    def open_batch(self, kind: str, slots: int, max_new_tokens: int):
+    def batch_size(self) -> int:
+        return 1
+
+    def open_batch(self, slots: int):
         raise NotImplementedError("the llama.cpp engine runs one request at a time")
 
     def trainer(self, examples: list, settings):

@@ -101,11 +101,11 @@ class HTTPApi:
         return JSONResponse(openai_protocol.models_list([self.server.engine.name], self.started))
 
     async def chat(self, request):
-        defaults = self.server.config.generation_defaults
+        defaults = self.server.generation_defaults
         return await self.answer(openai_protocol.chat_request(await self.body(request), defaults), chat=True)
 
     async def completions(self, request):
-        defaults = self.server.config.generation_defaults
+        defaults = self.server.generation_defaults
         return await self.answer(openai_protocol.completion_request(await self.body(request), defaults), chat=False)
 
     # -- answering -----------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ class ResponsesEndpoints:
 
     async def create(self, request):
         server = self.api.server
-        wanted = responses_request(await self.api.body(request), server.config.generation_defaults)
+        wanted = responses_request(await self.api.body(request), server.generation_defaults)
         if not wanted.store:  # a plain request, told as events
             return await self._answer_unstored(wanted)
         try:

@@ -38,9 +38,9 @@ class Job:
     def fail(self, text: str) -> None:
         self.emit(protocol.error(text))
 
-    def batch_kind(self, engine) -> str | None:
-        """Jobs of the same kind may run together in a batch; None: this one runs alone."""
-        return None
+    def batchable(self, engine) -> bool:
+        """Whether the job may share the batch with other requests; one that may not runs alone."""
+        return False
 
     def run(self, worker) -> None:
         """Do the work alone on the worker thread; what it raises, the worker reports through `fail`."""
@@ -60,8 +60,8 @@ class InferenceJob(Job):
     def images(self) -> int:
         return sum(len(turn.get("images", ())) for turn in self.messages)
 
-    def batch_kind(self, engine) -> str | None:
-        return engine.batch_kind(self.settings, self.images)
+    def batchable(self, engine) -> bool:
+        return engine.batchable(self.images)
 
     def prepare(self, engine):
         """Tokenize, refuse a prompt that leaves no room, clamp max_new_tokens to the room left, and say

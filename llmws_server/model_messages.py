@@ -6,6 +6,7 @@ import logging
 import time
 
 from . import catalog, protocol, resources
+from .config import generation_defaults
 from .engines import load_engine
 from .jobs import SnapshotJob, SwitchJob, TrainJob
 from .training import TrainStatus, train_request
@@ -74,6 +75,8 @@ class ModelMessages:
         self.loaded_fingerprint = catalog.fingerprint(engine.path)
         if failure:
             return
+        self.generation_defaults.clear()
+        self.generation_defaults.update(generation_defaults(self.config, engine.path))
         for session in self.sessions.sessions.values():
             if session is not switcher and session.connection is not None:
                 session.emit(protocol.log(f"Model switched to {engine.name} (max context {engine.max_context})"))

@@ -13,6 +13,7 @@ from websockets.exceptions import ConnectionClosed
 
 from . import catalog, protocol, resources
 from .batching import BatchingWorker
+from .config import generation_defaults
 from .connection import MESSAGES_PER_SECOND, Connection, remote_address
 from .downloads import Downloads
 from .handshake import Handshake
@@ -36,9 +37,15 @@ class LLMWSServer(ModelMessages):
     def __init__(self, config, engine):
         self.config = config
         self.limits = config.limits
-        self.sessions = SessionStore(config.paths["sessions_dir"], config.generation_defaults,
+        # For the model loaded now; the sessions and the HTTP API read it, a switch updates it in place
+        self.generation_defaults = generation_defaults(config, engine.path)
+        self.sessions = SessionStore(config.paths["sessions_dir"], self.generation_defaults,
                                      self.limits["max_sessions"])
         batch = config.optimization["max_batch_size"]
+        if batch == "auto":
+            batch = engine.batch_size()
+            log.info("batching up to %d requests at once (optimization.max_batch_size \"auto\" on %s)",
+                     batch, engine.device)
         self.worker = BatchingWorker(engine, batch) if batch > 1 else Worker(engine)
         self.metrics = Metrics(self)
         self.loaded_fingerprint = catalog.fingerprint(engine.path)  # what recheck_model compares with
@@ -223,7 +230,7 @@ class LLMWSServer(ModelMessages):
                 turn["images"] = [next(decoded) for _ in turn["images"]]
 
     async def on_config(self, session, message):
-        session.config.update(settings_update(message.get("data"), "data"))
+        session.overrides.update(settings_update(message.get("data"), "data"))
         session.reply(protocol.config_ack(session.config))
 
     async def on_ping(self, session, message):

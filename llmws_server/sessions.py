@@ -50,10 +50,11 @@ def parse_session_id(value) -> str | None:
 
 
 class Session:
-    def __init__(self, session_id: str, sessions_dir: Path, generation_config: dict):
+    def __init__(self, session_id: str, sessions_dir: Path, generation_defaults: dict):
         self.id = session_id
         self.buffer_file = sessions_dir / session_id / "buffer.jsonl"
-        self.config = dict(generation_config)
+        self.defaults = generation_defaults  # the server's, for the model loaded now
+        self.overrides = {}  # what the session's `config` messages set
         self.seq = 0
         self.connection = None  # the live Connection, if any
         self.jobs = {}  # request_id -> job, queued or running
@@ -61,6 +62,11 @@ class Session:
         self.buffer_bytes = 0  # written since the last ack
         self.detached_at = None  # when the last connection left, while none is live
         self.response = None  # for a stored response of the HTTP API: what its events are told with
+
+    @property
+    def config(self) -> dict:
+        """The session's generation settings: its own over the server's defaults."""
+        return {**self.defaults, **self.overrides}
 
     @property
     def label(self) -> str:

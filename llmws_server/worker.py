@@ -101,8 +101,12 @@ class Worker:
             job.fail(OOM_MESSAGE)
 
     def _position(self, job) -> int:
-        """How many requests are ahead of a waiting job, a running one included (lock held)."""
-        return next(index for index, waiting in enumerate(self.queue) if waiting is job) + self._busy()
+        return self._position_at(next(index for index, waiting in enumerate(self.queue) if waiting is job))
+
+    def _position_at(self, index: int) -> int:
+        """How many requests are ahead of the job at `index` in the queue, a running one included; 0: it
+        starts now (lock held)."""
+        return index + self._busy()
 
     def _positions_changed(self) -> None:
         """Have the event loop tell the waiting jobs their new positions, coalesced (lock held)."""
@@ -116,10 +120,10 @@ class Worker:
         """On the event loop. Under the lock, so no job told its place can have started meanwhile."""
         with self.lock:
             self.update_pending, self.updated_at = False, time.monotonic()
-            busy = self._busy()
             for index, waiting in enumerate(self.queue):
-                if waiting.position != index + busy:
-                    waiting.position = index + busy
+                position = self._position_at(index)
+                if waiting.position != position:
+                    waiting.position = position
                     if waiting.position:  # nothing ahead: it starts now, there is nothing to tell
                         waiting.emit(protocol.queued(waiting.position))
 

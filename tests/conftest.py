@@ -80,6 +80,8 @@ class ServerProcess:
         self.config = json.loads(json.dumps(DEFAULTS))
         for section, values in overrides.items():
             self.config[section].update(values)
+        # As the shipped config.json: generation settings from the model unless a test sets them
+        self.config["generation_defaults"] = dict(overrides.get("generation_defaults", {}))
         self.config["server"]["host"] = "127.0.0.1"
         # The HTTP API only where a test asks for it (on a free port): servers run side by side.
         self.config["server"]["http_port"] = overrides.get("server", {}).get("http_port")

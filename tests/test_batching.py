@@ -1,12 +1,13 @@
-"""The batching worker (optimization.max_batch_size > 1): many requests at once, in arrival order, with
-everything else as with one worker."""
+"""The batching worker, on by default (optimization.max_batch_size "auto"): many requests at once, whatever
+their settings, in arrival order, with everything else as with one worker."""
 import asyncio
+import re
 import shutil
 
 import pytest
 
 from conftest import BLOCKER, Client, inference, text_of
-from llmws_server.engine_batching import PAGE_SIZE, cache_pages
+from llmws_server.engine_batching import PAGE_SIZE, SLOT_TOKENS, cache_pages
 
 PROMPTS = ["Tell me about rivers", "A long story", "Name a colour", "Why is the sky blue?", "Count to ten",
            "What is a dragon?"]
@@ -15,29 +16,61 @@ SLOTS = 4
 
 @pytest.fixture(scope="module")
 def batch_server(start_server, tiny_model):
-    # Continuous batching cannot apply a repetition penalty: 1.0 lets every request join a batch.
+    """The shipped settings but float32 (as alone_server; the tiny model has no generation_config.json, so
+    requests get the built-in defaults: sampled at 0.7, no penalty)."""
     def populate(root):
         shutil.copytree(tiny_model, root / "models" / "tiny-a")
         shutil.copytree(tiny_model, root / "models" / "tiny-b")
-    return start_server(None, populate, optimization={"max_batch_size": SLOTS, "dtype": "float32"},
-                        generation_defaults={"repetition_penalty": 1.0})
+    return start_server(None, populate, optimization={"dtype": "float32"})
 
 
 @pytest.fixture(scope="module")
 def alone_server(start_server, tiny_model):
-    """One request at a time, in float32 like batch_server: the texts must be equal to the token, and in
-    bfloat16 on a GPU batched and single kernels round differently (on an H100 they part after ~35 tokens)."""
-    return start_server(tiny_model, optimization={"dtype": "float32"})
+    """One request at a time (max_batch_size 1), in float32 like batch_server: the texts must be equal to the
+    token, and in bfloat16 on a GPU batched and single kernels round differently."""
+    return start_server(tiny_model, optimization={"dtype": "float32", "max_batch_size": 1})
+
+
+async def together(server, messages):
+    """Send every message at once from its own client. Returns each client's messages, and every message as
+    (client, message) in the order they arrived across clients."""
+    clients = [await Client.open(server.url) for _ in messages]
+    for client, message in zip(clients, messages):
+        await client.send(message)
+    events = []
+
+    async def follow(index, client):
+        received = []
+        while not received or received[-1]["type"] not in ("done", "error"):
+            received.append(await client.recv(timeout=120))
+            events.append((index, received[-1]))
+        return received
+
+    results = await asyncio.gather(*(follow(index, client) for index, client in enumerate(clients)))
+    for client in clients:
+        await client.close()
+    return results, events
+
+
+def generated_together(events, streams: int) -> bool:
+    """Every stream started before any had half of its tokens: they generated at the same time (one after
+    the other, the second would start only after the first's last token)."""
+    totals = [0] * streams
+    for index, message in events:
+        totals[index] += message["type"] == "token"
+    seen, started = [0] * streams, set()
+    for index, message in events:
+        if message["type"] == "start":
+            started.add(index)
+        elif message["type"] == "token":
+            seen[index] += 1
+            if seen[index] > totals[index] / 2 and len(started) < streams:
+                return False
+    return len(started) == streams
 
 
 async def answers(server, prompts, max_new_tokens=40, **config):
-    """Send every prompt at once from its own client; return each client's messages."""
-    clients = [await Client.open(server.url) for _ in prompts]
-    for client, prompt in zip(clients, prompts):
-        await client.send(inference(prompt, max_new_tokens=max_new_tokens, **config))
-    results = await asyncio.gather(*(client.until("done", "error") for client in clients))
-    for client in clients:
-        await client.close()
+    results, _ = await together(server, [inference(prompt, max_new_tokens, **config) for prompt in prompts])
     return results
 
 
@@ -45,29 +78,41 @@ async def answers_alone(server, prompts, max_new_tokens=40, **config):
     return [text_of((await answers(server, [prompt], max_new_tokens, **config))[0]) for prompt in prompts]
 
 
-async def test_greedy_text_is_the_same_batched_as_alone(batch_server, alone_server):
-    alone = await answers_alone(alone_server, PROMPTS, repetition_penalty=1.0)
-    batched = [text_of(messages) for messages in await answers(batch_server, PROMPTS)]
-    assert batched == alone
+async def test_mixed_settings_share_one_batch_and_each_keeps_its_own(batch_server, alone_server):
+    """Greedy, sampled and penalised requests generate together, none queued; the greedy ones, penalised or
+    not, write exactly what they write alone."""
+    greedy = [{}, {"repetition_penalty": 1.1}, {}, {"repetition_penalty": 1.3}]
+    sampled = [{"temperature": 0.7}, {"temperature": 1.0, "top_p": 0.9, "repetition_penalty": 1.1}]
+    messages = [inference(PROMPTS[i], 40, **config) for i, config in enumerate(greedy)]
+    messages += [inference(PROMPTS[4 + i], 40, **config) for i, config in enumerate(sampled)]
+    results, events = await together(batch_server, messages)
+    assert generated_together(events, len(messages))
+    assert not [m for m in sum(results, []) if m["type"] == "queued"]
+    assert all(messages[-1]["type"] == "done" and messages[-1]["total_tokens"] == 40 for messages in results)
+    for index, config in enumerate(greedy):
+        [alone] = await answers_alone(alone_server, [PROMPTS[index]], 40, **config)
+        assert text_of(results[index]) == alone, config
+
+
+async def test_a_penalty_changes_the_text_in_a_batch_as_it_does_alone(batch_server, alone_server):
+    [plain] = await answers(batch_server, [PROMPTS[0]], 60)
+    [penalised] = await answers(batch_server, [PROMPTS[0]], 60, repetition_penalty=1.5)
+    assert text_of(penalised) != text_of(plain)
+    assert text_of(penalised) == (await answers_alone(alone_server, [PROMPTS[0]], 60, repetition_penalty=1.5))[0]
 
 
 async def test_a_prompt_longer_than_one_batching_step_gives_the_same_text(batch_server, alone_server):
     # Over MAX_BATCH_TOKENS (512) tokens, the prompt is prefilled in pieces while the others decode.
     prompts = [" ".join(["river stone"] * 400), *PROMPTS[:3]]
-    alone = await answers_alone(alone_server, prompts, repetition_penalty=1.0)
+    alone = await answers_alone(alone_server, prompts)
     results = await answers(batch_server, prompts)
     assert next(m for m in results[0] if m["type"] == "start")["tokens_in"] > 512
     assert [text_of(messages) for messages in results] == alone
 
 
-async def test_a_repetition_penalty_runs_alone_and_is_honoured(batch_server, alone_server):
-    alone = await answers_alone(alone_server, PROMPTS[:2], repetition_penalty=1.3)
-    batched = [text_of(messages) for messages in await answers(batch_server, PROMPTS[:2], repetition_penalty=1.3)]
-    assert batched == alone
-
-
-async def test_requests_start_in_arrival_order_and_the_fifth_waits_for_a_slot(batch_server):
-    clients = [await Client.open(batch_server.url) for _ in PROMPTS]
+async def test_requests_start_in_arrival_order_and_the_fifth_waits_for_a_slot(start_server, tiny_model):
+    server = start_server(tiny_model, optimization={"max_batch_size": SLOTS})
+    clients = [await Client.open(server.url) for _ in PROMPTS]
     for index, client in enumerate(clients):
         await client.send(inference(PROMPTS[index], max_new_tokens=300))
     events = []
@@ -114,29 +159,16 @@ async def test_a_cancel_stops_only_that_request_and_a_resume_mid_batch_is_exact(
     await canceller.close()
 
 
-async def test_different_settings_wait_for_the_batch_to_drain(batch_server):
-    greedy, sampled = await Client.open(batch_server.url), await Client.open(batch_server.url)
-    await greedy.send(inference("first", max_new_tokens=150))
-    await greedy.until("start")
-    await sampled.send(inference("second", max_new_tokens=5, temperature=1.0, top_k=0, top_p=1.0))
-    assert (await sampled.recv())["type"] == "queued"  # a slot is free, but not for these settings
-    first = await greedy.until("done")
-    second = await sampled.until("done")
-    assert first[-1]["total_tokens"] == 150 and second[-1]["total_tokens"] == 5
-    await greedy.close()
-    await sampled.close()
-
-
 async def test_sampled_requests_with_different_settings_share_a_batch_and_keep_their_own(batch_server, alone_server):
     # top_k 1 leaves only the most likely token, so that request must give the greedy text even though it
     # samples beside one at temperature 1.5 with every token allowed.
-    [greedy] = await answers_alone(alone_server, ["Name a colour"], max_new_tokens=60, repetition_penalty=1.0)
+    [greedy] = await answers_alone(alone_server, ["Name a colour"], max_new_tokens=60)
     wild, narrow = await Client.open(batch_server.url), await Client.open(batch_server.url)
     await wild.send(inference("A long story", max_new_tokens=400, temperature=1.5, do_sample=True, top_k=0, top_p=1.0))
     await wild.until("start")
     await narrow.send(inference("Name a colour", max_new_tokens=60, temperature=1.0, do_sample=True, top_k=1,
                                 top_p=1.0))
-    assert (await narrow.recv())["type"] == "start"  # joined at once: no queueing for other settings
+    assert (await narrow.recv())["type"] == "start"  # joined at once
     narrow_messages, wild_messages = await narrow.until("done"), await wild.until("done")
     assert text_of(narrow_messages) == greedy
     assert wild_messages[-1]["type"] == "done"  # sampling may draw the end token before 400
@@ -169,8 +201,7 @@ async def test_context_limit_with_batching(batch_server):
 
 
 async def test_the_time_limit_holds_in_a_batch(start_server, tiny_model):
-    server = start_server(tiny_model, optimization={"max_batch_size": SLOTS}, limits={"timeout_token_generation": 0.5},
-                          generation_defaults={"repetition_penalty": 1.0})
+    server = start_server(tiny_model, limits={"timeout_token_generation": 0.5})
     clients = [await Client.open(server.url) for _ in range(2)]
     for client in clients:
         await client.send(BLOCKER)
@@ -180,7 +211,28 @@ async def test_the_time_limit_holds_in_a_batch(start_server, tiny_model):
         await client.close()
 
 
-def test_the_kv_cache_holds_every_slot_at_full_context_unless_memory_is_short():
-    assert cache_pages(8, 8192, 300_000) == 8 * 8192 // PAGE_SIZE
-    assert cache_pages(8, 8192, None) == 8 * 8192 // PAGE_SIZE  # sliding windows only: no growth to bound
+async def test_the_batch_is_opened_at_start_and_after_a_switch_before_any_request(start_server, tiny_model):
+    """No first request pays for setting the batch up: it is ready (warmed up) before the server listens for
+    long, and again when a switch is done."""
+    def populate(root):
+        shutil.copytree(tiny_model, root / "models" / "tiny-b")
+    server = start_server(tiny_model, populate)
+    out = await server.wait_for_output("requests ready")
+    assert re.search(r'batching up to (\d+) requests at once \(optimization.max_batch_size "auto" on cpu\)', out)
+    client = await Client.open(server.url)
+    await client.send({"type": "switch_model", "model_path": "tiny-b"})
+    await client.until("model_switched")
+    for _ in range(600):
+        if server.output().count("requests ready") == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert server.output().count("requests ready") == 2
+    assert (await client.until_done(inference("after", 3)))[-1]["total_tokens"] == 3
+    await client.close()
+
+
+def test_the_kv_cache_holds_slot_tokens_a_slot_and_one_full_context_unless_memory_is_short():
+    assert cache_pages(8, 8192, 300_000) == 8 * SLOT_TOKENS // PAGE_SIZE
+    assert cache_pages(2, 8192, None) == 8192 // PAGE_SIZE  # one request may always use the whole context
+    assert cache_pages(8, 1024, None) == 8 * 1024 // PAGE_SIZE  # a short context: no slot needs more
     assert cache_pages(8, 90931, 90931) == -(-90931 // PAGE_SIZE)  # a big model on a small GPU: what fits

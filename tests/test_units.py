@@ -13,7 +13,7 @@ from llmws_server import catalog, openai_protocol, protocol
 from llmws_server.batching import BatchingWorker
 from llmws_server.config import DEFAULTS, GenerationSettings, load_config
 from llmws_server.engine_api import Progress, Prompt
-from llmws_server.jobs import InferenceJob, SwitchJob
+from llmws_server.jobs import InferenceJob, Job, SwitchJob
 from llmws_server.worker import Worker
 
 DEFAULT_SETTINGS = DEFAULTS["generation_defaults"]
@@ -28,7 +28,7 @@ def test_an_inference_request_carries_its_turns_and_its_settings_over_the_sessio
     assert request.turns == [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Hi"}]
     assert request.request_id == "r-1"
     assert request.settings == GenerationSettings(**{**DEFAULT_SETTINGS, "temperature": 0, "max_new_tokens": 7})
-    assert not request.settings.sampled and request.settings.penalized
+    assert not request.settings.sampled and not request.settings.penalized  # the fallback: no penalty
 
 
 @pytest.mark.parametrize("config, field", [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
@@ -91,13 +91,15 @@ def test_the_catalog_deletes_only_unloaded_folders_of_var_models(folders):
 class ScriptedBatch:
     """Each request gains one token per look and finishes at its max_tokens; the log says when."""
 
-    def __init__(self, engine, kind):
-        self.engine, self.kind, self.requests = engine, kind, {}
+    def __init__(self, engine):
+        self.engine, self.requests, self.added = engine, {}, 0
 
     def add(self, prompt, max_tokens, settings):
-        name = f"{self.kind}-{len(self.requests)}"
+        name = f"request-{self.added}"
+        self.added += 1
         self.requests[name] = [prompt.ids[0], 0, max_tokens]
-        self.engine.events.append(("add", prompt.ids[0], self.kind))
+        kind = "sampled" if settings.sampled else "greedy"
+        self.engine.events.append(("add", prompt.ids[0], kind + (" penalised" if settings.penalized else "")))
         return name
 
     def cancel(self, request):
@@ -119,11 +121,11 @@ class ScriptedBatch:
         return None
 
     def close(self):
-        self.engine.events.append(("close", self.kind))
+        self.engine.events.append(("close",))
 
 
 class ScriptedEngine:
-    """Prompts are one token, the request's number; a penalty runs alone, greedy and sampled batch apart."""
+    """Prompts are one token, the request's number; every request batches."""
     name, path, vision, max_context, params, device, dtype_name = "scripted", Path("x"), False, 100, 1, "cpu", "-"
 
     def __init__(self):
@@ -132,12 +134,12 @@ class ScriptedEngine:
     def encode(self, messages):
         return Prompt([int(messages[-1]["content"])])
 
-    def batch_kind(self, settings, images):
-        return None if settings.penalized else "sample" if settings.sampled else "greedy"
+    def batchable(self, images):
+        return not images
 
-    def open_batch(self, kind, slots, max_new_tokens):
-        self.events.append(("open", kind))
-        return ScriptedBatch(self, kind)
+    def open_batch(self, slots):
+        self.events.append(("open", slots))
+        return ScriptedBatch(self)
 
     def generate(self, prompt, settings, max_new_tokens, on_text, should_stop):
         self.events.append(("alone", prompt.ids[0]))
@@ -176,26 +178,40 @@ def job(session, loop, number, max_tokens=3, **settings):
     return InferenceJob(session, loop, protocol.inference_request(message, DEFAULT_SETTINGS), 60)
 
 
-def test_the_batch_admits_in_order_and_nothing_passes_a_request_that_waits(event_loop_thread):
-    """1 and 2 batch greedy; 3 (sampled) waits for them to drain and 4 (greedy) may not pass it; 5 (a
-    penalty) runs alone once 4 has drained; 6 opens a new greedy batch."""
+class AloneJob(Job):
+    """A job that is not a request (as a model switch): it runs alone, and says so in the log."""
+
+    def __init__(self, session, loop, engine, number):
+        super().__init__(session, loop)
+        self.engine, self.number = engine, number
+
+    def run(self, worker):
+        self.engine.events.append(("alone", self.number))
+        self.emit(protocol.done(0, "stop", 0.0))
+
+
+def test_the_batch_admits_in_order_and_nothing_passes_a_job_that_waits(event_loop_thread):
+    """1-3 share the open batch whatever their settings (greedy, sampled, penalised); 4 must run alone,
+    so it waits for them to drain, and 5 may not pass it; after 4, 5 and 6 share a batch again."""
     loop, engine = event_loop_thread, ScriptedEngine()
     session = Recorder(6)
     worker = BatchingWorker(engine, 4)
-    jobs = [job(session, loop, 1), job(session, loop, 2, max_tokens=5), job(session, loop, 3, temperature=0.7),
-            job(session, loop, 4), job(session, loop, 5, repetition_penalty=1.2), job(session, loop, 6)]
+    jobs = [job(session, loop, 1), job(session, loop, 2, max_tokens=5, temperature=0.7),
+            job(session, loop, 3, repetition_penalty=1.2), AloneJob(session, loop, engine, 4),
+            job(session, loop, 5), job(session, loop, 6, temperature=0.7, repetition_penalty=1.1)]
     for each in jobs:  # queued before the worker starts: all of them are there at its first look
         worker.submit(each)
     worker.start(loop)
     assert session.all_done.wait(10)
     worker.stop()
-    assert engine.events == [("open", "greedy"), ("add", 1, "greedy"), ("add", 2, "greedy"), ("end", 1),
-                             ("end", 2), ("close", "greedy"), ("open", "sample"), ("add", 3, "sample"), ("end", 3),
-                             ("close", "sample"), ("open", "greedy"), ("add", 4, "greedy"), ("end", 4),
-                             ("close", "greedy"), ("alone", 5), ("open", "greedy"), ("add", 6, "greedy"),
-                             ("end", 6), ("close", "greedy")]
-    done = {m["request_id"]: m for m in session.messages if m["type"] == "done"}
-    assert [done[f"r{n}"]["total_tokens"] for n in range(1, 7)] == [3, 5, 3, 3, 1, 3]
+    assert engine.events == [("open", 4), ("add", 1, "greedy"), ("add", 2, "sampled"),
+                             ("add", 3, "greedy penalised"), ("end", 1), ("end", 3), ("end", 2), ("close",),
+                             ("alone", 4), ("open", 4), ("add", 5, "greedy"), ("add", 6, "sampled penalised"),
+                             ("end", 5), ("end", 6), ("close",)]
+    done = [m for m in session.messages if m["type"] == "done"]
+    assert sorted(m.get("request_id") or "alone" for m in done) == ["alone", "r1", "r2", "r3", "r5", "r6"]
+    assert {m["request_id"]: m["total_tokens"] for m in done if m.get("request_id")} == {
+        "r1": 3, "r2": 5, "r3": 3, "r5": 3, "r6": 3}
 
 
 def test_stopping_during_a_model_switch_ends_cleanly(event_loop_thread):
