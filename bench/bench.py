@@ -4,8 +4,14 @@ settings, in one run. Prints a table, writes bench/results/bench.json and bench/
 
     python bench/bench.py [--quick] [--model DIR] [--targets raw,llmws,...] [--no-serve] [--rounds 3]
 
-Targets: raw (model.generate in-process), llmws, llmws-batched, serve and serve-cb (transformers serve),
-llamacpp (llama-cpp-python in-process on the default model's GGUF), llmws-gguf (this server on that GGUF).
+Targets: raw (model.generate in-process, no streamer: the limit of eager transformers), llmws (the server
+with the shipped config.json: batching on), llmws-mixed (the same, its clients half greedy and half
+sampled, a third with a repetition penalty), llmws-alone (max_batch_size 1), serve and serve-cb
+(transformers serve), llamacpp (llama-cpp-python in-process on the default model's GGUF), llmws-gguf (this
+server on that GGUF).
+
+Tokens are tokens: what the server's `done` (or the API's usage) counts, never streamed pieces; chars/s
+beside them is the rate that no chunking changes.
 
 Every target stays up for the whole run and the rounds go over them in alternating order, so a slow
 minute on a noisy machine falls on all of them alike; each row is the median over the rounds.
@@ -71,6 +77,11 @@ class Stream:
         return (self.tokens - 1) / max(self.last - self.first, 1e-9)
 
     @property
+    def end_to_end_rate(self) -> float:
+        """Tokens over the whole request, from sending it to its last token."""
+        return self.tokens / max(self.last - self.sent, 1e-9)
+
+    @property
     def chars_rate(self) -> float:
         return (len(self.text) - self.first_chars) / max(self.last - self.first, 1e-9)
 
@@ -78,15 +89,15 @@ class Stream:
 # -- targets ---------------------------------------------------------------------------------------
 
 class RawGenerate:
-    """The limit: generate() with a TextIteratorStreamer in this process, one request at a time."""
+    """The limit: generate() in this process, one request at a time, with no streamer (a streamer consumed
+    in a second thread slows generate() itself). Its time to first token is a generate() of one token."""
 
     name = "raw generate"
 
     def __init__(self, model_dir, max_tokens):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.torch, self.streamer_class = torch, TextIteratorStreamer
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if not torch.cuda.is_available()
                                                           else torch.bfloat16, device_map="auto")
@@ -96,22 +107,24 @@ class RawGenerate:
     def run(self, clients: int) -> list[Stream]:
         return [self._one() for _ in range(clients)]
 
+    def _generate(self, inputs, max_tokens):
+        return self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, temperature=None,
+                                   top_p=None, top_k=None)
+
     def _one(self) -> Stream:
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
                                                   add_generation_prompt=True)
-        stream = Stream()
         inputs = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").to(self.model.device)
-        streamer = self.streamer_class(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        result = {}
-        thread = threading.Thread(target=lambda: result.update(out=self.model.generate(
-            **inputs, streamer=streamer, max_new_tokens=self.max_tokens, do_sample=False, temperature=None,
-            top_p=None, top_k=None)))
-        thread.start()
-        for piece in streamer:
-            if piece:
-                stream.piece(piece)
-        thread.join()
-        stream.tokens = result["out"].shape[1] - inputs["input_ids"].shape[1]
+        started = time.monotonic()
+        self._generate(inputs, 1)
+        ttft = time.monotonic() - started
+        stream = Stream()
+        out = self._generate(inputs, self.max_tokens)
+        generated = out[0, inputs["input_ids"].shape[1]:]
+        stream.piece("")  # the first token's time is the one-token generate's
+        stream.first = stream.sent + ttft
+        stream.piece(self.tokenizer.decode(generated, skip_special_tokens=True))
+        stream.tokens = len(generated)
         return stream
 
     def stop(self):
@@ -149,28 +162,38 @@ class LlamaCppTarget:
         self.llama.close()
 
 
+# llmws-mixed: client i's settings, in turn (a third penalised): greedy ones give the same text as alone.
+MIXED = [{"temperature": 0}, {"temperature": 0.7}, {"temperature": 0, "repetition_penalty": 1.1},
+         {"temperature": 0.7, "top_p": 0.9}, {"temperature": 0}, {"temperature": 0.7, "repetition_penalty": 1.1}]
+
+
 class LLMWSTarget:
-    def __init__(self, model_dir, max_tokens, folder, batch=1):
-        self.name = "llmws" + (f" max_batch_size={batch}" if batch > 1 else "") + (
-            " llama.cpp" if "GGUF" in str(model_dir) else "")
-        self.port, self.max_tokens = free_port(), max_tokens
-        self.process = start_server(model_dir, self.port, folder, {"generation_defaults": {"repetition_penalty": 1.0},
-                                                                   "optimization": {"max_batch_size": batch}})
+    def __init__(self, model_dir, max_tokens, folder, batch=None, mixed=False):
+        self.name = "llmws" + (" llama.cpp" if "GGUF" in str(model_dir) else "") + (
+            " one at a time" if batch == 1 else "") + (" mixed settings" if mixed else "")
+        self.port, self.max_tokens, self.mixed = free_port(), max_tokens, mixed
+        config = {"optimization": {"max_batch_size": batch}} if batch else {}  # else the shipped config
+        self.process = start_server(model_dir, self.port, folder, config)
         self.pid = self.process.pid
 
     def run(self, clients: int) -> list[Stream]:
         return asyncio.run(self._run(clients))
 
+    def settings(self, index: int) -> dict:
+        if self.mixed:
+            return {"repetition_penalty": 1.0, **MIXED[index % len(MIXED)]}
+        return {"temperature": 0, "repetition_penalty": 1.0}
+
     async def _run(self, clients):
         from websockets.asyncio.client import connect
 
-        async def one():
+        async def one(index):
             async with connect(f"ws://127.0.0.1:{self.port}") as websocket:
                 await websocket.send("{}")
                 await websocket.recv()
                 stream = Stream()
                 await websocket.send(json.dumps({"type": "inference", "prompt": {"user": PROMPT}, "config": {
-                    "temperature": 0, "max_new_tokens": self.max_tokens, "repetition_penalty": 1.0}}))
+                    "max_new_tokens": self.max_tokens, **self.settings(index)}}))
                 async for raw in websocket:
                     message = json.loads(raw)
                     if message["type"] == "token":
@@ -179,7 +202,7 @@ class LLMWSTarget:
                         stream.tokens = message["total_tokens"]
                         await websocket.send('{"type": "ack"}')
                         return stream
-        return await asyncio.gather(*(one() for _ in range(clients)))
+        return await asyncio.gather(*(one(index) for index in range(clients)))
 
     def stop(self):
         self.process.terminate()
@@ -264,11 +287,12 @@ def summarize(name: str, clients: int, runs: list[dict]) -> dict:
             "ttft_p50_s": round(statistics.median(stream.ttft for stream in streams), 3),
             "ttft_max_s": round(max(stream.ttft for stream in streams), 3),
             "decode_tokens_per_s": round(statistics.median(stream.decode_rate for stream in streams), 2),
+            "end_to_end_tokens_per_s": round(statistics.median(stream.end_to_end_rate for stream in streams), 2),
             "decode_chars_per_s": round(statistics.median(stream.chars_rate for stream in streams), 1),
             "aggregate_tokens_per_s": round(statistics.median(aggregates), 2),
             "aggregate_per_round": [round(value, 2) for value in aggregates],
             "peak_rss_mb": round(max(run["peak"] for run in runs) / 1024 ** 2),
-            "texts": sorted({stream.text for stream in streams})}
+            "texts": sorted({stream.text for stream in streams}) if "mixed" not in name else []}
 
 
 def chart(rows, path: Path) -> None:
@@ -289,16 +313,17 @@ def chart(rows, path: Path) -> None:
     figure.savefig(path, dpi=100)
 
 
-TARGETS = ["raw", "llmws", "llmws-batched", "serve", "serve-cb", "llamacpp", "llmws-gguf"]
+TARGETS = ["raw", "llmws", "llmws-mixed", "llmws-alone", "serve", "serve-cb", "llamacpp", "llmws-gguf"]
 GGUF_MODEL = REPO / "models" / "SmolLM2-135M-Instruct-GGUF"
 
 
-def make_target(kind: str, model: str, max_tokens: int, folder: Path, batch: int):
+def make_target(kind: str, model: str, max_tokens: int, folder: Path):
     return {"raw": lambda: RawGenerate(model, max_tokens),
             "llamacpp": lambda: LlamaCppTarget(GGUF_MODEL, max_tokens),
             "llmws-gguf": lambda: LLMWSTarget(GGUF_MODEL, max_tokens, folder),
             "llmws": lambda: LLMWSTarget(model, max_tokens, folder),
-            "llmws-batched": lambda: LLMWSTarget(model, max_tokens, folder, batch=batch),
+            "llmws-mixed": lambda: LLMWSTarget(model, max_tokens, folder, mixed=True),
+            "llmws-alone": lambda: LLMWSTarget(model, max_tokens, folder, batch=1),
             "serve": lambda: ServeTarget(model, max_tokens, False),
             "serve-cb": lambda: ServeTarget(model, max_tokens, True)}[kind]()
 
@@ -307,6 +332,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(REPO / "models" / "SmolLM2-135M-Instruct"))
     parser.add_argument("--quick", action="store_true", help="32 tokens, 1 and 4 clients, one round")
+    parser.add_argument("--clients", default="1,4,8,16,32", help="comma-separated client counts")
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, from {', '.join(TARGETS)}")
     parser.add_argument("--no-serve", action="store_true", help="leave out transformers serve")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over every target, for medians")
@@ -316,7 +342,8 @@ def main() -> int:
     ensure_venv()
     import tempfile
 
-    max_tokens, counts, rounds = (32, [1, 4], 1) if args.quick else (128, [1, 4, 8], args.rounds)
+    counts = [int(count) for count in args.clients.split(",")]
+    max_tokens, counts, rounds = (32, [1, 4], 1) if args.quick else (128, counts, args.rounds)
     kinds = [kind for kind in args.targets.split(",") if not (args.no_serve and kind.startswith("serve"))]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -324,10 +351,13 @@ def main() -> int:
         targets = []
         try:
             for kind in kinds:
-                targets.append(make_target(kind, args.model, max_tokens, Path(folder), max(counts)))
+                (Path(folder) / kind).mkdir()
+                targets.append(make_target(kind, args.model, max_tokens, Path(folder) / kind))
                 targets[-1].run(1)  # warm-up
+            one_at_a_time = (RawGenerate, LlamaCppTarget)
             cases = [(target, clients) for target in targets
-                     for clients in ([1] if isinstance(target, (RawGenerate, LlamaCppTarget)) else counts)]
+                     for clients in ([1] if isinstance(target, one_at_a_time) or "one at a time" in target.name
+                                     or "llama.cpp" in target.name else counts)]
             runs = {case: [] for case in cases}
             # Every target stays up and the rounds alternate their order, so a noisy minute hits them all alike.
             for number in range(rounds):
@@ -344,18 +374,18 @@ def main() -> int:
 
 def report(rows: list[dict], max_tokens: int, out: Path) -> None:
     texts = {text for row in rows for text in row["texts"]}
-    print(f"\n{'target':50} {'clients':>7} {'aggregate tok/s':>15} {'decode tok/s':>12} {'chars/s':>8} "
-          f"{'TTFT p50':>9} {'TTFT max':>9} {'peak MB':>8}")
+    print(f"\n{'target':44} {'clients':>7} {'aggregate tok/s':>15} {'e2e tok/s':>9} {'decode tok/s':>12} "
+          f"{'chars/s':>8} {'TTFT p50':>9} {'TTFT max':>9} {'peak MB':>8}")
     for row in rows:
-        print(f"{row['target']:50} {row['clients']:>7} {row['aggregate_tokens_per_s']:>15} "
-              f"{row['decode_tokens_per_s']:>12} {row['decode_chars_per_s']:>8} {row['ttft_p50_s']:>8}s "
-              f"{row['ttft_max_s']:>8}s {row['peak_rss_mb']:>8}")
+        print(f"{row['target']:44} {row['clients']:>7} {row['aggregate_tokens_per_s']:>15} "
+              f"{row['end_to_end_tokens_per_s']:>9} {row['decode_tokens_per_s']:>12} {row['decode_chars_per_s']:>8} "
+              f"{row['ttft_p50_s']:>8}s {row['ttft_max_s']:>8}s {row['peak_rss_mb']:>8}")
     summary = {"max_new_tokens": max_tokens, "prompt": PROMPT, "rows": rows}
     by_name = {(row["target"], row["clients"]): row for row in rows}
     raw, ours = by_name.get(("raw generate", 1)), by_name.get(("llmws", 1))
     if raw and ours:
-        summary["decode_ratio_1_client"] = ratio = ours["decode_tokens_per_s"] / raw["decode_tokens_per_s"]
-        print(f"\nllmws / raw generate, 1 client: decode {ratio:.3f}, "
+        summary["end_to_end_ratio_1_client"] = ratio = ours["end_to_end_tokens_per_s"] / raw["end_to_end_tokens_per_s"]
+        print(f"\nllmws / raw generate, 1 client: end-to-end tokens/s {ratio:.3f}, "
               f"TTFT {1000 * (ours['ttft_p50_s'] - raw['ttft_p50_s']):+.0f} ms")
     binding = next((row for row in rows if row["target"].startswith("llama-cpp-python") and row["clients"] == 1), None)
     gguf = by_name.get(("llmws llama.cpp", 1))
@@ -363,13 +393,16 @@ def report(rows: list[dict], max_tokens: int, out: Path) -> None:
         summary["llamacpp_chars_ratio_1_client"] = ratio = gguf["decode_chars_per_s"] / binding["decode_chars_per_s"]
         print(f"llmws llama.cpp / llama-cpp-python, 1 client: text rate {ratio:.3f}, "
               f"TTFT {1000 * (gguf['ttft_p50_s'] - binding['ttft_p50_s']):+.0f} ms")
-    clients = max(row["clients"] for row in rows)
-    batched = next((row for row in rows if "max_batch_size" in row["target"] and row["clients"] == clients), None)
-    serve = by_name.get(("transformers serve --continuous-batching", clients))
-    if batched and serve:
-        summary["batched_vs_serve_cb"] = ratio = batched["aggregate_tokens_per_s"] / serve["aggregate_tokens_per_s"]
-        print(f"llmws batched / serve --continuous-batching, {clients} clients: aggregate {ratio:.3f}, "
-              f"TTFT p50 {batched['ttft_p50_s']} s vs {serve['ttft_p50_s']} s")
+    for clients in sorted({row["clients"] for row in rows if row["clients"] > 1}):
+        ours, serve = by_name.get(("llmws", clients)), by_name.get(("transformers serve --continuous-batching", clients))
+        mixed = by_name.get(("llmws mixed settings", clients))
+        if ours and serve:
+            summary[f"vs_serve_cb_{clients}_clients"] = ratio = ours["aggregate_tokens_per_s"] / serve["aggregate_tokens_per_s"]
+            print(f"llmws / serve --continuous-batching, {clients} clients: aggregate {ratio:.3f}, "
+                  f"TTFT p50 {ours['ttft_p50_s']} s vs {serve['ttft_p50_s']} s")
+        if ours and mixed:
+            summary[f"mixed_vs_greedy_{clients}_clients"] = ratio = mixed["aggregate_tokens_per_s"] / ours["aggregate_tokens_per_s"]
+            print(f"llmws mixed settings / all greedy, {clients} clients: aggregate {ratio:.3f}")
     print(f"identical texts across targets: {'yes' if len(texts) == 1 else f'no ({len(texts)} different)'}")
     (out / "bench.json").write_text(json.dumps(summary, indent=2))
     chart(rows, out / "bench.png")

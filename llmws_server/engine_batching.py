@@ -117,7 +117,7 @@ class TransformersBatch:
         return OOM_MESSAGE if self.engine.is_out_of_memory(error) else f"Generation failed: {error}"
 
     def close(self) -> None:
-        self.manager.stop(block=True, timeout=30)
+        self.manager.stop(block=True, timeout=30, hard_stop=True)  # what still runs is cancelled
         if hasattr(self.model, "destroy_cached_continuous_batching_manager"):
             self.model.destroy_cached_continuous_batching_manager()
         self.streams.clear()

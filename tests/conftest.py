@@ -222,6 +222,9 @@ def text_of(messages: list[dict]) -> str:
 
 
 BLOCKER = inference("block", max_new_tokens=4000, request_id="blocker")  # runs for seconds: cancel it when done
+# The one-at-a-time worker, for tests of the queue: a blocker there makes every later request wait (with
+# batching on, the default, they would generate beside it; test_batching covers its queue).
+ONE_AT_A_TIME = {"max_batch_size": 1}
 
 
 @pytest.fixture(scope="session")

@@ -6,17 +6,18 @@ import sys
 import pytest
 
 from conftest import REPO, free_port
-from llmws_server.config import DEFAULTS, ConfigError, load_config, validate_generation
+from llmws_server.config import DEFAULTS, ConfigError, generation_defaults, load_config, validate_generation
 
 
 def test_repo_config_has_every_key_of_the_contract():
+    """Every key at its default, but generation settings: those are left to the model."""
     shipped = json.loads((REPO / "config.json").read_text())
-    assert shipped == DEFAULTS
+    assert shipped == {**DEFAULTS, "generation_defaults": {}}
 
 
 def test_missing_config_is_written_with_defaults(tmp_path):
     config = load_config(tmp_path / "config.json")
-    assert json.loads((tmp_path / "config.json").read_text()) == DEFAULTS
+    assert json.loads((tmp_path / "config.json").read_text()) == {**DEFAULTS, "generation_defaults": {}}
     assert config.server["port"] == 8765
     assert config.paths["sessions_dir"] == tmp_path / "var" / "sessions"
 
@@ -109,3 +110,26 @@ def test_a_model_path_that_does_not_exist_is_one_line_listing_those_that_do(tmp_
     assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
     assert refused.stderr.startswith("Model not found: ")
     assert "(models here: models/mine)" in refused.stderr
+
+
+def test_generation_defaults_come_from_config_json_then_the_model_then_the_built_in_ones(tmp_path):
+    model = tmp_path / "models" / "m"
+    model.mkdir(parents=True)
+    (model / "generation_config.json").write_text(json.dumps(
+        {"temperature": 0.3, "top_k": 20, "top_p": 7, "max_length": 20, "eos_token_id": 2}))  # top_p 7: not taken
+    (tmp_path / "config.json").write_text(json.dumps({"generation_defaults": {"top_k": 5}}))
+    settings = generation_defaults(load_config(tmp_path / "config.json"), model)
+    assert settings == {**DEFAULTS["generation_defaults"], "temperature": 0.3, "top_k": 5}
+    assert generation_defaults(load_config(tmp_path / "config.json"), tmp_path / "nothing") == {
+        **DEFAULTS["generation_defaults"], "top_k": 5}
+
+
+@pytest.mark.parametrize("value, accepted", [("auto", True), (1, True), (64, True), (0, False), ("many", False),
+                                             (2.5, False), (True, False)])
+def test_max_batch_size_is_auto_or_a_whole_number(tmp_path, value, accepted):
+    (tmp_path / "config.json").write_text(json.dumps({"optimization": {"max_batch_size": value}}))
+    if accepted:
+        assert load_config(tmp_path / "config.json").optimization["max_batch_size"] == value
+    else:
+        with pytest.raises(ConfigError, match="optimization.max_batch_size"):
+            load_config(tmp_path / "config.json")

@@ -9,7 +9,9 @@ from conftest import BLOCKER, Client, inference
 
 @pytest.fixture(scope="module")
 def limited_server(start_server, tiny_model):
-    return start_server(tiny_model, limits={"max_clients": 5, "queue_size_per_client": 2})
+    """The one-at-a-time worker (max_batch_size 1); test_batching has the batching one's order."""
+    return start_server(tiny_model, limits={"max_clients": 5, "queue_size_per_client": 2},
+                        optimization={"max_batch_size": 1})
 
 
 async def test_three_clients_are_served_in_arrival_order(limited_server):

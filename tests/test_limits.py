@@ -8,7 +8,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import BLOCKER, Client, inference
+from conftest import BLOCKER, ONE_AT_A_TIME, Client, inference
 from llmws_server.config import DEFAULTS
 from llmws_server.sessions import UNUSED_IDLE_S, SessionStore, simple_decrypt
 
@@ -27,7 +27,8 @@ async def closed_with(client_or_socket) -> ConnectionClosed:
 
 
 async def test_many_queued_then_cancelled_requests_cost_little(start_server, tiny_model):
-    server = start_server(tiny_model, limits={"max_queued_requests": 60, "queue_size_per_client": 1000})
+    server = start_server(tiny_model, limits={"max_queued_requests": 60, "queue_size_per_client": 1000},
+                          optimization=ONE_AT_A_TIME)
     blocker = await Client.open(server.url)
     await blocker.send(BLOCKER)
     await blocker.until("start")
@@ -66,7 +67,7 @@ async def test_a_session_buffer_over_its_cap_refuses_new_requests_until_acked(st
 
 
 async def test_queued_requests_of_a_client_long_gone_are_cancelled(start_server, tiny_model):
-    server = start_server(tiny_model, limits={"detached_queue_timeout_s": 1})
+    server = start_server(tiny_model, limits={"detached_queue_timeout_s": 1}, optimization=ONE_AT_A_TIME)
     blocker = await Client.open(server.url)
     await blocker.send(BLOCKER)
     await blocker.until("start")
@@ -131,7 +132,7 @@ async def test_connections_per_address_are_limited(start_server, tiny_model):
 
 
 async def test_a_newcomer_waits_behind_one_request_of_each_session_not_all_of_them(start_server, tiny_model):
-    server = start_server(tiny_model)
+    server = start_server(tiny_model, optimization=ONE_AT_A_TIME)
     blocker = await Client.open(server.url)
     await blocker.send(BLOCKER)
     await blocker.until("start")

@@ -9,7 +9,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import BLOCKER, REPO, Client, free_port, inference, text_of
+from conftest import BLOCKER, ONE_AT_A_TIME, REPO, Client, free_port, inference, text_of
 
 PROMPT = "Tell me about rivers"
 TOKEN = "http-secret"
@@ -120,7 +120,9 @@ async def test_bad_bodies_and_too_long_prompts_get_400_with_the_figures(http_ser
         assert ready.status_code == 200 and ready.json()["status"] == "ready"
 
 
-async def test_a_request_that_waits_is_told_its_place_and_shares_the_fifo(api, http_server):
+async def test_a_request_that_waits_is_told_its_place_and_shares_the_fifo(start_server, tiny_model):
+    http_server = start_server(tiny_model, server={"http_port": free_port()}, optimization=ONE_AT_A_TIME)
+    api = openai.AsyncOpenAI(base_url=http_server.http_url + "/v1", api_key="unused", max_retries=0)
     client = await Client.open(http_server.url)
     await client.send(BLOCKER)
     await client.until("start")

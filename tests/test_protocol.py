@@ -6,6 +6,7 @@ import torch
 from websockets.asyncio.client import connect
 
 from conftest import TINY_MAX_POSITIONS, Client, inference, text_of
+from llmws_server.config import DEFAULTS
 from llmws_server.engine import choose_dtype
 
 # What dtype "auto" picks here: float32 on a CPU, bfloat16 (or float16) on a GPU.
@@ -76,8 +77,7 @@ async def test_config_is_validated_merged_and_applied(tiny_server):
     client = await Client.open(tiny_server.url)
     ack = await client.request({"type": "config", "data": {"temperature": 0.9, "max_new_tokens": 7}})
     assert ack["type"] == "config_ack"
-    assert ack["config"] == {"max_new_tokens": 7, "do_sample": True, "temperature": 0.9, "top_p": 0.95,
-                             "top_k": 50, "repetition_penalty": 1.1}
+    assert ack["config"] == {**DEFAULTS["generation_defaults"], "max_new_tokens": 7, "temperature": 0.9}
     refused = await client.request({"type": "config", "data": {"temperature": -1, "top_k": 3}})
     assert refused["type"] == "error" and "temperature" in refused["message"]
     refused = await client.request({"type": "config", "data": {"beam_width": 3}})

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import Gemma2Config, LlamaConfig, Qwen2Config
 
-from conftest import Client, inference
+from conftest import ONE_AT_A_TIME, Client, inference
 from llmws_server import resources
 from llmws_server.engine import choose_attention, choose_dtype
 
@@ -154,7 +154,8 @@ def test_real_gpu_figures():
 
 
 async def test_out_of_memory_is_reported_and_the_server_carries_on(start_server, tiny_model):
-    server = start_server(tiny_model, environment={"LLMWS_FAULT_OOM": "<<oom>>"})
+    # The fault is injected into the one-at-a-time path (engine.generate)
+    server = start_server(tiny_model, environment={"LLMWS_FAULT_OOM": "<<oom>>"}, optimization=ONE_AT_A_TIME)
     client = await Client.open(server.url)
     before = client.welcome["capabilities"]["max_context"]
     await client.send(inference("please <<oom>> now", max_new_tokens=1000))

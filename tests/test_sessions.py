@@ -7,7 +7,7 @@ import sys
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from conftest import BLOCKER, REPO, Client, inference, text_of
+from conftest import BLOCKER, ONE_AT_A_TIME, REPO, Client, inference, text_of
 from llmws_server.sessions import simple_decrypt, simple_encrypt
 
 LONG = inference("Tell me a long story", max_new_tokens=150, request_id="story")
@@ -76,7 +76,8 @@ async def test_resume_without_last_seq_replays_the_whole_buffer(tiny_server, ref
     await again.close()
 
 
-async def test_queued_request_survives_its_clients_disconnect(tiny_server):
+async def test_queued_request_survives_its_clients_disconnect(start_server, tiny_model):
+    tiny_server = start_server(tiny_model, optimization=ONE_AT_A_TIME)
     blocker = await Client.open(tiny_server.url)
     await blocker.send(BLOCKER)
     assert (await blocker.recv())["type"] == "start"
