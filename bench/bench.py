@@ -47,7 +47,7 @@ def ensure_venv() -> None:
     python = VENV / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "matplotlib", "transformers[serving]"],
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "matplotlib", "transformers[serving]", "fastapi"],
                        check=True)
     os.execv(str(python), [str(python), *sys.argv])
 
@@ -109,7 +109,7 @@ class RawGenerate:
 
     def _generate(self, inputs, max_tokens):
         return self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, temperature=None,
-                                   top_p=None, top_k=None)
+                                   top_p=None, top_k=None, repetition_penalty=1.0)
 
     def _one(self) -> Stream:
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,

@@ -245,15 +245,15 @@ def _injected_oom():
 
 
 def sampling_arguments(settings) -> dict:
-    """generate() arguments for GenerationSettings."""
+    """generate() arguments for GenerationSettings: every one, so that none comes from the model's
+    generation_config.json instead (the session's settings already took it in)."""
     arguments = {}
     if settings.sampled:
         arguments.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
                          top_k=settings.top_k)
     else:
         arguments.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if settings.penalized:
-        arguments["repetition_penalty"] = settings.repetition_penalty
+    arguments["repetition_penalty"] = settings.repetition_penalty  # 1.0: none
     return arguments
 
 

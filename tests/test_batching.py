@@ -1,6 +1,7 @@
 """The batching worker, on by default (optimization.max_batch_size "auto"): many requests at once, whatever
 their settings, in arrival order, with everything else as with one worker."""
 import asyncio
+import json
 import re
 import shutil
 
@@ -99,6 +100,24 @@ async def test_a_penalty_changes_the_text_in_a_batch_as_it_does_alone(batch_serv
     [penalised] = await answers(batch_server, [PROMPTS[0]], 60, repetition_penalty=1.5)
     assert text_of(penalised) != text_of(plain)
     assert text_of(penalised) == (await answers_alone(alone_server, [PROMPTS[0]], 60, repetition_penalty=1.5))[0]
+
+
+async def test_a_request_s_own_settings_win_over_the_model_s_both_batched_and_alone(start_server, tiny_model):
+    """The model recommends a penalty (generation_config.json); a request that says 1.0 gets none, batched
+    or alone, and one that says nothing gets the model's."""
+    def populate(root):
+        shutil.copytree(tiny_model, root / "models" / "tiny")
+        (root / "models" / "tiny" / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.5}))
+    servers = [start_server(None, populate, optimization={"dtype": "float32", "max_batch_size": size})
+               for size in (1, 4)]
+    texts = {}
+    for server in servers:
+        for penalty in (None, 1.0):
+            config = {} if penalty is None else {"repetition_penalty": penalty}
+            [messages] = await answers(server, [PROMPTS[0]], 60, **config)
+            texts[server.port, penalty] = text_of(messages)
+    alone, batched = (server.port for server in servers)
+    assert texts[alone, None] == texts[batched, None] != texts[alone, 1.0] == texts[batched, 1.0]
 
 
 async def test_a_prompt_longer_than_one_batching_step_gives_the_same_text(batch_server, alone_server):
