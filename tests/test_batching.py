@@ -237,7 +237,7 @@ async def test_the_batch_is_opened_at_start_and_after_a_switch_before_any_reques
         shutil.copytree(tiny_model, root / "models" / "tiny-b")
     server = start_server(tiny_model, populate)
     out = await server.wait_for_output("requests ready")
-    assert re.search(r'batching up to (\d+) requests at once \(optimization.max_batch_size "auto" on cpu\)', out)
+    assert re.search(r'batching up to (\d+) requests at once \(optimization.max_batch_size "auto" on (cpu|cuda)', out)
     client = await Client.open(server.url)
     await client.send({"type": "switch_model", "model_path": "tiny-b"})
     await client.until("model_switched")
