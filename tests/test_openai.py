@@ -202,7 +202,9 @@ async def test_a_dropped_background_stream_resumes_from_starting_after_with_noth
     assert [(e.sequence_number, e.type) for e in replayed] == [(e.sequence_number, e.type) for e in before + after]
 
 
-async def test_background_responses_can_be_cancelled_queued_or_running(api, http_server):
+async def test_background_responses_can_be_cancelled_queued_or_running(start_server, tiny_model):
+    http_server = start_server(tiny_model, server={"http_port": free_port()}, optimization=ONE_AT_A_TIME)
+    api = openai.AsyncOpenAI(base_url=http_server.http_url + "/v1", api_key="unused", max_retries=0)
     client = await Client.open(http_server.url)
     await client.send(BLOCKER)
     await client.until("start")
