@@ -239,7 +239,7 @@ def test_stopping_during_a_model_switch_ends_cleanly(event_loop_thread):
 @settings(max_examples=300, deadline=None)
 @given(text=st.text(alphabet="abc ", max_size=40), cuts=st.lists(st.integers(0, 40), max_size=8),
        stops=st.lists(st.text(alphabet="abc", min_size=1, max_size=4), min_size=1, max_size=4))
-def test_stop_strings_cut_the_text_where_the_first_one_begins_however_it_streams(text, cuts, stops):
+def test_stop_strings_cut_the_text_at_the_first_complete_one_however_it_streams(text, cuts, stops):
     """Streamed in any pieces, the text sent is the text before the stop string complete first (the longer
     where two end together), or all of it."""
     found = [(index + len(stop), index) for stop in stops if (index := text.find(stop)) >= 0]
