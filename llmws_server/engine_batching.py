@@ -1,6 +1,7 @@
 """The transformers engine's batch (engine_api.Batch), on transformers' continuous batching
 (`model.init_continuous_batching()`): requests join and leave while the others generate, each with its
 own settings (engine_sampling)."""
+import logging
 import math
 import time
 import uuid
@@ -19,6 +20,9 @@ MAX_BATCH_TOKENS = 512
 # The KV cache holds this many tokens per slot (one request may use more while the others use less).
 SLOT_TOKENS = 2048
 WARM_PROMPT = [0, 1, 2, 3]  # token ids for the request that warms a new batch up
+# transformers logs every step of a batch's set-up and shutdown at INFO; the server's own lines say what
+# matters (batching.py), and warnings still show.
+logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
 
 
 def cache_pages(slots: int, max_context: int, kv_token_budget: int | None) -> int:
