@@ -7,7 +7,6 @@ are not requests (a model switch, training, a snapshot) run alone: such a job wa
 batch drains, and nothing is admitted past it. The batch is opened (and warmed up) when the worker starts
 and again after a model switch, and kept open between requests.
 """
-import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -42,17 +41,22 @@ class BatchingWorker(Worker):
         self._open_batch()  # before the server listens: no first request waits for it
         super().start(loop)
 
-    def _position_at(self, index: int) -> int:
-        """0 when the job will start at the worker's next look, with those ahead of it: a free slot each
-        and nothing among them that runs alone; else how many are ahead of it (lock held)."""
-        if self.running is None:
-            ahead = list(itertools.islice(self.queue, index + 1))
-            if len(self.members) + len(ahead) <= self.max_batch_size and all(
-                    job.batchable(self.engine) for job in ahead):
-                return 0
-            if index == 0 and not self.members:  # one that runs alone, with nothing running
-                return 0
-        return max(1, index + self._busy())
+    def _starting_now(self) -> int:
+        """The jobs at the head of the queue that start together: a free slot each, and one that must run
+        alone only first and with nothing generating (lock held)."""
+        if self.running is not None:
+            return 0
+        count = 0
+        for job in self.queue:
+            if len(self.members) + count >= self.max_batch_size:
+                break
+            alone = not job.batchable(self.engine)
+            if alone and (self.members or count):
+                break  # it waits for the batch to drain
+            count += 1
+            if alone:
+                break
+        return count
 
     def _busy(self) -> int:
         """1 while the next job cannot start at once: no slot is free, something runs alone, or the next job
@@ -79,14 +83,7 @@ class BatchingWorker(Worker):
 
     def _admit(self) -> list:
         """Jobs to start now, from the head of the queue (lock held)."""
-        admitted = []
-        while self.queue and len(self.members) + len(admitted) < self.max_batch_size:
-            alone = not self.queue.head().batchable(self.engine)
-            if alone and (self.members or admitted):
-                break  # it waits for the batch to drain
-            admitted.append(self.queue.popleft())
-            if alone:
-                break
+        admitted = [self.queue.popleft() for _ in range(self._starting_now())]
         if admitted:
             self._positions_changed()
         return admitted

@@ -101,12 +101,17 @@ class Worker:
             job.fail(OOM_MESSAGE)
 
     def _position(self, job) -> int:
-        return self._position_at(next(index for index, waiting in enumerate(self.queue) if waiting is job))
+        index = next(index for index, waiting in enumerate(self.queue) if waiting is job)
+        return self._position_at(index, self._starting_now())
 
-    def _position_at(self, index: int) -> int:
-        """How many requests are ahead of the job at `index` in the queue, a running one included; 0: it
-        starts now (lock held)."""
-        return index + self._busy()
+    def _position_at(self, index: int, starting: int) -> int:
+        """How many requests are ahead of the job at `index` in the queue, a running one included; 0 for the
+        `starting` jobs at its head, which start at the worker's next look (lock held)."""
+        return 0 if index < starting else max(1, index + self._busy())
+
+    def _starting_now(self) -> int:
+        """How many jobs at the head of the queue start at the worker's next look (lock held)."""
+        return int(self.running is None)
 
     def _positions_changed(self) -> None:
         """Have the event loop tell the waiting jobs their new positions, coalesced (lock held)."""
@@ -120,8 +125,9 @@ class Worker:
         """On the event loop. Under the lock, so no job told its place can have started meanwhile."""
         with self.lock:
             self.update_pending, self.updated_at = False, time.monotonic()
+            starting = self._starting_now()
             for index, waiting in enumerate(self.queue):
-                position = self._position_at(index)
+                position = self._position_at(index, starting)
                 if waiting.position != position:
                     waiting.position = position
                     if waiting.position:  # nothing ahead: it starts now, there is nothing to tell

@@ -1,0 +1,246 @@
+"""The benchmark's targets (bench.py): each runs the same request from N clients at once and returns
+every stream's timings; tokens are counted as tokens (the server's `done`, the API's usage)."""
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+from common import REPO, free_port, start_server
+
+PROMPT = "Write a long story about a dragon who learns to program computers."
+
+
+class Stream:
+    """One request's timings."""
+
+    def __init__(self):
+        self.sent = time.monotonic()
+        self.first = self.last = None
+        self.tokens = 0
+        self.text = ""
+        self.first_chars = 0  # the first piece's length: rates count what came after it
+
+    def piece(self, text: str) -> None:
+        self.last = time.monotonic()
+        if self.first is None:
+            self.first, self.first_chars = self.last, len(text)
+        self.text += text
+
+    @property
+    def ttft(self) -> float:
+        return self.first - self.sent
+
+    @property
+    def decode_rate(self) -> float:
+        return (self.tokens - 1) / max(self.last - self.first, 1e-9)
+
+    @property
+    def end_to_end_rate(self) -> float:
+        """Tokens over the whole request, from sending it to its last token."""
+        return self.tokens / max(self.last - self.sent, 1e-9)
+
+    @property
+    def chars_rate(self) -> float:
+        return (len(self.text) - self.first_chars) / max(self.last - self.first, 1e-9)
+
+
+class RawGenerate:
+    """The limit: generate() in this process, one request at a time, with no streamer (a streamer consumed
+    in a second thread slows generate() itself). Its time to first token is a generate() of one token."""
+
+    name = "raw generate"
+
+    def __init__(self, model_dir, max_tokens):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if not torch.cuda.is_available()
+                                                          else torch.bfloat16, device_map="auto")
+        self.max_tokens = max_tokens
+        self.pid = os.getpid()
+
+    def run(self, clients: int) -> list[Stream]:
+        return [self._one() for _ in range(clients)]
+
+    def _generate(self, inputs, max_tokens):
+        return self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, temperature=None,
+                                   top_p=None, top_k=None, repetition_penalty=1.0)
+
+    def _one(self) -> Stream:
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
+                                                  add_generation_prompt=True)
+        inputs = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").to(self.model.device)
+        started = time.monotonic()
+        self._generate(inputs, 1)
+        ttft = time.monotonic() - started
+        stream = Stream()
+        out = self._generate(inputs, self.max_tokens)
+        generated = out[0, inputs["input_ids"].shape[1]:]
+        stream.piece("")  # the first token's time is the one-token generate's
+        stream.first = stream.sent + ttft
+        stream.piece(self.tokenizer.decode(generated, skip_special_tokens=True))
+        stream.tokens = len(generated)
+        return stream
+
+    def stop(self):
+        pass
+
+
+class LlamaCppTarget:
+    """The limit for the llama.cpp engine: llama-cpp-python's own create_chat_completion in this process,
+    streamed, one request at a time, on the GGUF's chat template."""
+
+    def __init__(self, model_dir, max_tokens):
+        from llama_cpp import Llama
+
+        gguf = next(Path(model_dir).glob("*.gguf"))
+        self.name = f"llama-cpp-python {gguf.name}"
+        threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or psutil.cpu_count(logical=False) or None  # as the server
+        self.llama = Llama(str(gguf), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False,
+                           chat_format="chat_template.default")
+        self.max_tokens, self.pid = max_tokens, os.getpid()
+
+    def run(self, clients: int) -> list[Stream]:
+        return [self._one() for _ in range(clients)]
+
+    def _one(self) -> Stream:
+        stream = Stream()
+        for chunk in self.llama.create_chat_completion([{"role": "user", "content": PROMPT}], temperature=0,
+                                                       max_tokens=self.max_tokens, stream=True):
+            piece = chunk["choices"][0]["delta"].get("content")
+            if piece:
+                stream.piece(piece)
+                stream.tokens += 1  # llama-cpp-python streams one token per chunk
+        return stream
+
+    def stop(self):
+        self.llama.close()
+
+
+# llmws-mixed: client i's settings, in turn (a third penalised): greedy ones give the same text as alone.
+MIXED = [{"temperature": 0}, {"temperature": 0.7}, {"temperature": 0, "repetition_penalty": 1.1},
+         {"temperature": 0.7, "top_p": 0.9}, {"temperature": 0}, {"temperature": 0.7, "repetition_penalty": 1.1}]
+
+
+class LLMWSTarget:
+    def __init__(self, model_dir, max_tokens, folder, batch=None, mixed=False):
+        self.name = "llmws" + (" llama.cpp" if "GGUF" in str(model_dir) else "") + (
+            " one at a time" if batch == 1 else "") + (" mixed settings" if mixed else "")
+        self.port, self.max_tokens, self.mixed = free_port(), max_tokens, mixed
+        # The shipped config.json, but room for 32 clients from one address (it allows 10, 8 per address)
+        config = {"limits": {"max_clients": 40, "max_clients_per_ip": 40}}
+        if batch:
+            config["optimization"] = {"max_batch_size": batch}
+        self.process = start_server(model_dir, self.port, folder, config)
+        self.pid = self.process.pid
+
+    def run(self, clients: int) -> list[Stream]:
+        return asyncio.run(self._run(clients))
+
+    def settings(self, index: int) -> dict:
+        if self.mixed:
+            return {"repetition_penalty": 1.0, **MIXED[index % len(MIXED)]}
+        return {"temperature": 0, "repetition_penalty": 1.0}
+
+    async def _run(self, clients):
+        from websockets.asyncio.client import connect
+
+        async def one(index):
+            async with connect(f"ws://127.0.0.1:{self.port}") as websocket:
+                await websocket.send("{}")
+                await websocket.recv()
+                stream = Stream()
+                await websocket.send(json.dumps({"type": "inference", "prompt": {"user": PROMPT}, "config": {
+                    "max_new_tokens": self.max_tokens, **self.settings(index)}}))
+                async for raw in websocket:
+                    message = json.loads(raw)
+                    if message["type"] == "token":
+                        stream.piece(message["data"])
+                    elif message["type"] == "done":
+                        stream.tokens = message["total_tokens"]
+                        await websocket.send('{"type": "ack"}')
+                        return stream
+        return await asyncio.gather(*(one(index) for index in range(clients)))
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(30)
+
+
+class ServeTarget:
+    """`transformers serve` (OpenAI-compatible SSE), optionally with continuous batching."""
+
+    def __init__(self, model_dir, max_tokens, batching):
+        self.name = "transformers serve" + (" --continuous-batching" if batching else "")
+        self.port, self.max_tokens, self.model = free_port(), max_tokens, str(model_dir)
+        cli = "import sys; from transformers.cli.transformers import main; sys.argv[0] = 'transformers'; main()"
+        command = [sys.executable, "-c", cli, "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                   *(["--continuous-batching"] if batching else []), self.model]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        self.pid = self.process.pid
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2)
+                return
+            except OSError:
+                time.sleep(1)
+        raise RuntimeError(f"{self.name} did not start")
+
+    def run(self, clients: int) -> list[Stream]:
+        streams = [None] * clients
+        threads = [threading.Thread(target=lambda i=i: streams.__setitem__(i, self._one())) for i in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return streams
+
+    def _one(self) -> Stream:
+        body = json.dumps({"model": self.model, "stream": True, "max_tokens": self.max_tokens, "temperature": 0,
+                           "messages": [{"role": "user", "content": PROMPT}]}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        stream = Stream()
+        with urllib.request.urlopen(request, timeout=600) as response:
+            for line in response:
+                line = line.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if chunk.get("usage"):
+                    stream.tokens = chunk["usage"].get("completion_tokens", stream.tokens)
+                for choice in chunk.get("choices", []):
+                    piece = (choice.get("delta") or {}).get("content")
+                    if piece:
+                        stream.piece(piece)
+                        stream.tokens += 0 if chunk.get("usage") else 1
+        return stream
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(30)
+
+
+TARGETS = ["raw", "llmws", "llmws-mixed", "llmws-alone", "serve", "serve-cb", "llamacpp", "llmws-gguf"]
+GGUF_MODEL = REPO / "models" / "SmolLM2-135M-Instruct-GGUF"
+
+
+def make_target(kind: str, model: str, max_tokens: int, folder: Path):
+    return {"raw": lambda: RawGenerate(model, max_tokens),
+            "llamacpp": lambda: LlamaCppTarget(GGUF_MODEL, max_tokens),
+            "llmws-gguf": lambda: LLMWSTarget(GGUF_MODEL, max_tokens, folder),
+            "llmws": lambda: LLMWSTarget(model, max_tokens, folder),
+            "llmws-mixed": lambda: LLMWSTarget(model, max_tokens, folder, mixed=True),
+            "llmws-alone": lambda: LLMWSTarget(model, max_tokens, folder, batch=1),
+            "serve": lambda: ServeTarget(model, max_tokens, False),
+            "serve-cb": lambda: ServeTarget(model, max_tokens, True)}[kind]()
