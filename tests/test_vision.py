@@ -213,11 +213,9 @@ def test_the_page_attaches_an_image_and_shows_the_streamed_answer(vision_servers
         sent = []
         page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(payload)))
         page.goto(f"http://127.0.0.1:{vision_servers['idefics3'].port}/")
-        page.click("#connect")
         expect(page.locator("#status")).to_have_text("connected")
         page.fill("#temperature", "0")
         page.fill("#max_new_tokens", "6")
-        page.click("#applyConfig")
         page.set_input_files("#imageFile", str(notes))
         expect(page.locator("#notice")).to_contain_text("notes.txt is not an image the server takes")
         page.set_input_files("#imageFile", str(picture))

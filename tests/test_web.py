@@ -44,8 +44,7 @@ def browser():
 def page(browser, tiny_server):
     context = browser.new_context(bypass_csp=True)  # the tests evaluate script in the page; the CSP forbids eval
     page = context.new_page()
-    page.goto(f"http://127.0.0.1:{tiny_server.port}/")
-    page.click("#connect")
+    page.goto(f"http://127.0.0.1:{tiny_server.port}/")  # served by the server, it connects by itself
     page.wait_for_function("document.getElementById('status').textContent === 'connected'")
     yield page
     context.close()
@@ -61,14 +60,14 @@ def reference(server, prompt, **config):
 
 
 def set_greedy(page, max_new_tokens):
+    """Settings apply by themselves: no Apply button."""
     page.fill("#temperature", "0")
     page.fill("#max_new_tokens", str(max_new_tokens))
-    page.click("#applyConfig")
     page.wait_for_function("document.getElementById('configState').textContent === 'applied'")
 
 
 def test_served_page_connects_and_shows_the_welcome(page, tiny_server):
-    assert page.text_content("#modelName") == "tiny-llama"
+    assert page.locator("#modelPicker option:checked").text_content() == "tiny-llama"
     assert page.text_content("#device") == "cpu"
     session_id = page.text_content("#sessionId")
     assert len(session_id) == 36 and page.evaluate("sessionStorage.getItem('llmws.session')") == session_id
@@ -123,19 +122,39 @@ def test_stop_cancels_the_answer(page):
     page.wait_for_function("document.querySelector('.turn.assistant .stats').textContent.includes('cancelled')")
 
 
-def test_errors_show_inline(page):
-    page.fill("#temperature", "0")
-    page.evaluate("document.getElementById('top_k').value = -5")
-    page.click("#applyConfig")
+def test_errors_show_inline_and_the_panel_shows_what_holds(page):
+    page.fill("#top_k", "-5")
     page.wait_for_function("document.getElementById('notice').textContent.includes('top_k')")
+    page.wait_for_function("document.getElementById('configState').textContent.startsWith('refused')")
+    page.wait_for_function("document.getElementById('top_k').value === '50'")  # the session's value, unchanged
 
 
 def test_markdown_is_rendered_and_model_html_is_never_run(page):
     html = page.evaluate("""() => { const d = document.createElement('div');
-        render(d, '<img src=x onerror="window.pwned=1"> **bold** `x<y`\\n```python\\nprint("<b>")\\n```'); return d.innerHTML; }""")
+        render(d, '<img src=x onerror="window.pwned=1"> **bold** `x<y`\\n```python\\nprint("<b>")\\n```\\nafter'); return d.innerHTML; }""")
     assert "<img" not in html and "&lt;img" in html
     assert "<strong>bold</strong>" in html and "<code>x&lt;y</code>" in html
-    assert '<pre><button class="copy">copy</button><code>print("&lt;b&gt;")' in html.replace("&quot;", '"')
+    assert ('<pre><button class="copy">copy</button><code>print(<span class="str">"&lt;b&gt;"</span>)</code></pre>after'
+            in html.replace("&quot;", '"'))
+    assert "<br><pre>" not in html and "</pre><br>" not in html  # no blank lines around a code block
+
+
+@pytest.mark.parametrize("language, code, spans", [
+    ("python", 'def f(x):  # add\n    return x + 1.5 if x else "no"',
+     [["kw", "def"], ["com", "# add"], ["kw", "return"], ["num", "1.5"], ["kw", "if"], ["kw", "else"], ["str", '"no"']]),
+    ("js", "const n = 0x1F; // hex", [["kw", "const"], ["num", "0x1F"], ["com", "// hex"]]),
+    ("sql", "SELECT name FROM t -- all", [["kw", "SELECT"], ["kw", "FROM"], ["com", "-- all"]]),
+    ("bash", "for f in *.txt; do echo 'x # y'; done", [["kw", "for"], ["kw", "in"], ["kw", "do"], ["kw", "echo"],
+                                                     ["str", "'x # y'"], ["kw", "done"]]),
+    ("rust", "fn main() { let s = \"/* no */\"; } /* yes */", [["kw", "fn"], ["kw", "let"], ["str", '"/* no */"'],
+                                                              ["com", "/* yes */"]]),
+    ("python", 's = "def"  # return', [["str", '"def"'], ["com", "# return"]]),  # no keyword inside either
+])
+def test_code_is_highlighted_by_language(page, language, code, spans):
+    found = page.evaluate("""([code, language]) => { const d = document.createElement('code');
+        d.innerHTML = highlight(code, language); return [d.textContent, [...d.querySelectorAll('span')].map(s => [s.className, s.textContent])]; }""",
+                          [code, language])
+    assert found == [code, spans]
 
 
 def test_resources_panel_shows_device_and_context(page):
@@ -160,11 +179,9 @@ def test_the_page_works_under_its_own_content_security_policy(browser, tiny_serv
     errors = []
     page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
     page.goto(f"http://127.0.0.1:{tiny_server.port}/")
-    page.click("#connect")
     expect(page.locator("#status")).to_have_text("connected")
     page.fill("#temperature", "0")
-    page.fill("#max_new_tokens", "5")
-    page.click("#applyConfig")
+    page.fill("#max_new_tokens", "5")  # sent with the question, which follows at once
     page.fill("#prompt", "Hi")
     page.click("#send")
     expect(page.locator(".turn.assistant .stats")).to_contain_text("5 tokens")
@@ -239,3 +256,107 @@ def test_training_from_another_client_shows_its_progress(page, tiny_server):
         assert "/100000, loss " in page.text_content("#trainingText")
         assert done.result(timeout=120)["finish_reason"] == "cancelled"
     page.wait_for_function("document.getElementById('training').hidden", timeout=30000)
+
+
+def open_page(browser, server, **context_args):
+    context = browser.new_context(bypass_csp=True, **context_args)
+    page = context.new_page()
+    page.goto(f"http://127.0.0.1:{server.port}/")
+    page.wait_for_function("document.getElementById('status').textContent === 'connected'")
+    return context, page
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_the_page_fits_desktop_and_phone_widths(browser, tiny_server, width):
+    context, page = open_page(browser, tiny_server, viewport={"width": width, "height": 800})
+    chat = page.locator("#conversation").bounding_box()
+    if width == 1280:  # the side panel beside the chat; ☰ folds it away and the chat takes the width
+        assert page.is_visible("#configPanel")
+        assert page.locator("aside").bounding_box()["x"] >= chat["x"] + chat["width"]
+        set_greedy(page, 8)
+        page.click("#togglePanel")
+        assert not page.is_visible("#configPanel")
+        assert page.locator("#conversation").bounding_box()["width"] > 1200
+    else:  # a phone: the chat and the prompt box use the width; ☰ opens the panel as a sheet over it
+        assert not page.is_visible("#configPanel")
+        assert chat["width"] >= 370 and page.locator("#prompt").bounding_box()["width"] >= 250
+        page.click("#togglePanel")
+        assert page.is_visible("#configPanel") and page.locator("aside").bounding_box()["width"] == width
+        set_greedy(page, 8)
+        page.click("#togglePanel")
+        assert not page.is_visible("#configPanel")
+    page.fill("#prompt", "Hello " * 30)
+    page.press("#prompt", "Enter")
+    page.wait_for_function("state.history.length === 2")
+    assert page.evaluate("document.documentElement.scrollWidth") <= width  # nothing sticks out sideways
+    question, answer = (page.locator(f".turn.{role}").bounding_box() for role in ("user", "assistant"))
+    assert question["x"] + question["width"] <= width and question["x"] > answer["x"]  # questions sit on the right
+    colours = page.evaluate("[...document.querySelectorAll('.turn')].map(t => getComputedStyle(t).backgroundColor)")
+    assert colours[0] != colours[1]  # and read differently from answers at a glance
+    context.close()
+
+
+def test_copy_regenerate_and_edit_the_last_exchange(page, tiny_server):
+    set_greedy(page, 12)
+    page.fill("#prompt", "Name a river")
+    page.press("#prompt", "Enter")
+    page.wait_for_function("state.history.length === 2")
+    first = page.evaluate("state.history[1].content")
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.click(".turn.assistant .copyAnswer")
+    assert page.evaluate("navigator.clipboard.readText()") == first
+    # Regenerate: a new answer (a new turn, asked again) replaces the old one.
+    page.evaluate("document.querySelector('.turn.assistant').dataset.old = 'yes'")
+    page.click(".turn.assistant .regenerate")
+    page.wait_for_function("state.history.length === 2 && !document.querySelector('.turn.assistant').dataset.old")
+    assert page.locator(".turn").count() == 2 and page.evaluate("state.history[1].content") == first  # greedy
+    # Edit: the question goes back into the box and leaves the conversation with its answer.
+    page.click(".turn.user .edit")
+    assert page.input_value("#prompt") == "Name a river"
+    assert page.locator(".turn").count() == 0 and page.evaluate("state.history.length") == 0
+    page.fill("#prompt", "Name a mountain")
+    page.press("#prompt", "Enter")
+    page.wait_for_function("state.history.length === 2")
+    assert page.evaluate("state.history[0].content") == "Name a mountain"
+    assert page.evaluate("state.history[1].content") == reference(tiny_server, "Name a mountain", temperature=0,
+                                                                  max_new_tokens=12)
+
+
+def test_dark_mode_follows_the_system(browser, tiny_server):
+    for scheme in ("light", "dark"):
+        context, page = open_page(browser, tiny_server, color_scheme=scheme)
+        rgb = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        brightness = sum(int(part) for part in rgb[rgb.index("(") + 1:-1].split(",")[:3])
+        assert brightness < 150 if scheme == "dark" else brightness > 600, rgb
+        context.close()
+
+
+def test_a_favicon_and_no_failed_request(browser, tiny_server):
+    context = browser.new_context()
+    page = context.new_page()
+    failed, requested = [], []
+    page.on("response", lambda response: failed.append(response.url) if response.status >= 400 else None)
+    page.on("request", lambda request: requested.append(request.url))
+    page.goto(f"http://127.0.0.1:{tiny_server.port}/")
+    from playwright.sync_api import expect
+    expect(page.locator("#status")).to_have_text("connected")
+    assert page.locator("link[rel=icon]").get_attribute("href").startswith("data:image/svg+xml")
+    assert not failed and not [url for url in requested if "favicon" in url]
+    context.close()
+
+
+def test_the_header_model_picker_switches_the_model(browser, start_server, tiny_model):
+    server = start_server(tiny_model, lambda root: shutil.copytree(tiny_model, root / "var" / "models" / "tiny-b"))
+    context, page = open_page(browser, server)
+    assert page.locator("#modelPicker option:checked").text_content() == "tiny-llama"
+    page.wait_for_function("[...document.getElementById('modelPicker').options].some(o => o.text === 'tiny-b')")
+    page.select_option("#modelPicker", label="tiny-b")
+    page.wait_for_function("document.getElementById('log').textContent.includes('Model switched to tiny-b')",
+                           timeout=60000)
+    page.wait_for_function("document.querySelector('#modelPicker option:checked').text === 'tiny-b'")
+    set_greedy(page, 6)
+    page.fill("#prompt", "Hi")
+    page.press("#prompt", "Enter")
+    page.wait_for_function("state.history.length === 2")
+    assert page.locator(".turn.assistant .who").text_content() == "tiny-b"
+    context.close()
