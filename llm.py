@@ -11,31 +11,54 @@ import asyncio
 import json
 import os
 import sys
-import threading
-from pathlib import Path
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from llmws_client import LLMWSEnhancedClient, LLMWSError, image_data_url  # noqa: F401 (the API, as `from llm import`)
+from llm_repl import Repl
+from llm_view import make_view
+from llmws_client import LLMWSEnhancedClient, LLMWSError, image_data_url
+
+__all__ = ["LLMWSEnhancedClient", "LLMWSError", "image_data_url", "main"]  # the API: `from llm import ...`
 
 # -- command line --------------------------------------------------------------------------------
 
+EXAMPLES = """examples:
+  python llm.py                                    chat in the terminal (/help lists the commands)
+  python llm.py --prompt "What is the capital of France?"
+  echo "Summarise: ..." | python llm.py            one answer for the text on stdin
+  python llm.py --prompt "What is in it?" --image photo.jpg          a question about an image
+  python llm.py --host gpu-box --port 8765 --token "$LLMWS_TOKEN" --temperature 0
+  python llm.py --session 3f2c...                  take up an earlier session (its answers resume)
+
+Unset generation options take the server's values (the model's own recommendations where it has them)."""
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="LLMWS client: chat, or one answer with --prompt.")
-    parser.add_argument("--prompt", help="one-shot: answer this prompt and exit ('-' reads stdin)")
-    parser.add_argument("--system", help="system prompt")
+    parser = argparse.ArgumentParser(
+        description="LLMWS client: chat in the terminal, or one answer with --prompt.", epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt", help="one-shot: print the answer to this prompt and exit; '-' reads stdin "
+                                         "(default: chat, or one answer to stdin when it is not a terminal)")
+    parser.add_argument("--system", help="system prompt (default: none)")
     parser.add_argument("--image", action="append", default=[], metavar="PATH",
-                        help="one-shot: an image to ask about (repeat for several; needs a vision model)")
-    parser.add_argument("--temperature", type=float)
-    parser.add_argument("--max-tokens", type=int, dest="max_new_tokens")
-    parser.add_argument("--top-p", type=float, dest="top_p")
-    parser.add_argument("--top-k", type=int, dest="top_k")
-    parser.add_argument("--host", default="localhost")
-    parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--session", help="take up an earlier session by its id")
-    parser.add_argument("--token", default=os.environ.get("LLMWS_TOKEN"), help="auth token (or $LLMWS_TOKEN)")
-    parser.add_argument("--tls", action="store_true", help="connect with wss://")
-    parser.add_argument("--json", action="store_true", help="one-shot: print the raw protocol messages")
+                        help="an image for the (first) question; repeat for several; needs a vision model")
+    parser.add_argument("--temperature", type=float, help="sampling temperature, 0 is greedy (default: the server's)")
+    parser.add_argument("--max-tokens", type=int, dest="max_new_tokens", metavar="N",
+                        help="most tokens in an answer (default: the server's)")
+    parser.add_argument("--top-p", type=float, dest="top_p", metavar="P",
+                        help="nucleus sampling: keep the likeliest tokens up to this mass (default: the server's)")
+    parser.add_argument("--top-k", type=int, dest="top_k", metavar="K",
+                        help="sample among the K likeliest tokens (default: the server's)")
+    parser.add_argument("--host", default="localhost", help="server host (default: localhost)")
+    parser.add_argument("--port", type=int, default=8765, help="server port (default: 8765)")
+    parser.add_argument("--session", metavar="ID", help="take up an earlier session by its id (default: a new one)")
+    parser.add_argument("--token", default=os.environ.get("LLMWS_TOKEN"),
+                        help="auth token (default: $LLMWS_TOKEN, else none)")
+    parser.add_argument("--tls", action="store_true", help="connect with wss:// (default: ws://)")
+    parser.add_argument("--plain", action="store_true",
+                        help="print the answer's text as it streams, without rendering Markdown "
+                             "(default: rendered on a terminal, plain into a pipe or file)")
+    parser.add_argument("--json", action="store_true", help="one-shot: print the raw protocol messages, one per line")
     return parser.parse_args(argv)
 
 
@@ -56,299 +79,29 @@ def describe_failure(exc: BaseException, args) -> str:
 
 
 async def one_shot(args, prompt: str) -> int:
-    print_json = (lambda message: print(json.dumps(message, ensure_ascii=False), flush=True)) if args.json else None
+    if args.json:
+        print_json = lambda message: print(json.dumps(message, ensure_ascii=False), flush=True)  # noqa: E731
+        client = LLMWSEnhancedClient(args.host, args.port, args.session, args.token, args.tls,
+                                     on_status=lambda text: print(f"[{text}]", file=sys.stderr), on_message=print_json)
+        await client.connect()
+        print_json(client.welcome)
+        try:
+            await client.inference(prompt, system=args.system, images=args.image, **generation_config(args))
+        finally:
+            await client.disconnect(send_ack=False)
+        return 0
+    views = []  # the answer's view, once connected: it shows queue positions too
     client = LLMWSEnhancedClient(args.host, args.port, args.session, args.token, args.tls,
-                                 on_status=lambda text: print(f"[{text}]", file=sys.stderr), on_message=print_json)
+                                 on_status=lambda text: views[0].status(text) if views else None)
     await client.connect()
+    views.append(make_view(args.plain))
     try:
-        if args.json:
-            print_json(client.welcome)
-        await client.inference(prompt, system=args.system, on_token=None if args.json else _write,
-                               images=args.image, **generation_config(args))
-        if not args.json:
-            print(flush=True)
+        await client.inference(prompt, system=args.system, on_token=views[0].add, images=args.image,
+                               **generation_config(args))
         return 0
     finally:
+        views[0].finish()
         await client.disconnect(send_ack=False)
-
-
-def _write(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
-
-# -- interactive mode ----------------------------------------------------------------------------
-
-HELP = """Commands:
-  /config [key=value ...] show, or change, the generation settings (temperature, top_p, top_k, max_new_tokens, ...)
-  /system [text]          set the system prompt (no text: none)
-  /image <path>           attach an image to your next question (again for more; needs a vision model)
-  /resources              device, memory, model, context limit
-  /models                 the models on the server
-  /switch <path>          load another model (models/NAME or var/models/NAME)
-  /download <repo> <dir>  download a model into models/<dir>
-  /delete <name>          delete a model from var/models/
-  /train <file.jsonl> [key=value ...]   LoRA-train the served model (max_steps, learning_rate, ...,
-                          checkpoint_name=NAME); the result is a new model in var/models/
-  /snapshot <name>        save the served model as var/models/<name>
-  /session                show this session's id
-  /cancel                 stop the running answer (Ctrl-C does the same)
-  /clear                  start a new conversation
-  /help                   this text
-  /quit                   leave (Ctrl-D does the same)"""
-
-
-def table(headers: list[str], rows: list[list]) -> str:
-    cells = [headers] + [[str(cell) for cell in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells]
-    return "\n".join([lines[0], "  ".join("-" * width for width in widths)] + lines[1:])
-
-
-def parse_settings(words: list[str]) -> dict:
-    """key=value words; values are read as JSON where they parse (0.8, 50, true), else as text."""
-    settings = {}
-    for word in words:
-        key, equals, value = word.partition("=")
-        if not equals or not key:
-            raise ValueError(f"expected key=value, got {word!r}")
-        try:
-            settings[key] = json.loads(value)
-        except ValueError:
-            settings[key] = value
-    return settings
-
-
-class Repl:
-    """A chat in the terminal. The client runs on an event loop in a background thread, so the main
-    thread can read lines and turn Ctrl-C into a cancel."""
-
-    def __init__(self, args):
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, name="llm-client", daemon=True).start()
-        self.client = LLMWSEnhancedClient(args.host, args.port, args.session, args.token, args.tls,
-                                          on_status=lambda text: print(f"\r[{text}]", file=sys.stderr))
-        self.system = args.system
-        self.settings = generation_config(args)
-        self.history = []
-        self.attached = [image_data_url(path) for path in args.image]  # data URLs for the next question
-
-    def call(self, coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
-
-    def run(self) -> int:
-        welcome = self.call(self.client.connect())
-        print(f"Connected to {welcome['model']} on {welcome['resources']['device']}, "
-              f"session {welcome['session_id']}. /help for commands, Ctrl-D to leave.")
-        _load_history()
-        try:
-            while True:
-                try:
-                    line = input("you> ").strip()
-                except EOFError:
-                    print()
-                    break
-                except KeyboardInterrupt:
-                    print()
-                    continue
-                try:
-                    if line and not self.handle(line):
-                        break
-                except KeyboardInterrupt:  # Ctrl-C landed between reading the line and waiting on the answer
-                    self._cancel_quietly()
-                    print()
-        finally:
-            _save_history()
-            self.call(self.client.disconnect())
-        return 0
-
-    def handle(self, line: str) -> bool:
-        """Act on one line; False means leave."""
-        try:
-            if not line.startswith("/"):
-                self.chat(line)
-                return True
-            command, *words = line.split()
-            if command == "/quit":
-                return False
-            action = self.commands().get(command)
-            if action is None:
-                print(f"unknown command {command}; /help lists them")
-            else:
-                action(words, line[len(command):].strip())
-        except LLMWSError as exc:
-            print(f"error: {exc}")
-        except (ValueError, TypeError) as exc:
-            print(f"error: {exc}")
-        except ConnectionError as exc:
-            print(f"error: {exc}")
-            return False
-        return True
-
-    def commands(self) -> dict:
-        return {"/config": self.do_config, "/system": self.do_system, "/resources": self.do_resources,
-                "/models": self.do_models, "/switch": self.do_switch, "/download": self.do_download,
-                "/delete": self.do_delete, "/train": self.do_train, "/snapshot": self.do_snapshot, "/session": lambda words, rest: print(self.client.session_id),
-                "/cancel": self.do_cancel, "/clear": self.do_clear, "/image": self.do_image,
-                "/help": lambda words, rest: print(HELP)}
-
-    def do_image(self, words, rest):
-        if not rest:
-            raise ValueError("usage: /image <path>")
-        self.attached.append(image_data_url(rest))
-        print(f"attached {Path(rest).name} ({len(self.attached)} image{'s' * (len(self.attached) > 1)} "
-              "for your next question)")
-
-    def chat(self, text: str) -> None:
-        turn = {"role": "user", "content": text}
-        if self.attached:  # the images stay in the history with the question they went with
-            turn["content"] = [{"type": "image_url", "image_url": {"url": url}} for url in self.attached] + [
-                {"type": "text", "text": text}]
-            self.attached = []  # sent, or refused: either way they do not go again
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        future = asyncio.run_coroutine_threadsafe(
-            self.client.inference(messages=system + self.history + [turn], on_token=_write, **self.settings),
-            self.loop)
-        while True:
-            try:
-                answer = future.result()
-                break
-            except KeyboardInterrupt:
-                self._cancel_quietly()
-        done = self.client.last_done
-        print(f"\n[{done['total_tokens']} tokens, {done['tokens_per_s']} tokens/s"
-              f"{'' if done['finish_reason'] == 'stop' else ', ' + done['finish_reason']}]")
-        self.history += [turn, {"role": "assistant", "content": answer}]
-
-    def _cancel_quietly(self) -> None:
-        try:
-            self.call(self.client.cancel())
-        except (LLMWSError, KeyboardInterrupt):
-            pass  # it had just finished
-
-    def do_config(self, words, rest):
-        if not words:  # the settings the next question goes with: the session's, under the command line's
-            config = {**self.call(self.client.set_config()), **self.settings}
-            print(", ".join(f"{key}={value}" for key, value in config.items()))
-            return
-        changes = parse_settings(words)
-        config = self.call(self.client.set_config(**changes))
-        for key in changes:  # the session's new value now rules, not the command line's
-            self.settings.pop(key, None)
-        print(", ".join(f"{key}={value}" for key, value in config.items()))
-
-    def do_system(self, words, rest):
-        self.system = rest or None
-        print(f"system prompt: {self.system!r}" if self.system else "no system prompt")
-
-    def do_resources(self, words, rest):
-        figures = self.call(self.client.get_resources())
-        cuda, cpu = figures["cuda"], figures["cpu"]
-        rows = [["model", figures["model"]["name"]],
-                ["max context", self.client.welcome["capabilities"]["max_context"]]]
-        if cuda:
-            rows += [["device", cuda["device"]],
-                     ["GPU memory", f"{cuda['total_gb'] - cuda['free_gb']:.1f} GB used, {cuda['free_gb']:.1f} GB free "
-                                    f"of {cuda['total_gb']:.1f} GB"]]
-        rows += [["CPU", f"{cpu['processor']} ({cpu['cores']} cores)"],
-                 ["RAM", f"{cpu['available_gb']:.1f} GB free of {cpu['total_gb']:.1f} GB, "
-                         f"server uses {cpu['process_rss_gb']:.2f} GB"]]
-        print(table(["resource", "value"], rows))
-
-    def do_models(self, words, rest):
-        models = self.call(self.client.list_models())
-        print(table(["name", "source", "size MB", "path"],
-                    [[m["name"], m["source"], m["size_mb"], m["path"]] for m in models]) if models else "no models")
-
-    def do_switch(self, words, rest):
-        if len(words) != 1:
-            raise ValueError("usage: /switch <path>")
-        print(self.call(self.client.switch_model(words[0], on_log=print))["message"])
-
-    def do_download(self, words, rest):
-        """Runs in the background: the chat goes on, progress lines appear as they come."""
-        if len(words) != 2:
-            raise ValueError("usage: /download <repo> <dir>")
-        future = asyncio.run_coroutine_threadsafe(
-            self.client.download_model(words[0], words[1], on_log=lambda text: print(f"\r[download] {text}")),
-            self.loop)
-        future.add_done_callback(_report_download)
-        print(f"downloading {words[0]} into models/{words[1]} in the background")
-
-    def do_delete(self, words, rest):
-        if len(words) != 1:
-            raise ValueError("usage: /delete <name>")
-        print(self.call(self.client.delete_model(words[0]))["message"])
-
-    def do_train(self, words, rest):
-        if not words:
-            raise ValueError("usage: /train <file.jsonl> [key=value ...]")
-        settings = parse_settings(words[1:])
-        name = settings.pop("checkpoint_name", None)
-        future = asyncio.run_coroutine_threadsafe(self.client.train(
-            Path(words[0]).read_text(encoding="utf-8"), name, on_event=_show_training, **settings), self.loop)
-        while True:
-            try:
-                done = future.result()
-                break
-            except KeyboardInterrupt:
-                self._cancel_quietly()
-        loss = "-" if done["loss"] is None else f"{done['loss']:.4f}"
-        print(f"\n[train] {done['finish_reason']} after {done['steps']} steps, loss {loss}"
-              + (f": saved as {done['checkpoint']} (/switch {done['checkpoint']})" if done["checkpoint"] else ""))
-
-    def do_snapshot(self, words, rest):
-        if len(words) != 1:
-            raise ValueError("usage: /snapshot <name>")
-        print(f"saved as {self.call(self.client.save_snapshot(words[0]))['path']}")
-
-    def do_cancel(self, words, rest):
-        print(f"cancelled {self.call(self.client.cancel())['request_id']}")
-
-    def do_clear(self, words, rest):
-        self.history = []
-        print("new conversation")
-
-
-def _show_training(event: dict) -> None:
-    """A progress bar with the loss, redrawn in place."""
-    if event["type"] == "train_progress":
-        done = event["step"] / event["max_steps"]
-        bar = "#" * int(30 * done)
-        sys.stdout.write(f"\r[train] {bar:<30} {event['step']}/{event['max_steps']} loss {event['loss']:.4f} "
-                         f"{event['tokens_per_s']:.0f} tokens/s")
-        sys.stdout.flush()
-    elif event["type"] == "train_checkpoint":
-        print(f"\n[train] checkpoint {event['path']}")
-    elif event["type"] == "train_started":
-        print(f"[train] {event['examples']} examples, {event['config']['max_steps']} steps")
-
-
-def _report_download(future) -> None:
-    error = future.exception()
-    if error:
-        print(f"\r[download] error: {error}")
-    else:
-        print(f"\r[download] done: {future.result()['model']['path']}")
-
-
-HISTORY_FILE = os.path.expanduser("~/.llmws_history")
-
-
-def _load_history():
-    try:
-        import readline
-        readline.read_history_file(HISTORY_FILE)
-    except (ImportError, OSError):
-        pass
-
-
-def _save_history():
-    try:
-        import readline
-        readline.set_history_length(1000)
-        readline.write_history_file(HISTORY_FILE)
-    except (ImportError, OSError):
-        pass
 
 
 def main(argv=None) -> int:
@@ -358,7 +111,7 @@ def main(argv=None) -> int:
         prompt = sys.stdin.read()
     try:
         if prompt is None:
-            return Repl(args).run()
+            return Repl(args, generation_config(args)).run()
         return asyncio.run(one_shot(args, prompt))
     except LLMWSError as exc:
         print(f"llm: error: {exc}", file=sys.stderr)

@@ -2,6 +2,7 @@
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -185,13 +186,20 @@ def test_one_shot_fails_with_a_one_line_reason(tiny_server):
     assert refused.returncode == 1 and "temperature" in refused.stderr and refused.stdout == ""
 
 
-@pytest.fixture
-def repl(tiny_server, tmp_path):
-    child = pexpect.spawn(sys.executable, [str(REPO / "llm.py"), "--port", str(tiny_server.port),
-                                           "--host", "127.0.0.1", "--max-tokens", "40"],
-                          env={**os.environ, "HOME": str(tmp_path)}, encoding="utf-8", timeout=60)
+def spawn_repl(server, home, *args):
+    child = pexpect.spawn(sys.executable, [str(REPO / "llm.py"), "--port", str(server.port), "--host", "127.0.0.1",
+                                           "--max-tokens", "40", *args],
+                          env={**os.environ, "HOME": str(home), "TERM": "xterm-256color"}, encoding="utf-8",
+                          timeout=60, dimensions=(40, 100))
     child.expect("/help for commands")
     child.expect("you> ")
+    return child
+
+
+@pytest.fixture
+def repl(tiny_server, tmp_path):
+    """The REPL with the answer's text as it streams (--plain), to compare it character by character."""
+    child = spawn_repl(tiny_server, tmp_path, "--plain")
     yield child
     child.close(force=True)
 
@@ -230,8 +238,32 @@ def test_repl_ctrl_c_cancels_the_answer_and_stays(repl):
     repl.expect(r"\S")  # the answer's first visible character: it has begun
     repl.sendintr()
     repl.expect(r"tokens/s, cancelled\]")
+    after_interrupt = repl.before.rpartition("^C")[2]
+    assert re.fullmatch(r"\s*\[\d+ tokens, [\d.]+ ", after_interrupt), after_interrupt  # no piece after the ^C
     repl.expect("you> ")
     repl.sendline("/session")
     repl.expect(r"[0-9a-f-]{36}")
     repl.sendeof()
     repl.expect(pexpect.EOF)
+
+
+def test_the_repl_renders_markdown_on_a_terminal_and_ctrl_c_still_cancels(tiny_server, tmp_path):
+    """Without --plain a terminal gets rich's live view: it takes the cursor while the answer streams."""
+    repl = spawn_repl(tiny_server, tmp_path)
+    try:
+        repl.sendline("Tell me about rivers")
+        repl.expect_exact("\x1b[?25l")  # rich's live display hides the cursor while it draws
+        repl.expect(r"\[40 tokens, [\d.]+ tokens/s, length\]")
+        repl.expect("you> ")
+        repl.sendline("/config temperature=0 max_new_tokens=4000")
+        repl.expect("you> ")
+        repl.sendline("Go on forever")
+        repl.expect_exact("\x1b[?25l")
+        repl.expect(r"\w{3}")  # the answer is being drawn
+        repl.sendintr()
+        repl.expect(r"tokens/s, cancelled\]")
+        repl.expect("you> ")
+        repl.sendline("/quit")
+        repl.expect(pexpect.EOF)
+    finally:
+        repl.close(force=True)
