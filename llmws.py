@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     from llmws_server.server import LLMWSServer
     try:
         engine = load_engine(model_dir, config)
-    except ValueError as exc:
+    except (ValueError, MemoryError) as exc:
         raise SystemExit(f"llmws: {exc}")
     server = LLMWSServer(config, engine)
     asyncio.run(serve(server, host, port, http_port))

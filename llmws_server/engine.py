@@ -84,6 +84,7 @@ class Engine:  # engine_api.Engine
         else:
             self.processor = None
             self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust)
+        resources.check_weights_fit(self.path, self.dtype.itemsize, hasattr(self.config, "quantization_config"))
         model_class = AutoModelForImageTextToText if self.vision else AutoModelForCausalLM
         self.model = model_class.from_pretrained(
             self.path, dtype=self.dtype, attn_implementation=self.attention, trust_remote_code=trust,

@@ -4,8 +4,11 @@ GPU figures come from NVML (nvidia-ml-py) with torch.cuda as the fallback; both 
 modules, so tests can hand in a fake where a machine has no GPU. None of this may run on the event loop:
 callers use asyncio.to_thread.
 """
+import json
+import math
 import os
 import platform
+from pathlib import Path
 
 import psutil
 
@@ -102,6 +105,39 @@ def free_memory_bytes(nvml=None, cuda=None) -> int:
     if devices:
         return int(sum(device["free_gb"] for device in devices) * GB)
     return psutil.virtual_memory().available
+
+
+def weights_bytes(folder: Path, bytes_per_element: int, quantized: bool) -> int | None:
+    """What the folder's safetensors weights take in memory at that element size, or None where it has
+    none. Only the files' headers are read (8 bytes of length, then JSON: each tensor's shape). Quantized
+    weights stay as stored: their files' size."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    if quantized:
+        return sum(file.stat().st_size for file in files)
+    elements = 0
+    try:
+        for file in files:
+            with file.open("rb") as weights:
+                header = json.loads(weights.read(int.from_bytes(weights.read(8), "little")))
+            elements += sum(math.prod(tensor["shape"]) for name, tensor in header.items() if name != "__metadata__")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None  # not a safetensors file: the loader says so
+    return elements * bytes_per_element
+
+
+def check_weights_fit(folder: Path, bytes_per_element: int, quantized: bool) -> None:
+    """Refuse, before loading, weights that free memory cannot hold (on a GPU, device_map may also
+    place layers in RAM)."""
+    needed = weights_bytes(folder, bytes_per_element, quantized)
+    free = free_memory_bytes()
+    if gpus():
+        free += psutil.virtual_memory().available
+    if needed is not None and needed > free:
+        raise ValueError(f"{folder.name} needs about {_gb(needed):.1f} GB for its weights, but only "
+                         f"{_gb(free):.1f} GB is free: pick a smaller model, a smaller dtype "
+                         "(optimization.dtype), or free memory")
 
 
 def _text_config(model_config):

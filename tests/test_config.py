@@ -112,6 +112,28 @@ def test_a_model_path_that_does_not_exist_is_one_line_listing_those_that_do(tmp_
     assert "(models here: models/mine)" in refused.stderr
 
 
+def test_a_model_bigger_than_free_memory_is_one_line_before_anything_is_loaded(tmp_path, tiny_model):
+    """A real folder whose safetensors file declares more float32 weights than this machine has (a sparse
+    file: its header is real, its data takes no disk)."""
+    import shutil
+    import struct
+
+    import psutil
+
+    big = tmp_path / "models" / "too-big"
+    shutil.copytree(tiny_model, big)
+    elements = psutil.virtual_memory().total  # x 4 bytes of float32: four times the RAM
+    header = json.dumps({"embed": {"dtype": "F32", "shape": [elements], "data_offsets": [0, elements * 4]}}).encode()
+    with (big / "model.safetensors").open("wb") as weights:
+        weights.write(struct.pack("<Q", len(header)) + header)
+        weights.truncate(8 + len(header) + elements * 4)
+    refused = subprocess.run([sys.executable, str(REPO / "llmws.py"), "--config", str(tmp_path / "config.json"),
+                              "--port", str(free_port()), "--http-port", "0", "--model", str(big)],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert refused.stderr.startswith("llmws: too-big needs about ") and " GB is free: pick a smaller model" in refused.stderr
+
+
 def test_generation_defaults_come_from_config_json_then_the_model_then_the_built_in_ones(tmp_path):
     model = tmp_path / "models" / "m"
     model.mkdir(parents=True)
