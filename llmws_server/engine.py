@@ -1,6 +1,7 @@
 """The transformers engine (engine_api.Engine): loading with the right dtype and attention, prompts,
 streamed generation of one request; batches are in engine_batching.py. With engine_batching.py, the only
 module that names torch or transformers (resources.py asks torch for device memory)."""
+import contextlib
 import gc
 import importlib
 import logging
@@ -258,17 +259,22 @@ def sampling_arguments(settings) -> dict:
     return arguments
 
 
-def convert_gguf(gguf: Path, out: Path, name: str) -> None:
+def convert_gguf(gguf: Path, out: Path, name: str, step=lambda label: contextlib.nullcontext()) -> None:
     """A GGUF model as a transformers folder of float32 safetensors. A GGUF-loaded model refuses
-    save_pretrained, so it is rebuilt from a clean config with the weights copied in."""
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.name_or_path = name
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(loaded.state_dict())
-    fresh.generation_config = loaded.generation_config
-    fresh.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_pretrained, so it is rebuilt from a clean config with the weights copied in. `step(label)` is a
+    context manager around each of the four steps (to show progress)."""
+    with step("reading the tokenizer from the GGUF (1/4)"):
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with step("reading and de-quantising the weights (2/4)"):
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with step("building the float32 model (3/4)"):
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.name_or_path = name
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(loaded.state_dict())
+        fresh.generation_config = loaded.generation_config
+    with step("writing safetensors (4/4)"):
+        fresh.save_pretrained(out)
+        tokenizer.save_pretrained(out)

@@ -56,3 +56,24 @@ def test_auto_select_prefers_models_over_var_models(start_server, tiny_model, tm
         assert "loaded z-models-model" in server.output()
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_a_first_start_in_an_empty_folder_installs_the_default_model_and_says_how_far_it_is(tmp_path_factory):
+    """What a new user's first `python llmws.py` does: fetch, convert with progress, serve."""
+    from conftest import ServerProcess
+    root = tmp_path_factory.mktemp("first-start")
+    server = ServerProcess(root, None, {})
+    try:
+        out = server.output()
+        steps = ["reading the tokenizer from the GGUF (1/4)", "reading and de-quantising the weights (2/4)",
+                 "building the float32 model (3/4)", "writing safetensors (4/4)"]
+        for step in steps:  # each step announced when it starts and when it ends
+            assert f"{step} ..." in out and f"{step}: done in " in out
+        assert out.index(steps[0]) < out.index(steps[1]) < out.index(steps[2]) < out.index(steps[3])
+        assert "installed the default model in" in out and "loaded SmolLM2-135M-Instruct" in out
+        assert (root / "models" / "SmolLM2-135M-Instruct" / "model.safetensors").is_file()
+        assert (root / "models" / "SmolLM2-135M-Instruct-GGUF" / "SmolLM2-135M-Instruct.Q4_1.gguf").is_file()
+        assert not list((root / "models").glob(".installing-*"))  # the work folder is gone
+    finally:
+        server.stop()
