@@ -308,3 +308,64 @@ def test_the_markdown_view_renders_and_shows_nothing_after_stop():
     assert "queued: 2 ahead" in shown and "Some bold text." in shown and "print(1)" in shown and "• b" in shown
     assert "**" not in shown and "```" not in shown and "LEAKED" not in shown
     assert shown.rstrip().endswith("[9 tokens, 1.0 tokens/s]")
+
+
+# -- the protocol's oracle: every inbound message is accepted whole or refused naming what is wrong ----------
+
+ANY_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.integers(min_value=10 ** 4400) |
+                        st.floats() | st.text(max_size=6),
+                        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                        max_leaves=6)
+SETTING_NAMES = ["temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "do_sample", "beam"]
+INFERENCE_FIELDS = {
+    "type": st.just("inference"),
+    "prompt": st.text(max_size=20) | st.fixed_dictionaries({"user": st.text(max_size=8)}) | ANY_JSON,
+    "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "x"]) | ANY_JSON,
+                                                "content": st.text(max_size=8) | ANY_JSON}), max_size=3) | ANY_JSON,
+    "config": st.dictionaries(st.sampled_from(SETTING_NAMES), ANY_JSON | st.floats(0, 3) | st.integers(0, 50),
+                              max_size=3) | ANY_JSON,
+    "request_id": st.from_regex(r"[\w.:-]{1,20}", fullmatch=True) | ANY_JSON,
+    "colour": ANY_JSON,  # a field inference does not have
+}
+
+
+def names_in(value) -> set[str]:
+    """Every key of the message and of the objects inside it: what a refusal may name."""
+    if isinstance(value, dict):
+        return set(value) | set().union(*(names_in(inner) for inner in value.values()))
+    if isinstance(value, list):
+        return set().union(*(names_in(inner) for inner in value))
+    return set()
+
+
+@settings(max_examples=1500, deadline=None)
+@given(message=st.fixed_dictionaries({"type": INFERENCE_FIELDS["type"]},
+                                     optional={key: value for key, value in INFERENCE_FIELDS.items() if key != "type"})
+       | st.fixed_dictionaries({"type": INFERENCE_FIELDS["type"], "prompt": st.text(min_size=1, max_size=20)},
+                               optional={"config": INFERENCE_FIELDS["config"]}))
+def test_an_inference_message_is_accepted_whole_or_refused_naming_the_field(message):
+    try:
+        protocol.check_message(message)
+        request = protocol.inference_request(message, DEFAULTS["generation_defaults"] or
+                                             {"max_new_tokens": 8, "do_sample": False, "temperature": 1.0,
+                                              "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0})
+    except protocol.ProtocolError as refusal:
+        text = str(refusal)
+        named = names_in(message) | {"prompt or messages"}
+        assert any(name and name in text for name in named), (text, message)
+        return
+    assert request.turns and all(turn["role"] in ("system", "user", "assistant") for turn in request.turns)
+
+
+@settings(max_examples=800, deadline=None)
+@given(data=st.dictionaries(st.sampled_from(SETTING_NAMES), ANY_JSON, max_size=3) | ANY_JSON)
+def test_a_config_update_is_accepted_whole_or_refused_naming_the_setting(data):
+    try:
+        update = protocol.settings_update(data, "data")
+    except protocol.ProtocolError as refusal:
+        text = str(refusal)
+        assert text.startswith("data"), text
+        if isinstance(data, dict) and data:
+            assert any(name in text for name in data), (text, data)
+        return
+    assert isinstance(data, dict) and set(update) <= set(data)
