@@ -19,7 +19,7 @@ HELP = """Commands:
   /resources              device, memory, model, context limit
   /models                 the models on the server
   /switch <path>          load another model (models/NAME or var/models/NAME)
-  /download <repo> <dir>  download a model into models/<dir>
+  /download <repo> <dir> [file.gguf]   download a model into models/<dir> (only that GGUF file of the repo)
   /delete <name>          delete a model from var/models/
   /train <file.jsonl> [key=value ...]   LoRA-train the served model (max_steps, learning_rate, ...,
                           checkpoint_name=NAME); the result is a new model in var/models/
@@ -232,11 +232,11 @@ class Repl:
 
     def do_download(self, words, rest):
         """Runs in the background: the chat goes on, progress lines appear as they come."""
-        if len(words) != 2:
-            raise ValueError("usage: /download <repo> <dir>")
-        future = asyncio.run_coroutine_threadsafe(
-            self.client.download_model(words[0], words[1], on_log=lambda text: print(f"\r[download] {text}")),
-            self.loop)
+        if len(words) not in (2, 3):
+            raise ValueError("usage: /download <repo> <dir> [file.gguf]")
+        file = words[2] if len(words) == 3 else None
+        future = asyncio.run_coroutine_threadsafe(self.client.download_model(
+            words[0], words[1], on_log=lambda text: print(f"\r[download] {text}"), file=file), self.loop)
         future.add_done_callback(_report_download)
         print(f"downloading {words[0]} into models/{words[1]} in the background")
 

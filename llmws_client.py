@@ -261,9 +261,12 @@ class LLMWSEnhancedClient:
     async def switch_model(self, path: str, on_log=None) -> dict:
         return await self._follow({"type": "switch_model", "model_path": path}, "model_switched", on_log)
 
-    async def download_model(self, repo: str, target_dir: str, on_log=None) -> dict:
-        return await self._follow({"type": "download_model", "repo": repo, "target_dir": target_dir},
-                                  "download_done", on_log)
+    async def download_model(self, repo: str, target_dir: str, on_log=None, file: str | None = None) -> dict:
+        """The whole repo, or only its GGUF file `file` (a model for the llama.cpp engine)."""
+        message = {"type": "download_model", "repo": repo, "target_dir": target_dir}
+        if file:
+            message["file"] = file
+        return await self._follow(message, "download_done", on_log)
 
     async def train(self, dataset: str, checkpoint_name=None, on_event=None, **config) -> dict:
         """LoRA training on the served model (admin scope): `dataset` is JSONL text. `on_event` sees

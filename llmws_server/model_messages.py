@@ -82,17 +82,18 @@ class ModelMessages:
                 session.emit(protocol.log(f"Model switched to {engine.name} (max context {engine.max_context})"))
 
     async def on_download_model(self, session, message):
-        url, destination = self.downloads.check(message.get("repo"), message.get("target_dir"))
+        url, destination, file = self.downloads.check(message.get("repo"), message.get("target_dir"),
+                                                      message.get("file"))
         session.reply(protocol.download_started())
-        asyncio.create_task(self._download(session, url, destination))
+        asyncio.create_task(self._download(session, url, destination, file))
 
-    async def _download(self, session, url, destination) -> None:
+    async def _download(self, session, url, destination, file) -> None:
         def log_line(text):
             session.emit(protocol.log(text))
 
         log_line("Starting download...")
         try:
-            entry = await self.downloads.download(url, destination, log_line)
+            entry = await self.downloads.download(url, destination, log_line, file)
         except Exception as exc:
             log.warning("download of %s failed: %s", url, exc)
             session.emit(protocol.error(f"Download failed: {exc}"))

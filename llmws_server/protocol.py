@@ -14,7 +14,7 @@ FIELDS = {
     "get_resources": set(),
     "list_models": set(),
     "switch_model": {"model_path"},
-    "download_model": {"repo", "target_dir"},
+    "download_model": {"repo", "target_dir", "file"},
     "delete_model": {"model_name"},
     # the original LLMWS's
     "ping": set(),

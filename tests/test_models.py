@@ -1,5 +1,6 @@
 """Model management over the socket: list, switch, download (real git + git-lfs), delete; hostile input."""
 import asyncio
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -186,6 +187,81 @@ async def test_download_from_a_git_lfs_repo_while_chatting(models_server, lfs_re
         with pytest.raises(LLMWSError, match="exists already"):
             await client.download_model(url, "downloaded")
         await client.switch_model("models/tiny-a")
+
+
+@pytest.fixture(scope="module")
+def gguf_repo(lfs_repo, default_model) -> Path:
+    """A bare git-lfs repository beside lfs_repo, as a GGUF repo on Hugging Face: several quantisations
+    (the default model's real Q4_1 file, and a decoy) and a README."""
+    gguf = default_model.parent / "SmolLM2-135M-Instruct-GGUF" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    work, bare = lfs_repo.parent / "gguf-work", lfs_repo.parent / "smol-gguf.git"
+    (work / "q4").mkdir(parents=True)
+    shutil.copyfile(gguf, work / "q4" / gguf.name)
+    (work / "decoy.Q8_0.gguf").write_bytes(b"GGUF" + b"\0" * 4096)
+    (work / "README.md").write_text("GGUF files")
+    git("init", "-q", "-b", "main", cwd=work)
+    git("lfs", "install", "--local", cwd=work)
+    git("lfs", "track", "*.gguf", cwd=work)
+    git("add", "-A", cwd=work)
+    git("commit", "-qm", "ggufs", cwd=work)
+    git("init", "-q", "--bare", "-b", "main", str(bare), cwd=work.parent)
+    git("push", "-q", f"file://{bare}", "main", cwd=work)
+    return bare
+
+
+async def test_download_of_one_gguf_file_of_a_repo(models_server, gguf_repo, default_model):
+    source = default_model.parent / "SmolLM2-135M-Instruct-GGUF" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    async with LLMWSEnhancedClient("127.0.0.1", models_server.port) as client:
+        logs = []
+        done = await client.download_model(f"file://{gguf_repo}", "smol-q4", on_log=logs.append,
+                                           file="q4/SmolLM2-135M-Instruct.Q4_1.gguf")
+        total = source.stat().st_size / 1024 ** 2
+        assert f"Downloading LFS objects ({total:.1f} MB)..." in logs  # that one object, not the decoy's too
+        target = models_server.root / "models" / "smol-q4"
+        assert sorted(path.name for path in target.iterdir()) == [source.name]  # no README, no decoy, no .git
+        assert (target / source.name).read_bytes() == source.read_bytes()
+        entry = done["model"]
+        assert entry["path"] == "models/smol-q4" and entry["engine"] == "llama.cpp" and entry["quantization"] == "Q4_1"
+        not_gguf = await Client.open(models_server.url)
+        reply = await not_gguf.request({"type": "download_model", "repo": f"file://{gguf_repo}", "target_dir": "r",
+                                        "file": "README.gguf"})
+        assert reply["type"] == "download_started"
+        failure = (await not_gguf.until("error"))[-1]
+        assert failure["message"] == "Download failed: the repository has no README.gguf"
+        await not_gguf.close()
+        assert not (models_server.root / "models" / "r").exists()
+        if importlib.util.find_spec("llama_cpp"):  # served as it is, by the llama.cpp engine
+            await client.switch_model("models/smol-q4")
+            watcher = await Client.open(models_server.url)
+            assert watcher.welcome["capabilities"]["engine"] == "llama.cpp"
+            await watcher.close()
+            assert await client.inference("What is the capital of France?", temperature=0, max_new_tokens=12)
+            await client.switch_model("models/tiny-a")
+
+
+@pytest.mark.parametrize("file, words", [
+    ("../x.gguf", "file must be"), ("/etc/x.gguf", "file must be"), ("-x.gguf", "file must be"),
+    ("model.safetensors", "file must be"), ("a/../../b.gguf", "file must be"), ("x .gguf", "file must be"),
+    (["x.gguf"], "file must be"), ("", "file must be"),
+])
+async def test_hostile_gguf_file_names_are_refused_and_write_nothing(models_server, file, words):
+    before = tree(models_server.root)
+    client = await Client.open(models_server.url)
+    reply = await client.request({"type": "download_model", "repo": "https://huggingface.co/a/b", "target_dir": "x",
+                                  "file": file})
+    assert reply["type"] == "error" and words in reply["message"]
+    assert tree(models_server.root) == before
+    await client.close()
+
+
+def test_a_link_to_one_gguf_file_names_the_repo_and_the_file(tmp_path):
+    class Config:
+        download = {"allowed_url_prefixes": ["https://huggingface.co/"], "timeout_s": 60}
+        paths = {"models_dir": tmp_path}
+        root = tmp_path
+    checked = downloads.Downloads(Config).check(
+        "https://huggingface.co/org/name-GGUF/resolve/main/sub/name.Q4_K_M.gguf", "name")
+    assert checked == ("https://huggingface.co/org/name-GGUF", tmp_path / "name", "sub/name.Q4_K_M.gguf")
 
 
 @pytest.mark.parametrize("repo, target, words", [
