@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from common import REPO, PeakMemory
-from targets import PROMPT, TARGETS, LlamaCppTarget, RawGenerate, make_target
+from targets import GGUF_MODEL, PROMPT, TARGETS, LlamaCppTarget, RawGenerate, make_target
 
 BENCH = Path(__file__).resolve().parent
 VENV = BENCH / ".venv"
@@ -103,6 +103,8 @@ def chart(rows, path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(REPO / "models" / "SmolLM2-135M-Instruct"))
+    parser.add_argument("--gguf", type=Path, default=GGUF_MODEL,
+                        help="the GGUF model folder of the llamacpp and llmws-gguf targets (its name says GGUF)")
     parser.add_argument("--quick", action="store_true", help="32 tokens, 1 and 4 clients, one round")
     parser.add_argument("--clients", default="1,4,8,16,32", help="comma-separated client counts")
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, from {', '.join(TARGETS)}")
@@ -124,12 +126,12 @@ def main() -> int:
         try:
             for kind in kinds:
                 (Path(folder) / kind).mkdir()
-                targets.append(make_target(kind, args.model, max_tokens, Path(folder) / kind))
+                targets.append(make_target(kind, args.model, max_tokens, Path(folder) / kind, args.gguf))
                 targets[-1].run(1)  # warm-up
             one_at_a_time = (RawGenerate, LlamaCppTarget)
             cases = [(target, clients) for target in targets
                      for clients in ([1] if isinstance(target, one_at_a_time) or "one at a time" in target.name
-                                     or "llama.cpp" in target.name else counts)]
+                                     else counts)]
             runs = {case: [] for case in cases}
             # Every target stays up and the rounds alternate their order, so a noisy minute hits them all alike.
             for number in range(rounds):

@@ -235,10 +235,10 @@ TARGETS = ["raw", "llmws", "llmws-mixed", "llmws-alone", "serve", "serve-cb", "l
 GGUF_MODEL = REPO / "models" / "SmolLM2-135M-Instruct-GGUF"
 
 
-def make_target(kind: str, model: str, max_tokens: int, folder: Path):
+def make_target(kind: str, model: str, max_tokens: int, folder: Path, gguf: Path = GGUF_MODEL):
     return {"raw": lambda: RawGenerate(model, max_tokens),
-            "llamacpp": lambda: LlamaCppTarget(GGUF_MODEL, max_tokens),
-            "llmws-gguf": lambda: LLMWSTarget(GGUF_MODEL, max_tokens, folder),
+            "llamacpp": lambda: LlamaCppTarget(gguf, max_tokens),
+            "llmws-gguf": lambda: LLMWSTarget(gguf, max_tokens, folder),
             "llmws": lambda: LLMWSTarget(model, max_tokens, folder),
             "llmws-mixed": lambda: LLMWSTarget(model, max_tokens, folder, mixed=True),
             "llmws-alone": lambda: LLMWSTarget(model, max_tokens, folder, batch=1),

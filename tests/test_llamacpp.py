@@ -97,3 +97,29 @@ async def test_switching_between_gguf_and_transformers_both_ways(gguf_server, bi
     trained = trained if trained["type"] == "error" else (await client.until("error"))[-1]
     assert "needs the transformers engine" in trained["message"]
     await client.close()
+
+
+async def test_several_requests_decode_together_each_as_llama_cpp_alone(gguf_server, binding):
+    """llama.cpp's multi-sequence decoding (a sequence per request): the requests overlap, and each greedy
+    text is the binding's own for its prompt alone, token for token; a sampled one and a cancelled one
+    share the batch."""
+    from test_batching import generated_together, together
+
+    prompts = ["What is the capital of France?", "Name a river in Europe.", "Write a haiku about rain.",
+               "What is 2 + 2?"]
+    results, events = await together(gguf_server, [inference(prompt, 24, repetition_penalty=1.0) for prompt in prompts]
+                                     + [inference("Write a poem", 24, temperature=1.0)])
+    assert generated_together(events, len(results))
+    assert not [message for _, message in events if message["type"] == "queued"]
+    for prompt, received in zip(prompts, results):
+        assert text_of(received) == binding_answer(binding, prompt, 24)
+    assert results[-1][-1]["type"] == "done" and results[-1][-1]["total_tokens"] > 0
+    stopped, kept = await Client.open(gguf_server.url), await Client.open(gguf_server.url)
+    await stopped.send(inference("Tell me a very long story", 400, request_id="long"))
+    await kept.send(inference(prompts[0], 24, repetition_penalty=1.0))
+    await stopped.until("token")
+    await stopped.send({"type": "cancel", "request_id": "long"})
+    assert (await stopped.until("done"))[-1]["finish_reason"] == "cancelled"
+    assert text_of(await kept.until("done")) == binding_answer(binding, prompts[0], 24)
+    await stopped.close()
+    await kept.close()
