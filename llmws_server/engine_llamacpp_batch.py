@@ -3,7 +3,9 @@ as llama.cpp's server slots do. A thread of its own takes new requests in (their
 one token of every running request per step; each request samples with its own sampler chain.
 
 Each sequence has KV cells of its own, a full context's worth (llama.cpp's per-sequence streams, not one
-shared cache): with them a greedy text in a batch is the text of the same request alone, token for token."""
+shared cache): with them a greedy text in a batch is the text of the same request alone, token for token.
+A sequence keeps its cells after its request: the next request that starts with the same tokens (the
+next turn of a chat) takes that sequence and computes only what follows them."""
 import codecs
 import queue
 import random
@@ -46,6 +48,14 @@ def make_sampler(settings, vocab_size: int):
     return chain
 
 
+def shared_start(held: list[int], ids: list[int]) -> int:
+    """How many tokens the two lists start with alike."""
+    for count, (a, b) in enumerate(zip(held, ids)):
+        if a != b:
+            return count
+    return min(len(held), len(ids))
+
+
 class LlamaCppBatch:
     def __init__(self, engine, slots: int):
         self.engine, self.slots = engine, slots
@@ -62,6 +72,7 @@ class LlamaCppBatch:
         self.batch = llama_cpp.llama_batch_init(max(engine.llama.n_batch, slots), 0, 1)
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
+        self.held = {seq: [] for seq in range(slots)}  # the tokens each sequence's cells hold
         self.cancelled: set[str] = set()
         self.results: queue.Queue[Progress] = queue.Queue()
         self.wake = threading.Condition()
@@ -132,11 +143,13 @@ class LlamaCppBatch:
             self._end(sequence)
 
     def _admit(self) -> list[Sequence]:
-        """Waiting requests in order, while a sequence is free."""
+        """Waiting requests in order, while a sequence is free: the free one that holds the longest start of
+        the request's tokens."""
         admitted = []
         while self.waiting and len(self.running) < self.slots:
             sequence = self.waiting.popleft()
-            sequence.seq = min(set(range(self.slots)) - set(self.running))
+            free = [seq for seq in range(self.slots) if seq not in self.running]
+            sequence.seq = max(free, key=lambda seq: (shared_start(self.held[seq], sequence.ids), -seq))
             sequence.sampler = make_sampler(sequence.settings, self.vocab_size)
             self.running[sequence.seq] = sequence
             admitted.append(sequence)
@@ -154,12 +167,16 @@ class LlamaCppBatch:
             raise RuntimeError(f"llama_decode returned {status}")
 
     def _prefill(self, sequence: Sequence) -> None:
-        """The prompt, in chunks of n_batch; the first token is sampled from its last position."""
-        chunk = self.engine.llama.n_batch
-        for start in range(0, len(sequence.ids), chunk):
-            part = sequence.ids[start:start + chunk]
+        """The prompt after what the sequence's cells hold already (at least its last token, whose logits give
+        the first token), in chunks of n_batch."""
+        ids, chunk = sequence.ids, self.engine.llama.n_batch
+        kept = min(shared_start(self.held[sequence.seq], ids), len(ids) - 1)
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.context), sequence.seq, kept, -1)
+        self.held[sequence.seq] = list(ids)
+        for start in range(kept, len(ids), chunk):
+            part = ids[start:start + chunk]
             for index, token in enumerate(part):
-                self._put(index, token, start + index, sequence.seq, start + index == len(sequence.ids) - 1)
+                self._put(index, token, start + index, sequence.seq, start + index == len(ids) - 1)
             self._decode(len(part))
         self._take(sequence, len(part) - 1)
 
@@ -168,6 +185,7 @@ class LlamaCppBatch:
         order = list(self.running.values())
         for index, sequence in enumerate(order):
             self._put(index, sequence.last, len(sequence.ids) + sequence.generated - 1, sequence.seq, True)
+            self.held[sequence.seq].append(sequence.last)
         self._decode(len(order))
         for index, sequence in enumerate(order):
             self._take(sequence, index)
@@ -192,7 +210,6 @@ class LlamaCppBatch:
             self._end(sequence)
 
     def _end(self, sequence: Sequence) -> None:
-        """Free the sequence's cells, sampler and id."""
-        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.context), sequence.seq, -1, -1)
+        """Free the sequence for the next request (its cells stay, for a request that starts the same way)."""
         llama_cpp.llama_sampler_free(sequence.sampler)
         del self.running[sequence.seq]
