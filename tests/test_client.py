@@ -267,3 +267,51 @@ def test_the_repl_renders_markdown_on_a_terminal_and_ctrl_c_still_cancels(tiny_s
         repl.expect(pexpect.EOF)
     finally:
         repl.close(force=True)
+
+
+def one_shot_text(server, *args) -> str:
+    result = run_llm("--prompt", "Tell me about rivers", "--port", str(server.port), "--host", "127.0.0.1",
+                     "--max-tokens", "12", *args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_one_shot_options_reach_the_server(tiny_server):
+    """--top-k, --top-p and --system change what the server does; --session takes up a session."""
+    greedy = one_shot_text(tiny_server, "--temperature", "0")
+    sampled = {one_shot_text(tiny_server, "--temperature", "5") for _ in range(3)}
+    assert sampled != {greedy}  # hot sampling wanders off the greedy text
+    assert one_shot_text(tiny_server, "--temperature", "5", "--top-k", "1") == greedy  # only the best token left
+    assert one_shot_text(tiny_server, "--temperature", "5", "--top-p", "0.000001") == greedy
+    with_system = one_shot_text(tiny_server, "--temperature", "0", "--system", "You answer in verse.")
+    assert with_system == reference(tiny_server, "Tell me about rivers", system="You answer in verse.") + "\n"
+    assert with_system != greedy
+    first = run_llm("--prompt", "hi", "--port", str(tiny_server.port), "--host", "127.0.0.1", "--json",
+                    "--max-tokens", "2")
+    session = json.loads(first.stdout.splitlines()[0])["session_id"]
+    again = run_llm("--prompt", "hi", "--port", str(tiny_server.port), "--host", "127.0.0.1", "--json",
+                    "--max-tokens", "2", "--session", session)
+    welcome = json.loads(again.stdout.splitlines()[0])
+    assert welcome["session_id"] == session and welcome["resumed"] is True
+
+
+def reference(server, prompt, **options) -> str:
+    async def answer():
+        async with LLMWSEnhancedClient("127.0.0.1", server.port) as client:
+            return await client.inference(prompt, temperature=0, max_new_tokens=12, **options)
+    return asyncio.run(answer())
+
+
+async def test_the_client_retries_six_times_with_growing_waits_then_gives_up(start_server, tiny_model):
+    server = start_server(tiny_model)
+    statuses = []
+    client = LLMWSEnhancedClient("127.0.0.1", server.port, on_status=statuses.append)
+    await client.connect()
+    server.stop()  # the server is gone for good: every try fails
+    with pytest.raises((ConnectionError, LLMWSError)):
+        await client.inference("hello", max_new_tokens=4)
+    waits = [float(re.search(r"reconnecting in ([\d.]+) s", text).group(1)) for text in statuses
+             if text.startswith("connection lost")]
+    assert len(waits) == 6 and "reconnected" not in statuses
+    assert waits[-1] > waits[0]  # backoff: 0.2 s doubling to at most 5 s, with +-50 % jitter
+    assert all(0.1 <= wait <= 7.5 for wait in waits)

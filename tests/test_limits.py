@@ -3,12 +3,14 @@ abandoned requests, timeouts, per-address limits, fairness between sessions, ses
 import asyncio
 import json
 import stat
+import subprocess
+import sys
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import BLOCKER, ONE_AT_A_TIME, Client, inference
+from conftest import BLOCKER, ONE_AT_A_TIME, REPO, Client, inference
 from llmws_server.config import DEFAULTS
 from llmws_server.sessions import UNUSED_IDLE_S, SessionStore, simple_decrypt
 
@@ -197,3 +199,14 @@ def test_a_download_cut_off_by_a_kill_is_cleaned_up_at_start(start_server, tiny_
     server = start_server(tiny_model, populate)
     assert not (server.root / "models" / ".download-big-abc123").exists()
     assert "removed .download-big-abc123" in server.output()
+
+
+def test_the_log_rotates_at_10_mb_and_keeps_3(tmp_path):
+    """The server's own logging set-up, fed 45 MB: llmws.log and three older files, each at most 10 MB."""
+    script = (f"import logging, pathlib, llmws; llmws.setup_logging(pathlib.Path({str(tmp_path)!r}))\n"
+              "for n in range(45 * 1024): logging.getLogger('llmws').info('x' * 1000)\n")
+    subprocess.run([sys.executable, "-c", script], cwd=REPO, check=True, stdout=subprocess.DEVNULL, timeout=120)
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert names == ["llmws.log", "llmws.log.1", "llmws.log.2", "llmws.log.3"]
+    assert all((tmp_path / name).stat().st_size <= 10 * 1024 ** 2 for name in names)
+    assert (tmp_path / "llmws.log.3").stat().st_size > 9 * 1024 ** 2  # full files were rotated out, not lost early

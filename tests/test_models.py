@@ -319,3 +319,30 @@ async def test_a_model_folder_deleted_under_the_server(models_server, tiny_model
     refused = await client.request({"type": "switch_model", "model_path": "doomed"})
     assert refused["type"] == "error" and "Model not found" in refused["message"]
     await client.close()
+
+
+def test_the_repl_downloads_switches_and_deletes(models_server, lfs_repo, tiny_model, tmp_path):
+    import sys
+
+    import pexpect
+
+    from conftest import REPO
+    shutil.copytree(tiny_model, models_server.root / "var" / "models" / "repl-spare")
+    repl = pexpect.spawn(sys.executable, [str(REPO / "llm.py"), "--port", str(models_server.port), "--host", "127.0.0.1",
+                                          "--plain"], env={**os.environ, "HOME": str(tmp_path)}, encoding="utf-8",
+                         timeout=120)
+    try:
+        repl.expect("you> ")
+        repl.sendline(f"/download file://{lfs_repo} repl-dl")
+        repl.expect(r"\[download\] done: models/repl-dl")
+        repl.sendline("/switch models/repl-dl")
+        repl.expect("Model switched to repl-dl")
+        repl.sendline("/delete repl-spare")
+        repl.expect("Model repl-spare deleted")
+        assert not (models_server.root / "var" / "models" / "repl-spare").exists()
+        repl.sendline("/switch models/tiny-a")
+        repl.expect("Model switched to tiny-a")
+        repl.sendline("/quit")
+        repl.expect(pexpect.EOF)
+    finally:
+        repl.close(force=True)

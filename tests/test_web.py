@@ -360,3 +360,42 @@ def test_the_header_model_picker_switches_the_model(browser, start_server, tiny_
     page.wait_for_function("state.history.length === 2")
     assert page.locator(".turn.assistant .who").text_content() == "tiny-b"
     context.close()
+
+
+def test_new_tokens_per_s_the_resources_refresh_and_the_session_field(browser, tiny_server):
+    import re
+    import time
+
+    context = browser.new_context(bypass_csp=True)
+    page = context.new_page()
+    asked = []  # when the page asked for resources
+    page.on("websocket", lambda socket: socket.on("framesent", lambda payload: asked.append(time.monotonic())
+                                                   if json.loads(payload).get("type") == "get_resources" else None))
+    page.goto(f"http://127.0.0.1:{tiny_server.port}/")
+    page.wait_for_function("document.getElementById('status').textContent === 'connected'")
+    set_greedy(page, 6)
+    page.fill("#prompt", "Hello")
+    page.press("#prompt", "Enter")
+    page.wait_for_function("state.history.length === 2")
+    assert re.fullmatch(r"6 tokens, [\d.]+ tokens/s, length", page.text_content(".turn.assistant .stats"))
+    page.click("#newConversation")
+    assert page.locator(".turn").count() == 0 and page.evaluate("state.history.length") == 0
+    page.click("#resourcesPanel summary")  # open: asked at once, then every 3 s
+    deadline = time.monotonic() + 20
+    while len(asked) < 3 and time.monotonic() < deadline:
+        page.wait_for_timeout(200)
+    assert len(asked) >= 3 and all(2.5 <= later - earlier <= 6 for earlier, later in zip(asked[1:], asked[2:]))
+    # Another browser takes up this session by its id (Connection panel): the first is told it was taken over.
+    session = page.text_content("#sessionId")
+    other = browser.new_context(bypass_csp=True)
+    second = other.new_page()
+    second.goto(f"http://127.0.0.1:{tiny_server.port}/")
+    second.wait_for_function("document.getElementById('status').textContent === 'connected'")
+    second.click("#connectionPanel summary")
+    second.click("#disconnect")
+    second.fill("#sessionInput", session)
+    second.click("#connect")
+    second.wait_for_function(f"document.getElementById('sessionId').textContent === '{session}'")
+    page.wait_for_function("document.getElementById('notice').textContent.includes('taken over')")
+    other.close()
+    context.close()
