@@ -49,14 +49,12 @@ class LLMWSEnhancedClient:
         self._listeners = set()  # a Queue per running switch or download: numbered messages without request id
         self._ask_lock = asyncio.Lock()
         self._connected = asyncio.Event()
-        self._gone = asyncio.Event()  # set when the connection is lost for good (every reconnect failed)
         self._closing = False
 
     # -- connection ------------------------------------------------------------------------------
 
     async def connect(self) -> dict:
         self._closing = False
-        self._gone.clear()
         await self._open()
         self._reader = asyncio.create_task(self._read_forever())
         return self.welcome
@@ -88,7 +86,6 @@ class LLMWSEnhancedClient:
                 return
             self._connected.clear()
             if self._closing or not await self._reconnect():
-                self._gone.set()
                 self._fail_all(ConnectionError("connection to the server lost"))
                 return
 
@@ -158,25 +155,13 @@ class LLMWSEnhancedClient:
     async def _send(self, message: dict) -> None:
         """Send once the connection is up; after a drop, wait for the reconnect and send again."""
         for _ in range(2):
-            await self._until_connected()
+            await asyncio.wait_for(self._connected.wait(), 60)
             try:
                 await self._websocket.send(json.dumps(message))
                 return
             except ConnectionClosed:
                 await asyncio.sleep(0.05)
         raise ConnectionError("could not send to the server")
-
-    async def _until_connected(self) -> None:
-        """Wait (60 s at most) while a reconnect is under way; ConnectionError once the client gave up."""
-        if not self._connected.is_set() and not self._gone.is_set():
-            waits = {asyncio.ensure_future(self._connected.wait()), asyncio.ensure_future(self._gone.wait())}
-            done, pending = await asyncio.wait(waits, timeout=60, return_when=asyncio.FIRST_COMPLETED)
-            for wait in pending:
-                wait.cancel()
-        if self._gone.is_set():
-            raise ConnectionError("connection to the server lost")
-        if not self._connected.is_set():
-            raise asyncio.TimeoutError("no connection to the server after 60 s")
 
     async def _ask(self, message: dict, answer_type: str) -> dict:
         """Send a frame and return its direct answer (error: LLMWSError)."""
@@ -243,8 +228,6 @@ class LLMWSEnhancedClient:
             done, pending = await asyncio.wait({replies, first}, return_when=asyncio.FIRST_COMPLETED)
             for task in pending:
                 task.cancel()
-        for task in done:
-            task.exception()  # looked at, so that a second failure is not logged as never retrieved
         return [task.result() for task in (replies, first) if task in done]
 
     async def inference(self, prompt=None, system=None, messages=None, on_token=None, images=None, **config) -> str:
