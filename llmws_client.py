@@ -17,6 +17,14 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 RETRY_CLOSE_CODES = {1001, 1006, 1011, 1012, 1013}  # going away, lost, server error/restart, try later
 
 
+class Reopened:
+    """Put among the direct replies when a reconnect opens connection number `opened`: a frame sent on an
+    older connection, or its reply, may have been lost with it (direct replies are not replayed)."""
+
+    def __init__(self, opened: int):
+        self.opened = opened
+
+
 class LLMWSError(Exception):
     """An `error` from the server; its other fields (max_context, input_length, …) are in `fields`."""
 
@@ -49,6 +57,7 @@ class LLMWSEnhancedClient:
         self._listeners = set()  # a Queue per running switch or download: numbered messages without request id
         self._ask_lock = asyncio.Lock()
         self._connected = asyncio.Event()
+        self._opened = 0  # connections opened so far; the current one's number
         self._closing = False
 
     # -- connection ------------------------------------------------------------------------------
@@ -71,6 +80,7 @@ class LLMWSEnhancedClient:
             self.last_seq = 0  # a fresh session numbers from 1 again
         self.session_id = welcome["session_id"]
         self.welcome = welcome
+        self._opened += 1
         self._connected.set()
 
     async def _read_forever(self) -> None:
@@ -101,9 +111,14 @@ class LLMWSEnhancedClient:
                 await self._open()
             except (OSError, ConnectionClosed, InvalidHandshake, asyncio.TimeoutError):
                 continue
+            if self._closing:  # disconnect() was called meanwhile
+                self._connected.clear()
+                await self._websocket.close()
+                return False
             if not self.welcome["resumed"]:  # the server restarted: what was in flight is gone
                 for stream in self._streams.values():
                     stream.put_nowait(ConnectionError("the server lost the session (restarted?)"))
+            self._replies.put_nowait(Reopened(self._opened))
             self.on_status("reconnected")
             return True
         return False
@@ -152,27 +167,64 @@ class LLMWSEnhancedClient:
 
     # -- sending ---------------------------------------------------------------------------------
 
-    async def _send(self, message: dict) -> None:
-        """Send once the connection is up; after a drop, wait for the reconnect and send again."""
+    async def _send(self, message: dict) -> int:
+        """Send once the connection is up; after a drop, wait for the reconnect and send again. Returns the
+        number of the connection it went on."""
         for _ in range(2):
-            await asyncio.wait_for(self._connected.wait(), 60)
+            await self._until_connected()
+            opened = self._opened
             try:
                 await self._websocket.send(json.dumps(message))
-                return
+                return opened
             except ConnectionClosed:
                 await asyncio.sleep(0.05)
         raise ConnectionError("could not send to the server")
 
+    async def _until_connected(self, timeout: float = 60) -> None:
+        """Return once connected, waiting while a reconnect is under way; ConnectionError at once when
+        the client is not connected and no longer trying (it gave up, or was disconnected)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            if self._reader is None or (self._reader.done() and not self._connected.is_set()):
+                raise ConnectionError("not connected to the server")
+            # Even when connected this waits a turn of the loop, so that a connection cut just now is seen
+            # as closed before anything is sent on it.
+            connected = asyncio.ensure_future(self._connected.wait())
+            try:
+                await asyncio.wait({connected, self._reader}, timeout=max(deadline - loop.time(), 0),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                connected.cancel()
+            if self._connected.is_set():
+                return
+            if loop.time() >= deadline:
+                raise ConnectionError(f"no connection to the server after {timeout:.0f} s")
+
     async def _ask(self, message: dict, answer_type: str) -> dict:
         """Send a frame and return its direct answer (error: LLMWSError)."""
         async with self._ask_lock:
-            await self._send(message)
-            reply = await self._next(self._replies)
+            for _ in range(3):  # sent again when the connection it went on was lost before its answer came
+                reply = await self._reply(await self._send(message))
+                if reply is not None:
+                    break
+            else:
+                raise ConnectionError("no answer from the server")
         if reply["type"] == "error":
             raise LLMWSError(reply)
         if reply["type"] != answer_type:
             raise LLMWSError({"message": f"expected {answer_type}, got {reply['type']}"})
         return reply
+
+    async def _reply(self, sent_on: float):
+        """The next direct reply to a frame sent on connection `sent_on`, or None when a later connection
+        opened first (the frame or its reply may be lost)."""
+        while True:
+            item = await self._next(self._replies)
+            if not isinstance(item, Reopened):
+                return item
+            if item.opened > sent_on:
+                return None
 
     @staticmethod
     async def _next(queue: asyncio.Queue):
@@ -223,7 +275,7 @@ class LLMWSEnhancedClient:
         (an error, or download_started) and/or the first numbered message on `queue`, in that order."""
         async with self._ask_lock:
             await self._send(message)
-            replies = asyncio.create_task(self._next(self._replies))
+            replies = asyncio.create_task(self._reply(float("inf")))
             first = asyncio.create_task(self._next(queue))
             done, pending = await asyncio.wait({replies, first}, return_when=asyncio.FIRST_COMPLETED)
             for task in pending:

@@ -300,3 +300,23 @@ def reference(server, prompt, **options) -> str:
         async with LLMWSEnhancedClient("127.0.0.1", server.port) as client:
             return await client.inference(prompt, temperature=0, max_new_tokens=12, **options)
     return asyncio.run(answer())
+
+
+async def test_the_client_retries_six_times_with_growing_waits_then_gives_up(start_server, tiny_model):
+    server = start_server(tiny_model)
+    statuses = []
+    client = LLMWSEnhancedClient("127.0.0.1", server.port, on_status=statuses.append)
+    await client.connect()
+    server.stop()  # the server is gone for good: every try fails
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(ConnectionError):
+        await client.inference("hello", max_new_tokens=4)
+    # It gives up after its tries (about 11 s of waits, at most 16), not after waiting out a 60 s timeout
+    assert asyncio.get_running_loop().time() - started < 45
+    waits = [float(re.search(r"reconnecting in ([\d.]+) s", text).group(1)) for text in statuses
+             if text.startswith("connection lost")]
+    assert len(waits) == 6 and "reconnected" not in statuses
+    assert waits[-1] > waits[0]  # backoff: 0.2 s doubling to at most 5 s, with +-50 % jitter
+    assert all(0.1 <= wait <= 7.5 for wait in waits)
+    with pytest.raises(ConnectionError):  # and a call after that fails at once
+        await asyncio.wait_for(client.ack(), 5)
