@@ -320,3 +320,36 @@ async def test_the_client_retries_six_times_with_growing_waits_then_gives_up(sta
     assert all(0.1 <= wait <= 7.5 for wait in waits)
     with pytest.raises(ConnectionError):  # and a call after that fails at once
         await asyncio.wait_for(client.ack(), 5)
+
+
+def ask_repl(repl, question: str) -> str:
+    """Ask in a --plain REPL; the answer's text exactly as printed (the terminal writes \n as \r\n)."""
+    repl.sendline(question)
+    repl.expect_exact(question + "\r\n")  # the terminal's echo of the line
+    repl.expect(r"\r\n\[\d+ tokens, ")
+    text = repl.before
+    repl.expect("you> ")
+    return text.replace("\r\n", "\n")
+
+
+def test_the_repl_keeps_the_conversation_and_clear_starts_over(tiny_server, tmp_path):
+    """Each question goes with the turns before it, and /clear drops them: the REPL's greedy answers equal
+    the Python client's to the same message lists, and the references show the turns change the answer."""
+    repl = spawn_repl(tiny_server, tmp_path, "--plain", "--temperature", "0", "--max-tokens", "12")
+    try:
+        first = ask_repl(repl, "Tell me about rivers")
+        second = ask_repl(repl, "And lakes?")
+        repl.sendline("/clear")
+        repl.expect("new conversation")
+        repl.expect("you> ")
+        third = ask_repl(repl, "And lakes?")
+    finally:
+        repl.close(force=True)
+    rivers = {"role": "user", "content": "Tell me about rivers"}
+    lakes = {"role": "user", "content": "And lakes?"}
+    assert first == reference(tiny_server, None, messages=[rivers])
+    with_history = reference(tiny_server, None, messages=[rivers, {"role": "assistant", "content": first}, lakes])
+    alone = reference(tiny_server, None, messages=[lakes])
+    assert with_history != alone  # the earlier turns change the answer, so the comparisons below tell them apart
+    assert second == with_history
+    assert third == alone
