@@ -43,7 +43,40 @@ def lfs_repo(tiny_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def models_server(start_server, tiny_model, second_tiny_model, lfs_repo):
+def git_gates(tmp_path_factory) -> Path:
+    """A folder of gates for the server's `git lfs pull`: while `before-pull` exists the pull waits to
+    start (it touches `pull-reached`); while `after-pull` exists, a finished pull waits to exit (it
+    touches `pull-finished`). The git on the server's PATH is the real one behind this script."""
+    base = tmp_path_factory.mktemp("gated-git")
+    gates, bin_dir = base / "gates", base / "bin"
+    gates.mkdir()
+    bin_dir.mkdir()
+    script = bin_dir / "git"
+    script.write_text(f"""#!/bin/sh
+case " $* " in *" lfs pull "*)
+  touch "{gates}/pull-reached"
+  while [ -e "{gates}/before-pull" ]; do sleep 0.05; done
+  "{shutil.which('git')}" "$@"; status=$?
+  touch "{gates}/pull-finished"
+  while [ -e "{gates}/after-pull" ]; do sleep 0.05; done
+  exit $status;;
+esac
+exec "{shutil.which('git')}" "$@"
+""")
+    script.chmod(0o755)
+    return gates
+
+
+async def until_exists(path: Path, timeout=60) -> None:
+    for _ in range(timeout * 20):
+        if path.exists():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{path.name} did not appear in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def models_server(start_server, tiny_model, second_tiny_model, lfs_repo, git_gates):
     def populate(root):
         shutil.copytree(tiny_model, root / "models" / "tiny-a")
         shutil.copytree(second_tiny_model, root / "var" / "models" / "tiny-b")
@@ -58,8 +91,9 @@ def models_server(start_server, tiny_model, second_tiny_model, lfs_repo):
         (root / "outside").mkdir()
         (root / "outside" / "keep.txt").write_text("keep")
         os.symlink(root / "outside", root / "var" / "models" / "escape")
-    return start_server(None, populate, download={"allowed_url_prefixes": ["https://huggingface.co/",
-                                                                           f"file://{lfs_repo.parent}/"]})
+    gated_path = f"{git_gates.parent / 'bin'}{os.pathsep}{os.environ['PATH']}"
+    return start_server(None, populate, environment={"PATH": gated_path},
+                        download={"allowed_url_prefixes": ["https://huggingface.co/", f"file://{lfs_repo.parent}/"]})
 
 
 def tree(root: Path) -> set:
@@ -161,15 +195,31 @@ async def test_delete_removes_a_var_model_but_never_the_loaded_one(models_server
     await client.close()
 
 
-async def test_download_from_a_git_lfs_repo_while_chatting(models_server, lfs_repo, tiny_model):
+async def test_download_from_a_git_lfs_repo_while_chatting(models_server, lfs_repo, tiny_model, git_gates):
+    """A chat is answered while the download is held inside git-lfs's pull; the pull's progress is
+    reported in MB and percent, from git-lfs's own progress file, while the pull still runs."""
     url = f"file://{lfs_repo}"
+    size_mb = (tiny_model / "model.safetensors").stat().st_size / 1024 ** 2
+    for gate in ("before-pull", "after-pull"):
+        (git_gates / gate).touch()
     async with LLMWSEnhancedClient("127.0.0.1", models_server.port) as client:
         logs = []
-        done, text = await asyncio.gather(client.download_model(url, "downloaded", on_log=logs.append),
-                                          client.inference("chat meanwhile", temperature=0, max_new_tokens=30))
-        assert text
+        download = asyncio.create_task(client.download_model(url, "downloaded", on_log=logs.append))
+        await until_exists(git_gates / "pull-reached")
+        text = await asyncio.wait_for(client.inference("chat meanwhile", temperature=0, max_new_tokens=30), 120)
+        assert text and not download.done()  # answered while the download waits inside `git lfs pull`
+        (git_gates / "before-pull").unlink()
+        await until_exists(git_gates / "pull-finished")
+        progress = f"LFS objects: {size_mb:.1f}/{size_mb:.1f} MB (100%)"
+        for _ in range(600):
+            if progress in logs:
+                break
+            await asyncio.sleep(0.05)
+        assert progress in logs and not download.done()  # reported while `git lfs pull` still runs
+        (git_gates / "after-pull").unlink()
+        done = await download
         assert logs[0] == "Starting download..." and "Using git + git-lfs" in logs
-        assert any(line.startswith("Downloading LFS objects") for line in logs)
+        assert f"Downloading LFS objects ({size_mb:.1f} MB)..." in logs
         assert logs[-1] == "Download complete!"
         entry = done["model"]
         assert entry["name"] == "downloaded" and entry["path"] == "models/downloaded" and entry["complete"]
@@ -292,15 +342,21 @@ async def test_a_failed_download_leaves_nothing_behind(models_server, lfs_repo):
     await client.close()
 
 
-async def test_missing_git_lfs_gives_the_seeds_advice(tmp_path, lfs_repo, monkeypatch):
+async def test_missing_git_lfs_gives_the_seeds_advice(start_server, tiny_model, tmp_path, lfs_repo):
     only_git = tmp_path / "bin"
     only_git.mkdir()
     os.symlink(shutil.which("git"), only_git / "git")
-    monkeypatch.setenv("PATH", str(only_git))
-    monkeypatch.setenv("GIT_EXEC_PATH", subprocess.run(["git", "--exec-path"], capture_output=True,
-                                                       text=True).stdout.strip())
-    with pytest.raises(RuntimeError, match="sudo apt-get install git-lfs"):
-        await downloads.Downloads.__new__(downloads.Downloads)._git(f"file://{lfs_repo}", tmp_path / "w", print)
+    server = start_server(tiny_model, environment={"PATH": str(only_git)},
+                          download={"allowed_url_prefixes": [f"file://{lfs_repo.parent}/"]})
+    before = tree(server.root)
+    client = await Client.open(server.url)
+    reply = await client.request({"type": "download_model", "repo": f"file://{lfs_repo}", "target_dir": "lfs-less"})
+    assert reply["type"] == "download_started"
+    failure = (await client.until("error"))[-1]
+    assert "Download failed" in failure["message"] and "sudo apt-get install git-lfs" in failure["message"]
+    assert tree(server.root) == before
+    assert await answer(client)  # the server serves on
+    await client.close()
 
 
 async def test_a_model_folder_deleted_under_the_server(models_server, tiny_model):
