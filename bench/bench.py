@@ -14,7 +14,9 @@ Tokens are tokens: what the server's `done` (or the API's usage) counts, never s
 beside them is the rate that no chunking changes.
 
 Every target stays up for the whole run and the rounds go over them in alternating order, so a slow
-minute on a noisy machine falls on all of them alike; each row is the median over the rounds.
+minute on a noisy machine falls on all of them alike; each row is the median over the runs. Single-client
+targets take turns request by request, and their ratio to raw generate is the median over neighbouring
+pairs.
 
 It runs itself in bench/.venv (made on first use, with the system's packages visible), where it installs
 matplotlib and transformers[serving]; neither is a requirement of the server.
@@ -49,30 +51,50 @@ def ensure_venv() -> None:
 
 # -- measuring -------------------------------------------------------------------------------------
 
-def measure(target, clients: int, repeats: int) -> dict:
-    """Run `clients` requests at once, `repeats` times: every stream's timings, the wall time, peak memory."""
+def measure(target, clients: int) -> dict:
+    """Run `clients` requests at once: every stream's timings, the wall time, peak memory."""
     memory = PeakMemory(target.pid)
-    streams, elapsed = [], 0.0
-    for _ in range(repeats):
-        started = time.monotonic()
-        streams += target.run(clients)
-        elapsed += time.monotonic() - started
+    started = time.monotonic()
+    streams = target.run(clients)
+    elapsed = time.monotonic() - started
     memory.running = False
     return {"streams": streams, "elapsed": elapsed, "peak": memory.peak}
 
 
+def run_rounds(cases: list, rounds: int, repeat: int) -> dict:
+    """Every case's runs. Single-client cases take turns request by request (A B C, C B A, ...), so the
+    n-th runs of two targets are neighbours in time and their ratio is free of the machine's drift; the
+    many-client cases take turns by round."""
+    runs = {case: [] for case in cases}
+    singles = [case for case in cases if case[1] == 1]
+    many = [case for case in cases if case[1] > 1]
+    turn = 0
+    for number in range(rounds):
+        for _ in range(repeat):
+            for target, clients in (singles if turn % 2 == 0 else singles[::-1]):
+                runs[target, clients].append(measure(target, clients))
+            turn += 1
+        for target, clients in (many if number % 2 == 0 else many[::-1]):
+            runs[target, clients].append(measure(target, clients))
+        print(f"  round {number + 1} of {rounds} done", file=sys.stderr)
+    return runs
+
+
 def summarize(name: str, clients: int, runs: list[dict]) -> dict:
-    """One table row from a case's rounds: medians over every stream and over the rounds' aggregates."""
+    """One table row from a case's runs: medians over every stream and over the runs' aggregates."""
     streams = [stream for run in runs for stream in run["streams"]]
     aggregates = [sum(stream.tokens for stream in run["streams"]) / run["elapsed"] for run in runs]
-    return {"target": name, "clients": clients, "rounds": len(runs), "streams": len(streams),
+    return {"target": name, "clients": clients, "runs": len(runs), "streams": len(streams),
             "ttft_p50_s": round(statistics.median(stream.ttft for stream in streams), 3),
             "ttft_max_s": round(max(stream.ttft for stream in streams), 3),
             "decode_tokens_per_s": round(statistics.median(stream.decode_rate for stream in streams), 2),
             "end_to_end_tokens_per_s": round(statistics.median(stream.end_to_end_rate for stream in streams), 2),
             "decode_chars_per_s": round(statistics.median(stream.chars_rate for stream in streams), 1),
             "aggregate_tokens_per_s": round(statistics.median(aggregates), 2),
-            "aggregate_per_round": [round(value, 2) for value in aggregates],
+            "aggregate_per_run": [round(value, 2) for value in aggregates],
+            "end_to_end_per_run": [round(statistics.median(stream.end_to_end_rate for stream in run["streams"]), 3)
+                                   for run in runs],
+            "ttft_per_run": [round(statistics.median(stream.ttft for stream in run["streams"]), 4) for run in runs],
             "peak_rss_mb": round(max(run["peak"] for run in runs) / 1024 ** 2),
             "texts": sorted({stream.text for stream in streams}) if "mixed" not in name else []}
 
@@ -132,18 +154,21 @@ def main() -> int:
             cases = [(target, clients) for target in targets
                      for clients in ([1] if isinstance(target, one_at_a_time) or "one at a time" in target.name
                                      else counts)]
-            runs = {case: [] for case in cases}
-            # Every target stays up and the rounds alternate their order, so a noisy minute hits them all alike.
-            for number in range(rounds):
-                for target, clients in (cases if number % 2 == 0 else cases[::-1]):
-                    runs[target, clients].append(measure(target, clients, args.repeat if clients == 1 else 1))
-                    print(f"  round {number + 1}: {target.name}, {clients} clients", file=sys.stderr)
+            runs = run_rounds(cases, rounds, args.repeat)
         finally:
             for target in targets:
                 target.stop()
     rows = [summarize(target.name, clients, case_runs) for (target, clients), case_runs in runs.items()]
     report(rows, max_tokens, out)
     return 0
+
+
+def paired(ours: dict, base: dict) -> tuple[list, list]:
+    """Two single-client rows' n-th runs, which ran next to each other: end-to-end rate ratios, TTFT
+    differences (seconds)."""
+    pairs = list(zip(zip(ours["end_to_end_per_run"], ours["ttft_per_run"]),
+                     zip(base["end_to_end_per_run"], base["ttft_per_run"])))
+    return [mine[0] / theirs[0] for mine, theirs in pairs], [mine[1] - theirs[1] for mine, theirs in pairs]
 
 
 def report(rows: list[dict], max_tokens: int, out: Path) -> None:
@@ -156,11 +181,16 @@ def report(rows: list[dict], max_tokens: int, out: Path) -> None:
               f"{row['ttft_p50_s']:>8}s {row['ttft_max_s']:>8}s {row['peak_rss_mb']:>8}")
     summary = {"max_new_tokens": max_tokens, "prompt": PROMPT, "rows": rows}
     by_name = {(row["target"], row["clients"]): row for row in rows}
-    raw, ours = by_name.get(("raw generate", 1)), by_name.get(("llmws", 1))
-    if raw and ours:
-        summary["end_to_end_ratio_1_client"] = ratio = ours["end_to_end_tokens_per_s"] / raw["end_to_end_tokens_per_s"]
-        print(f"\nllmws / raw generate, 1 client: end-to-end tokens/s {ratio:.3f}, "
-              f"TTFT {1000 * (ours['ttft_p50_s'] - raw['ttft_p50_s']):+.0f} ms")
+    raw = by_name.get(("raw generate", 1))
+    for name in ("llmws", "llmws one at a time", "llmws mixed settings"):
+        ours = by_name.get((name, 1))
+        if raw and ours:
+            ratios, ttfts = paired(ours, raw)
+            key = "" if name == "llmws" else "_" + name.removeprefix("llmws ").replace(" ", "_")
+            summary[f"end_to_end_ratio_1_client{key}"] = ratio = statistics.median(ratios)
+            summary[f"ttft_difference_1_client_s{key}"] = statistics.median(ttfts)
+            print(f"{name} / raw generate, 1 client: end-to-end tokens/s {ratio:.3f} (median of {len(ratios)} "
+                  f"neighbouring pairs, {min(ratios):.3f} to {max(ratios):.3f}), TTFT {1000 * statistics.median(ttfts):+.0f} ms")
     binding = next((row for row in rows if row["target"].startswith("llama-cpp-python") and row["clients"] == 1), None)
     gguf = by_name.get(("llmws llama.cpp", 1))
     if binding and gguf:

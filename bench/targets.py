@@ -53,13 +53,18 @@ class Stream:
 
 class RawGenerate:
     """The limit: generate() in this process, one request at a time, with no streamer (a streamer consumed
-    in a second thread slows generate() itself). Its time to first token is a generate() of one token."""
+    in a second thread slows generate() itself), under inference_mode and with the attention setting the
+    server uses on a CPU (SDPA sharing key/value heads itself), so the server gains nothing the baseline
+    lacks. Its time to first token is a generate() of one token."""
 
     name = "raw generate"
 
     def __init__(self, model_dir, max_tokens):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not torch.cuda.is_available():
+            os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"  # as llmws_server.engine.use_grouped_query_sdpa
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if not torch.cuda.is_available()
@@ -71,8 +76,11 @@ class RawGenerate:
         return [self._one() for _ in range(clients)]
 
     def _generate(self, inputs, max_tokens):
-        return self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, temperature=None,
-                                   top_p=None, top_k=None, repetition_penalty=1.0)
+        import torch
+
+        with torch.inference_mode():
+            return self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, temperature=None,
+                                       top_p=None, top_k=None, repetition_penalty=1.0)
 
     def _one(self) -> Stream:
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,

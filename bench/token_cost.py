@@ -2,7 +2,7 @@
 """The server's own cost per streamed token, without the model: Session.emit (seq, JSON, XOR+base64,
 buffer append) and Connection.send (JSON, outbox) to a socket that takes everything at once; and the
 cost of turning a batch's token ids into text, per token, at answer lengths from 128 to 2,048 tokens:
-the incremental decoding the batch uses (engine_batching.TextStream) against decoding the whole answer
+the incremental decoding the batch uses (engine_text.TextStream) against decoding the whole answer
 again at every step (what it replaced).
 
     python bench/token_cost.py [--tokens 20000] [--model models/SmolLM2-135M-Instruct]
@@ -52,7 +52,7 @@ def decode_costs(model: Path, lengths=(128, 512, 2048)) -> list[tuple[int, float
     """(answer length, µs a token incrementally, µs a token re-decoding the whole answer each step)."""
     from transformers import AutoTokenizer
 
-    from llmws_server.engine_batching import TextStream
+    from llmws_server.engine_text import TextStream
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     text = " ".join(f"Ünïcode river {number}: the dragon wrote code, 🐉." for number in range(400))
@@ -62,7 +62,7 @@ def decode_costs(model: Path, lengths=(128, 512, 2048)) -> list[tuple[int, float
         answer = (ids * (length // len(ids) + 1))[:length]
         stream, started = TextStream(tokenizer), time.perf_counter()
         for step in range(1, length + 1):
-            stream.text(answer[:step])
+            stream.follow(answer[:step])  # the batch hands over the whole list each step
         incremental = (time.perf_counter() - started) / length * 1e6
         started = time.perf_counter()
         for step in range(1, length + 1):

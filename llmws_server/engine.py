@@ -1,23 +1,24 @@
 """The transformers engine (engine_api.Engine): loading with the right dtype and attention, prompts,
-streamed generation of one request; batches are in engine_batching.py. With engine_batching.py, the only
-module that names torch or transformers (resources.py asks torch for device memory)."""
+streamed generation of one request; batches are in engine_batching.py. The engine_*.py modules of the
+transformers engine are the only ones that name torch or transformers (resources.py asks torch for device
+memory)."""
 import contextlib
 import gc
 import importlib
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 
 import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
-                          AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer)
+                          AutoTokenizer, StoppingCriteria, StoppingCriteriaList)
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from . import resources
 from .engine_api import Prompt
 from .engine_batching import SLOT_TOKENS, TransformersBatch
+from .engine_text import Streamer, TextStream
 from .engine_training import LoRATrainer, save_model
 
 log = logging.getLogger("llmws.engine")
@@ -152,38 +153,22 @@ class Engine:  # engine_api.Engine
         extra = {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
         return Prompt(inputs["input_ids"][0].tolist(), len(images), extra)
 
-    def generate(self, prompt: Prompt, settings, max_new_tokens: int, on_text, should_stop):
-        """Stream text pieces to `on_text`; return (tokens generated, finish reason)."""
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    def generate(self, prompt: Prompt, settings, max_new_tokens: int, on_text, should_stop, stream=None):
+        """Stream text pieces to `on_text` on this thread; return (tokens generated, finish reason).
+        `stream` (engine_text.TextStream) may be given to keep the tokens, for a batch to go on from."""
+        stream = stream or TextStream(self.tokenizer)
         if FAULT_OOM_MARKER and FAULT_OOM_MARKER in self.tokenizer.decode(prompt.ids):
             should_stop = _injected_oom
         stopper = _StopWhen(should_stop)
         inputs = torch.tensor([prompt.ids], device=self.model.device)
-        kwargs = dict(input_ids=inputs, **self._on_device(prompt.extra), attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
-                      streamer=streamer, stopping_criteria=StoppingCriteriaList([stopper]),
-                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-                      **sampling_arguments(settings))
-        outcome = {}
-
-        def run():
-            try:
-                with torch.inference_mode():
-                    outcome["output"] = self.model.generate(**kwargs)
-            except BaseException as exc:  # handed to the worker, which reports it
-                outcome["error"] = exc
-                streamer.end()
-
-        thread = threading.Thread(target=run, name="llmws-generate", daemon=True)
-        thread.start()
-        for text in streamer:
-            if text:
-                on_text(text)
-        thread.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        generated = outcome["output"].shape[1] - inputs.shape[1]
-        reason = stopper.reason or ("length" if generated >= max_new_tokens else "stop")
-        return generated, reason
+        with torch.inference_mode():
+            self.model.generate(input_ids=inputs, **self._on_device(prompt.extra), attention_mask=torch.ones_like(inputs),
+                                max_new_tokens=max_new_tokens, streamer=Streamer(stream, on_text),
+                                stopping_criteria=StoppingCriteriaList([stopper]),
+                                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                                **sampling_arguments(settings))
+        generated = len(stream.ids) - stream.earlier
+        return generated, stopper.reason or ("length" if generated >= max_new_tokens else "stop")
 
     def _on_device(self, tensors: dict) -> dict:
         """The processor's tensors on the model's device, pixel values in the model's dtype."""

@@ -3,15 +3,18 @@
 own settings (engine_sampling)."""
 import logging
 import math
+import queue
+import threading
 import time
 import uuid
 
-from tokenizers.decoders import DecodeStream
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-from .engine_api import OOM_MESSAGE, Progress
+from .config import GenerationSettings
+from .engine_api import OOM_MESSAGE, Progress, Prompt
 from .engine_sampling import request_kwargs, request_sampling
+from .engine_text import TextStream
 
 PAGE_SIZE = 256
 # Tokens one batching step may take in (longer prompts are prefilled in pieces). transformers' default of
@@ -19,10 +22,15 @@ PAGE_SIZE = 256
 MAX_BATCH_TOKENS = 512
 # The KV cache holds this many tokens per slot (one request may use more while the others use less).
 SLOT_TOKENS = 2048
-WARM_PROMPT = [0, 1, 2, 3]  # token ids for the request that warms a new batch up
+WARM_PROMPT = [0, 1, 2, 3]  # token ids for the requests that warm a new batch up
+# A request that joins a solo run waits for it to go on in the batch (the end of its current step) at
+# most this long; past it (a long prompt still being read), the two may finish out of order.
+SETTLE_WAIT_S = 10
+GREEDY = GenerationSettings(max_new_tokens=2, do_sample=False, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
 # transformers logs every step of a batch's set-up and shutdown at INFO; the server's own lines say what
 # matters (batching.py), and warnings still show.
 logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
+log = logging.getLogger("llmws.batch")
 
 
 def cache_pages(slots: int, max_context: int, kv_token_budget: int | None) -> int:
@@ -35,20 +43,54 @@ def cache_pages(slots: int, max_context: int, kv_token_budget: int | None) -> in
     return math.ceil(tokens / PAGE_SIZE)
 
 
-class TextStream:
-    """One request's token ids in, its new text out: incremental decoding (tokenizers' DecodeStream), so a
-    step costs the same however long the answer is, and a character split over tokens waits for its rest."""
+class Solo:
+    """The request a batch holds alone generates with plain generate(), which is faster than a batch of
+    one (no paged cache, no scheduling per step). When another request joins, it stops after its current
+    token and the batch goes on from there: its prompt and tokens so far are the continuation's prompt,
+    its text stream the same, so the text and the count run on without a seam."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer.backend_tokenizer
-        self.stream = DecodeStream(skip_special_tokens=True)
-        self.tokens = 0
+    def __init__(self, batch: "TransformersBatch", name: str, prompt, max_tokens: int, settings):
+        self.batch, self.name = batch, name
+        self.handoff, self.cancelled = threading.Event(), threading.Event()
+        self.settled = threading.Event()  # it has finished, or gone on in the batch
+        self.results: queue.Queue = queue.Queue()  # Progress, then None once it is over
+        self.over = False
+        self.thread = threading.Thread(target=self._run, args=(prompt, max_tokens, settings), name="llmws-solo",
+                                       daemon=True)
+        self.thread.start()
 
-    def text(self, generated: list[int]) -> str:
-        """The text of the tokens in `generated` not seen before."""
-        new = generated[self.tokens:]
-        self.tokens = len(generated)
-        return "".join(self.stream.step(self.tokenizer, token) or "" for token in new)
+    def _run(self, prompt, max_tokens: int, settings) -> None:
+        stream = TextStream(self.batch.engine.tokenizer)
+        try:
+            generated, reason = self.batch.engine.generate(
+                prompt, settings, max_tokens, lambda text: self.results.put(Progress(self.name, text, len(stream.ids), False)),
+                lambda: "cancelled" if self.cancelled.is_set() else "handoff" if self.handoff.is_set() else None, stream)
+            ended = reason != "handoff" or generated >= max_tokens or stream.ids[-1] in self.batch.eos
+            if not ended:
+                self.batch.go_on(self.name, prompt, stream, max_tokens - generated, settings)
+            elif reason != "cancelled":
+                self.results.put(Progress(self.name, "", generated, True))
+        except Exception as exc:
+            log.exception("request %s failed", self.name)
+            self.results.put(Progress(self.name, "", len(stream.ids), True, self.batch.engine_error(exc)))
+        finally:
+            self.settled.set()
+            self.results.put(None)
+
+    def progress(self, timeout: float) -> list[Progress]:
+        """What it produced, waiting at most `timeout` seconds for the first of it."""
+        found = []
+        try:
+            item = self.results.get(timeout=timeout)
+            while True:
+                if item is None:
+                    self.over = True
+                    break
+                found.append(item)
+                item = self.results.get_nowait()
+        except queue.Empty:
+            pass
+        return found
 
 
 class TransformersBatch:
@@ -70,31 +112,64 @@ class TransformersBatch:
                                                            continuous_batching_config=batching)
         self.manager.logit_processor = request_sampling()
         self.manager.start()
-        self.streams: dict[str, TextStream] = {}
+        self.eos = set(eos if isinstance(eos, list) else [eos])
+        self.streams: dict[str, TextStream] = {}  # the requests in the manager
+        self.solo: Solo | None = None
+        self.lock = threading.Lock()  # a request joins, goes on from its solo run, or is cancelled: one at a time
         self._warm()
 
     def _warm(self) -> None:
-        """One short request, so that the first client's does not pay for the first step's set-up."""
+        """A short request each way, so that the first client's does not pay for the first step's set-up."""
         started = time.monotonic()
         self.manager.add_request(WARM_PROMPT, request_id="warm-up", max_new_tokens=2)
         while self.manager.is_running() and time.monotonic() - started < 60:
             result = self.manager.get_result(timeout=0.1)
             if result is not None and result.is_finished():
                 break
+        self.engine.generate(Prompt(WARM_PROMPT), GREEDY, 2, lambda text: None, lambda: None)
 
     def add(self, prompt, max_tokens: int, settings) -> str:
         request = uuid.uuid4().hex
-        self.streams[request] = TextStream(self.engine.tokenizer)
-        self.manager.add_request(prompt.ids, request_id=request, max_new_tokens=max_tokens, streaming=True,
-                                 **request_kwargs(settings))
+        with self.lock:
+            if self.solo is None and not self.streams:
+                self.solo = Solo(self, request, prompt, max_tokens, settings)
+                return request
+            solo = self.solo
+        if solo is not None:  # it goes on in the batch first, so that requests keep their order there
+            solo.handoff.set()
+            solo.settled.wait(SETTLE_WAIT_S)
+        with self.lock:
+            self._start(request, prompt.ids, TextStream(self.engine.tokenizer), max_tokens, settings)
         return request
 
+    def go_on(self, request: str, prompt, stream: TextStream, max_tokens: int, settings) -> None:
+        """A solo run's continuation, in the batch (on the solo run's thread)."""
+        with self.lock:
+            if self.solo is not None and self.solo.name == request and not self.solo.cancelled.is_set():
+                stream.go_on_in_a_batch()
+                self._start(request, prompt.ids + stream.ids, stream, max_tokens, settings)
+
+    def _start(self, request: str, ids: list[int], stream: TextStream, max_tokens: int, settings) -> None:
+        self.streams[request] = stream
+        self.manager.add_request(ids, request_id=request, max_new_tokens=max_tokens, streaming=True,
+                                 **request_kwargs(settings))
+
     def cancel(self, request: str) -> None:
-        self.manager.cancel_request(request)
-        self.streams.pop(request, None)
+        with self.lock:
+            if self.solo is not None and self.solo.name == request:
+                self.solo.cancelled.set()
+            if self.streams.pop(request, None) is not None:
+                self.manager.cancel_request(request)
 
     def progress(self, timeout: float) -> list[Progress]:
         found = []
+        solo = self.solo
+        if solo is not None:
+            found = [item for item in solo.progress(timeout) if not solo.cancelled.is_set()]
+            timeout = 0
+            if solo.over:
+                with self.lock:
+                    self.solo = None
         result = self.manager.get_result(timeout=timeout)
         while result is not None:
             stream = self.streams.get(result.request_id)
@@ -108,11 +183,15 @@ class TransformersBatch:
         if result.error:
             self.streams.pop(result.request_id, None)
             message = OOM_MESSAGE if "out of memory" in result.error.lower() else f"Generation failed: {result.error}"
-            return Progress(result.request_id, "", len(tokens), True, message)
+            return Progress(result.request_id, "", stream.earlier + len(tokens), True, message)
         finished = result.is_finished()
         if finished:
             self.streams.pop(result.request_id, None)
-        return Progress(result.request_id, stream.text(tokens), len(tokens), finished)
+        text = stream.follow(tokens)
+        return Progress(result.request_id, text, len(stream.ids), finished)
+
+    def engine_error(self, exc: BaseException) -> str:
+        return OOM_MESSAGE if self.engine.is_out_of_memory(exc) else f"Generation failed: {exc}"
 
     def failure(self) -> str | None:
         if self.manager.is_running():
@@ -121,6 +200,10 @@ class TransformersBatch:
         return OOM_MESSAGE if self.engine.is_out_of_memory(error) else f"Generation failed: {error}"
 
     def close(self) -> None:
+        solo = self.solo
+        if solo is not None:
+            solo.cancelled.set()
+            solo.thread.join(timeout=30)
         self.manager.stop(block=True, timeout=30, hard_stop=True)  # what still runs is cancelled
         if hasattr(self.model, "destroy_cached_continuous_batching_manager"):
             self.model.destroy_cached_continuous_batching_manager()

@@ -95,9 +95,38 @@ async def test_mixed_settings_share_one_batch_and_each_keeps_its_own(batch_serve
         assert text_of(results[index]) == alone, config
 
 
+async def test_a_request_that_began_alone_goes_on_in_the_batch_without_a_seam(batch_server, alone_server):
+    """A request with the batch to itself runs as plain generate(); when a second joins mid-answer, the
+    first goes on in the batch from its tokens so far: same text as alone, to the token, and the same
+    count, greedy or penalised, while the two generate together."""
+    for config in ({}, {"repetition_penalty": 1.3}):
+        first, second = await Client.open(batch_server.url), await Client.open(batch_server.url)
+        await first.send(inference(PROMPTS[1], 400, **config))
+        before = await first.until("token")
+        while len([m for m in before if m["type"] == "token"]) < 20:
+            before.append(await first.recv())
+        await second.send(inference(PROMPTS[2], 40, **config))
+        ended = []
+
+        async def until_done(client):
+            messages = await client.until("done")
+            ended.append(client)
+            return messages
+
+        after, joined = await asyncio.gather(until_done(first), until_done(second))
+        assert joined[0]["type"] == "start" and ended == [second, first]  # it joined at once, ended first
+        assert not [m for m in before + after + joined if m["type"] == "queued"]
+        assert text_of(before + after) == (await answers_alone(alone_server, [PROMPTS[1]], 400, **config))[0]
+        assert after[-1]["total_tokens"] == 400, config
+        assert text_of(joined) == (await answers_alone(alone_server, [PROMPTS[2]], 40, **config))[0]
+        await first.close()
+        await second.close()
+
+
 async def test_a_penalty_changes_the_text_in_a_batch_as_it_does_alone(batch_server, alone_server):
-    [plain] = await answers(batch_server, [PROMPTS[0]], 60)
-    [penalised] = await answers(batch_server, [PROMPTS[0]], 60, repetition_penalty=1.5)
+    # Each beside a companion, so that both generate in the batch (a request alone runs as plain generate())
+    plain, _ = await answers(batch_server, [PROMPTS[0], PROMPTS[1]], 60)
+    penalised, _ = await answers(batch_server, [PROMPTS[0], PROMPTS[1]], 60, repetition_penalty=1.5)
     assert text_of(penalised) != text_of(plain)
     assert text_of(penalised) == (await answers_alone(alone_server, [PROMPTS[0]], 60, repetition_penalty=1.5))[0]
 
@@ -114,7 +143,7 @@ async def test_a_request_s_own_settings_win_over_the_model_s_both_batched_and_al
     for server in servers:
         for penalty in (None, 1.0):
             config = {} if penalty is None else {"repetition_penalty": penalty}
-            [messages] = await answers(server, [PROMPTS[0]], 60, **config)
+            messages, _ = await answers(server, [PROMPTS[0], PROMPTS[1]], 60, **config)  # batched: beside another
             texts[server.port, penalty] = text_of(messages)
     alone, batched = (server.port for server in servers)
     assert texts[alone, None] == texts[batched, None] != texts[alone, 1.0] == texts[batched, 1.0]

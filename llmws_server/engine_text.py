@@ -1,0 +1,57 @@
+"""Token ids to text as they come, for generate() (engine.py) and the batch (engine_batching.py):
+incremental decoding (tokenizers' DecodeStream), so a token costs the same however long the answer is,
+and a character split over tokens waits for its rest."""
+from tokenizers.decoders import DecodeStream
+from transformers.generation.streamers import BaseStreamer
+
+
+class TextStream:
+    """One answer's tokens in, its new text out."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.decoder = DecodeStream(skip_special_tokens=True) if tokenizer.is_fast else None
+        self.ids: list[int] = []  # every token of the answer so far
+        self.shown = ""  # a slow tokenizer's text so far (it has no incremental decoding)
+        self.earlier = 0  # tokens generated before the batch's list for this answer begins
+
+    def add(self, new_ids: list[int]) -> str:
+        """The text the new tokens complete."""
+        self.ids.extend(new_ids)
+        if self.decoder is not None:
+            backend = self.tokenizer.backend_tokenizer
+            return "".join(self.decoder.step(backend, token) or "" for token in new_ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # half a character
+            return ""
+        new, self.shown = text[len(self.shown):], text
+        return new
+
+    def follow(self, generated: list[int]) -> str:
+        """The text of the tokens in the batch's list for this answer (which begins after `earlier`
+        tokens) not seen before."""
+        return self.add(generated[len(self.ids) - self.earlier:])
+
+    def go_on_in_a_batch(self) -> None:
+        """The tokens so far become the prompt's end; the batch's list for this answer starts empty."""
+        self.earlier = len(self.ids)
+
+
+class Streamer(BaseStreamer):
+    """generate()'s streamer: each token's new text goes to `on_text` on generate()'s own thread (a
+    streamer read by a second thread slows generate() itself)."""
+
+    def __init__(self, stream: TextStream, on_text):
+        self.stream, self.on_text = stream, on_text
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate() hands over the prompt first
+            self.prompt_seen = True
+            return
+        text = self.stream.add(value.reshape(-1).tolist())
+        if text:
+            self.on_text(text)
+
+    def end(self) -> None:
+        pass
