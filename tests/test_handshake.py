@@ -124,3 +124,13 @@ def test_tls_serves_wss_to_llm_py(tls_server):
     assert trusted.returncode == 0, trusted.stderr
     plain = subprocess.run(base, capture_output=True, text=True, timeout=120)
     assert plain.returncode == 1
+
+
+def test_the_command_line_client_takes_the_token_from_llmws_token(guarded_server):
+    argv = [sys.executable, str(REPO / "llm.py"), "--prompt", "hi", "--host", "127.0.0.1", "--port",
+            str(guarded_server.port), "--max-tokens", "4", "--temperature", "0"]
+    environment = {key: value for key, value in os.environ.items() if key != "LLMWS_TOKEN"}
+    refused = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=environment)
+    assert refused.returncode != 0 and "401" in refused.stderr, refused.stderr
+    let_in = subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**environment, "LLMWS_TOKEN": TOKEN})
+    assert let_in.returncode == 0 and let_in.stdout.strip(), let_in.stderr

@@ -26,20 +26,24 @@ def git(*args, cwd):
                         "GIT_COMMITTER_EMAIL": "t@t"})
 
 
+def lfs_repo_of(folder: Path, bare: Path) -> Path:
+    """`folder` as a bare git repository whose safetensors are LFS objects."""
+    git("init", "-q", "-b", "main", cwd=folder)
+    git("lfs", "install", "--local", cwd=folder)
+    git("lfs", "track", "*.safetensors", cwd=folder)
+    git("add", "-A", cwd=folder)
+    git("commit", "-qm", "model", cwd=folder)
+    git("init", "-q", "--bare", "-b", "main", str(bare), cwd=folder.parent)
+    git("push", "-q", f"file://{bare}", "main", cwd=folder)
+    return bare
+
+
 @pytest.fixture(scope="module")
 def lfs_repo(tiny_model, tmp_path_factory) -> Path:
     """A bare git repository on disk whose safetensors are LFS objects, as on Hugging Face."""
     base = tmp_path_factory.mktemp("repos")
-    work, bare = base / "work", base / "tiny-lfs.git"
-    shutil.copytree(tiny_model, work)
-    git("init", "-q", "-b", "main", cwd=work)
-    git("lfs", "install", "--local", cwd=work)
-    git("lfs", "track", "*.safetensors", cwd=work)
-    git("add", "-A", cwd=work)
-    git("commit", "-qm", "model", cwd=work)
-    git("init", "-q", "--bare", "-b", "main", str(bare), cwd=base)
-    git("push", "-q", f"file://{bare}", "main", cwd=work)
-    return bare
+    shutil.copytree(tiny_model, base / "work")
+    return lfs_repo_of(base / "work", base / "tiny-lfs.git")
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +241,87 @@ async def test_download_from_a_git_lfs_repo_while_chatting(models_server, lfs_re
         with pytest.raises(LLMWSError, match="exists already"):
             await client.download_model(url, "downloaded")
         await client.switch_model("models/tiny-a")
+
+
+async def logs_until(client, text: str) -> list[dict]:
+    """A download's messages up to its log line that starts with `text`."""
+    received = []
+    while not (received and received[-1]["type"] == "log" and received[-1]["message"].startswith(text)):
+        received.append(await client.recv())
+        assert received[-1]["type"] != "error", received[-1]
+    return received
+
+
+async def test_at_most_two_downloads_run_at_once(models_server, lfs_repo, git_gates):
+    """Two downloads held inside `git lfs pull`: a third is refused, as is the same target twice; both
+    finish once the pull may go on."""
+    (git_gates / "before-pull").touch()
+    first, second, third = [await Client.open(models_server.url) for _ in range(3)]
+    try:
+        for client, target in ((first, "held-1"), (second, "held-2")):
+            reply = await client.request({"type": "download_model", "repo": f"file://{lfs_repo}", "target_dir": target})
+            assert reply["type"] == "download_started"
+            await logs_until(client, "Downloading LFS objects")
+        refused = await third.request({"type": "download_model", "repo": f"file://{lfs_repo}", "target_dir": "held-3"})
+        assert refused["type"] == "error" and "2 downloads are running" in refused["message"]
+        (git_gates / "before-pull").unlink()
+        for client in (first, second):
+            assert (await client.until("download_done", "error"))[-1]["type"] == "download_done"
+        again = await third.request({"type": "download_model", "repo": f"file://{lfs_repo}", "target_dir": "held-1"})
+        assert again["type"] == "error" and "exists already" in again["message"]
+    finally:
+        (git_gates / "before-pull").unlink(missing_ok=True)
+        for client in (first, second, third):
+            await client.close()
+    for name in ("held-1", "held-2"):
+        shutil.rmtree(models_server.root / "models" / name)
+
+
+@pytest.fixture(scope="module")
+def broken_repos(lfs_repo, tiny_model) -> dict:
+    """Repositories that fetch but are no model: no weight files, and no config.json."""
+    base = lfs_repo.parent
+    repos = {}
+    for name, spoil in (("no-weights", lambda folder: (folder / "model.safetensors").unlink()),
+                        ("no-config", lambda folder: (folder / "config.json").unlink())):
+        work = base / f"{name}-work"
+        shutil.copytree(tiny_model, work)
+        spoil(work)
+        repos[name] = lfs_repo_of(work, base / f"{name}.git")
+    return repos
+
+
+@pytest.mark.parametrize("repo, words", [("no-weights", "the download is incomplete: no weight files"),
+                                         ("no-config", "has no config.json: not a transformers model")])
+async def test_a_download_that_fails_its_check_leaves_nothing(models_server, broken_repos, repo, words):
+    before = tree(models_server.root)
+    client = await Client.open(models_server.url)
+    reply = await client.request({"type": "download_model", "repo": f"file://{broken_repos[repo]}", "target_dir": repo})
+    assert reply["type"] == "download_started"
+    failure = (await client.until("error"))[-1]
+    assert failure["message"].startswith("Download failed: ") and words in failure["message"]
+    assert tree(models_server.root) == before
+    assert await answer(client)
+    await client.close()
+
+
+async def test_a_download_past_its_time_limit_fails_and_leaves_nothing(start_server, tiny_model, lfs_repo, git_gates):
+    gated_path = f"{git_gates.parent / 'bin'}{os.pathsep}{os.environ['PATH']}"
+    server = start_server(tiny_model, environment={"PATH": gated_path},
+                          download={"allowed_url_prefixes": [f"file://{lfs_repo.parent}/"], "timeout_s": 2})
+    before = tree(server.root)
+    (git_gates / "before-pull").touch()  # the pull never starts
+    try:
+        client = await Client.open(server.url)
+        reply = await client.request({"type": "download_model", "repo": f"file://{lfs_repo}", "target_dir": "slow"})
+        assert reply["type"] == "download_started"
+        failure = (await client.until("error"))[-1]
+        assert failure["message"] == "Download failed: timed out after 2 s"
+        assert tree(server.root) == before
+        assert await answer(client)
+        await client.close()
+    finally:
+        (git_gates / "before-pull").unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")

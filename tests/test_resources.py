@@ -1,5 +1,6 @@
 """Resources: the context estimate against hand-worked numbers, CPU figures, GPU paths through a fake
 NVML/CUDA layer (and the real one where a GPU is present), dtype/attention choice, and OOM recovery."""
+import sys
 import types
 
 import psutil
@@ -144,6 +145,13 @@ def test_flash_attention_only_where_it_can_run():
     assert choose_attention(True, None) == "sdpa"
     assert choose_attention(True, [7, 5]) == "sdpa"
     assert choose_attention(False, [9, 0]) == "sdpa"
+
+
+def test_flash_attention_2_where_flash_attn_imports_on_sm_8_or_newer(monkeypatch):
+    # flash_attn builds only against CUDA: an importable stand-in shows the choice (the gpu tests load it for real)
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    assert choose_attention(True, [8, 0]) == choose_attention(True, [9, 0]) == "flash_attention_2"
+    assert choose_attention(True, [7, 5]) == choose_attention(False, [8, 0]) == choose_attention(True, None) == "sdpa"
 
 
 @pytest.mark.gpu

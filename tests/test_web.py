@@ -399,3 +399,18 @@ def test_new_tokens_per_s_the_resources_refresh_and_the_session_field(browser, t
     page.wait_for_function("document.getElementById('notice').textContent.includes('taken over')")
     other.close()
     context.close()
+
+
+def test_the_token_field_lets_the_page_into_a_server_with_a_token(browser, start_server, tiny_model):
+    server = start_server(tiny_model, server={"auth_token": "web-s3cret"})
+    context = browser.new_context(bypass_csp=True)
+    page = context.new_page()
+    try:
+        page.goto(f"http://127.0.0.1:{server.port}/")
+        page.wait_for_function("document.body.innerText.includes('wrong token (HTTP 401)')")  # refused without it
+        assert page.text_content("#status") != "connected"
+        page.fill("#token", "web-s3cret")
+        page.click("#connect")
+        page.wait_for_function("document.getElementById('status').textContent === 'connected'")
+    finally:
+        context.close()
