@@ -162,8 +162,8 @@ class Engine:  # engine_api.Engine
         stopper = _StopWhen(should_stop)
         inputs = torch.tensor([prompt.ids], device=self.model.device)
         with torch.inference_mode():
-            self.model.generate(input_ids=inputs, **self._on_device(prompt.extra), attention_mask=torch.ones_like(inputs),
-                                max_new_tokens=max_new_tokens, streamer=Streamer(stream, on_text),
+            self.model.generate(input_ids=inputs, **self._on_device(prompt.extra),
+                                attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens, streamer=Streamer(stream, on_text),
                                 stopping_criteria=StoppingCriteriaList([stopper]),
                                 pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                                 **sampling_arguments(settings))

@@ -26,7 +26,8 @@ WARM_PROMPT = [0, 1, 2, 3]  # token ids for the requests that warm a new batch u
 # A request that joins a solo run waits for it to go on in the batch (the end of its current step) at
 # most this long; past it (a long prompt still being read), the two may finish out of order.
 SETTLE_WAIT_S = 10
-GREEDY = GenerationSettings(max_new_tokens=2, do_sample=False, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
+GREEDY = GenerationSettings(max_new_tokens=2, do_sample=False, temperature=1.0, top_p=1.0, top_k=0,
+                            repetition_penalty=1.0)
 # transformers logs every step of a batch's set-up and shutdown at INFO; the server's own lines say what
 # matters (batching.py), and warnings still show.
 logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
@@ -61,10 +62,15 @@ class Solo:
 
     def _run(self, prompt, max_tokens: int, settings) -> None:
         stream = TextStream(self.batch.engine.tokenizer)
+
+        def on_text(text):
+            self.results.put(Progress(self.name, text, len(stream.ids), False))
+
+        def should_stop():
+            return "cancelled" if self.cancelled.is_set() else "handoff" if self.handoff.is_set() else None
+
         try:
-            generated, reason = self.batch.engine.generate(
-                prompt, settings, max_tokens, lambda text: self.results.put(Progress(self.name, text, len(stream.ids), False)),
-                lambda: "cancelled" if self.cancelled.is_set() else "handoff" if self.handoff.is_set() else None, stream)
+            generated, reason = self.batch.engine.generate(prompt, settings, max_tokens, on_text, should_stop, stream)
             ended = reason != "handoff" or generated >= max_tokens or stream.ids[-1] in self.batch.eos
             if not ended:
                 self.batch.go_on(self.name, prompt, stream, max_tokens - generated, settings)
