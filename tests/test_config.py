@@ -112,6 +112,16 @@ def test_a_model_path_that_does_not_exist_is_one_line_listing_those_that_do(tmp_
     assert "(models here: models/mine)" in refused.stderr
 
 
+def test_a_folder_that_is_no_model_is_one_line_saying_so(tmp_path):
+    (tmp_path / "models" / "empty").mkdir(parents=True)
+    (tmp_path / "models" / "empty" / "README.md").write_text("not a model")
+    refused = subprocess.run([sys.executable, str(REPO / "llmws.py"), "--config", str(tmp_path / "config.json"),
+                              "--port", str(free_port()), "--http-port", "0", "--model", "models/empty"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert refused.stderr.startswith("Model not found: ") and "has no config.json and no .gguf file" in refused.stderr
+
+
 def test_a_model_bigger_than_free_memory_is_one_line_before_anything_is_loaded(tmp_path, tiny_model):
     """A real folder whose safetensors file declares more float32 weights than this machine has (a sparse
     file: its header is real, its data takes no disk)."""
