@@ -414,3 +414,35 @@ def test_the_token_field_lets_the_page_into_a_server_with_a_token(browser, start
         page.wait_for_function("document.getElementById('status').textContent === 'connected'")
     finally:
         context.close()
+
+
+def test_the_page_shows_its_place_in_the_queue(browser, start_server, tiny_model):
+    """One at a time, behind another client's long answer: the page says how many are ahead, then answers
+    once that one is cancelled."""
+    from websockets.sync.client import connect as connect_sync
+
+    from conftest import BLOCKER, ONE_AT_A_TIME
+
+    server = start_server(tiny_model, optimization=ONE_AT_A_TIME)
+    context = browser.new_context(bypass_csp=True)
+    page = context.new_page()
+    try:
+        with connect_sync(server.url) as other:
+            other.send("{}")
+            json.loads(other.recv(timeout=30))
+            other.send(json.dumps(BLOCKER))
+            while json.loads(other.recv(timeout=60))["type"] != "token":
+                pass
+            page.goto(f"http://127.0.0.1:{server.port}/")
+            page.wait_for_function("document.getElementById('status').textContent === 'connected'")
+            set_greedy(page, 10)
+            page.fill("#prompt", "Tell me about rivers")
+            page.press("#prompt", "Enter")
+            page.wait_for_function("document.getElementById('queue').textContent === 'queued: 1 ahead'")
+            assert page.evaluate("state.history.length") == 0  # nothing answered yet
+            other.send(json.dumps({"type": "cancel"}))
+            page.wait_for_function("state.history.length === 2")
+        assert page.text_content("#queue") == ""  # the line goes once the answer is done
+        assert "10 tokens" in page.text_content(".turn.assistant .stats")
+    finally:
+        context.close()
