@@ -26,11 +26,11 @@ def git(*args, cwd):
                         "GIT_COMMITTER_EMAIL": "t@t"})
 
 
-def lfs_repo_of(folder: Path, bare: Path) -> Path:
-    """`folder` as a bare git repository whose safetensors are LFS objects."""
+def lfs_repo_of(folder: Path, bare: Path, lfs_files="*.safetensors") -> Path:
+    """`folder` as a bare git repository whose `lfs_files` are LFS objects."""
     git("init", "-q", "-b", "main", cwd=folder)
     git("lfs", "install", "--local", cwd=folder)
-    git("lfs", "track", "*.safetensors", cwd=folder)
+    git("lfs", "track", lfs_files, cwd=folder)
     git("add", "-A", cwd=folder)
     git("commit", "-qm", "model", cwd=folder)
     git("init", "-q", "--bare", "-b", "main", str(bare), cwd=folder.parent)
@@ -71,6 +71,11 @@ exec "{shutil.which('git')}" "$@"
     return gates
 
 
+def gated_path(gates: Path) -> str:
+    """The server's PATH with the gated git first."""
+    return f"{gates.parent / 'bin'}{os.pathsep}{os.environ['PATH']}"
+
+
 async def until_exists(path: Path, timeout=60) -> None:
     for _ in range(timeout * 20):
         if path.exists():
@@ -95,8 +100,7 @@ def models_server(start_server, tiny_model, second_tiny_model, lfs_repo, git_gat
         (root / "outside").mkdir()
         (root / "outside" / "keep.txt").write_text("keep")
         os.symlink(root / "outside", root / "var" / "models" / "escape")
-    gated_path = f"{git_gates.parent / 'bin'}{os.pathsep}{os.environ['PATH']}"
-    return start_server(None, populate, environment={"PATH": gated_path},
+    return start_server(None, populate, environment={"PATH": gated_path(git_gates)},
                         download={"allowed_url_prefixes": ["https://huggingface.co/", f"file://{lfs_repo.parent}/"]})
 
 
@@ -306,8 +310,7 @@ async def test_a_download_that_fails_its_check_leaves_nothing(models_server, bro
 
 
 async def test_a_download_past_its_time_limit_fails_and_leaves_nothing(start_server, tiny_model, lfs_repo, git_gates):
-    gated_path = f"{git_gates.parent / 'bin'}{os.pathsep}{os.environ['PATH']}"
-    server = start_server(tiny_model, environment={"PATH": gated_path},
+    server = start_server(tiny_model, environment={"PATH": gated_path(git_gates)},
                           download={"allowed_url_prefixes": [f"file://{lfs_repo.parent}/"], "timeout_s": 2})
     before = tree(server.root)
     (git_gates / "before-pull").touch()  # the pull never starts
@@ -334,14 +337,7 @@ def gguf_repo(lfs_repo, default_model) -> Path:
     shutil.copyfile(gguf, work / "q4" / gguf.name)
     (work / "decoy.Q8_0.gguf").write_bytes(b"GGUF" + b"\0" * 4096)
     (work / "README.md").write_text("GGUF files")
-    git("init", "-q", "-b", "main", cwd=work)
-    git("lfs", "install", "--local", cwd=work)
-    git("lfs", "track", "*.gguf", cwd=work)
-    git("add", "-A", cwd=work)
-    git("commit", "-qm", "ggufs", cwd=work)
-    git("init", "-q", "--bare", "-b", "main", str(bare), cwd=work.parent)
-    git("push", "-q", f"file://{bare}", "main", cwd=work)
-    return bare
+    return lfs_repo_of(work, bare, "*.gguf")
 
 
 async def test_download_of_one_gguf_file_of_a_repo(models_server, gguf_repo, default_model):
