@@ -36,6 +36,7 @@ class BatchingWorker(Worker):
         self.max_batch_size = max_batch_size
         self.members: dict[str, Member] = {}  # the batch's name for a request -> the request
         self.batch = None  # the engine's Batch, kept open between requests
+        self.starting = 0  # jobs taken from the queue and not yet in the batch: their slots are taken
 
     def start(self, loop) -> None:
         self._open_batch()  # before the server listens: no first request waits for it
@@ -48,7 +49,7 @@ class BatchingWorker(Worker):
             return 0
         count = 0
         for job in self.queue:
-            if len(self.members) + count >= self.max_batch_size:
+            if len(self.members) + self.starting + count >= self.max_batch_size:
                 break
             alone = not job.batchable(self.engine)
             if alone and (self.members or count):
@@ -61,7 +62,7 @@ class BatchingWorker(Worker):
     def _busy(self) -> int:
         """1 while the next job cannot start at once: no slot is free, something runs alone, or the next job
         must run alone and the batch has not drained (lock held)."""
-        if self.running is not None or len(self.members) >= self.max_batch_size:
+        if self.running is not None or len(self.members) + self.starting >= self.max_batch_size:
             return 1
         return int(bool(self.members and self.queue and not self.queue.head().batchable(self.engine)))
 
@@ -75,6 +76,8 @@ class BatchingWorker(Worker):
                 admitted = self._admit()
             for job in admitted:
                 self._start(job)
+                with self.lock:
+                    self.starting -= 1
             if self.members:
                 self._collect()
         for name, member in list(self.members.items()):
@@ -84,6 +87,7 @@ class BatchingWorker(Worker):
     def _admit(self) -> list:
         """Jobs to start now, from the head of the queue (lock held)."""
         admitted = [self.queue.popleft() for _ in range(self._starting_now())]
+        self.starting = len(admitted)
         if admitted:
             self._positions_changed()
         return admitted
