@@ -4,6 +4,7 @@ import asyncio
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -284,3 +285,36 @@ def test_the_kv_cache_holds_slot_tokens_a_slot_and_one_full_context_unless_memor
     assert cache_pages(2, 8192, None) == 8192 // PAGE_SIZE  # one request may always use the whole context
     assert cache_pages(8, 1024, None) == 8 * 1024 // PAGE_SIZE  # a short context: no slot needs more
     assert cache_pages(8, 90931, 90931) == -(-90931 // PAGE_SIZE)  # a big model on a small GPU: what fits
+
+
+def test_solo_runs_take_turns_on_one_long_lived_thread(tiny_model):
+    """A request alone in the batch runs plain generate() on the batch's one solo thread, every time: on
+    CUDA a fresh thread per request rebuilds cuDNN's per-thread attention plans at every step (3x slower
+    on an H100). In-process, on the real engine and batch."""
+    import threading
+
+    from llmws_server.config import GenerationSettings, load_config
+    from llmws_server.engine import Engine
+
+    config = load_config(Path(__file__).parents[1] / "config.json")
+    engine = Engine.for_config(tiny_model, config)
+    threads, generate = [], engine.generate
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return generate(*args, **kwargs)
+    engine.generate = recording
+    batch = engine.open_batch(2)
+    settings = GenerationSettings(max_new_tokens=5, do_sample=False, temperature=1.0, top_p=1.0, top_k=0,
+                                  repetition_penalty=1.0)
+    try:
+        for prompt in ("one", "two", "three"):
+            batch.add(engine.encode_text(prompt), 5, settings)
+            progress = []
+            while not (progress and progress[-1].finished):
+                progress += batch.progress(timeout=5)
+            assert progress[-1].tokens == 5 and "".join(p.text for p in progress)
+    finally:
+        batch.close()
+    assert len(threads) == 4  # the warm-up and three requests
+    assert len(set(threads)) == 1 and threads[0] is not threading.main_thread()
