@@ -131,9 +131,12 @@ class Downloads:
         from huggingface_hub import hf_hub_download, snapshot_download
 
         repo_id = "/".join(urlsplit(url).path.strip("/").split("/")[:2])
+        # The hub's cache (refs, file trees) goes in the work folder too, which is cleared after: nothing is
+        # written outside the project (by default it would go to ~/.cache/huggingface).
+        where = {"repo_id": repo_id, "local_dir": str(work), "cache_dir": str(work / ".cache" / "hub")}
         fetch = asyncio.create_task(
-            asyncio.to_thread(hf_hub_download, repo_id=repo_id, filename=file, local_dir=str(work)) if file else
-            asyncio.to_thread(snapshot_download, repo_id=repo_id, local_dir=str(work)))
+            asyncio.to_thread(hf_hub_download, filename=file, **where) if file else
+            asyncio.to_thread(snapshot_download, **where))
         while not fetch.done():
             await asyncio.wait({fetch}, timeout=2)
             size = sum(path.stat().st_size for path in work.rglob("*") if path.is_file())

@@ -1,14 +1,15 @@
 """Model management over the socket: list, switch, download (real git + git-lfs), delete; hostile input."""
 import asyncio
 import importlib.util
+import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from conftest import Client, build_tiny_model, inference, text_of
+from git_repos import gated_git, gated_path, lfs_repo_of, until_exists
 from llm import LLMWSEnhancedClient, LLMWSError
 from llmws_server import downloads
 
@@ -18,24 +19,6 @@ POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize 1234\
 @pytest.fixture(scope="module")
 def second_tiny_model(default_model, tmp_path_factory):
     return build_tiny_model(default_model, tmp_path_factory.mktemp("tiny2") / "tiny-b", seed=1)
-
-
-def git(*args, cwd):
-    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
-                   env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-                        "GIT_COMMITTER_EMAIL": "t@t"})
-
-
-def lfs_repo_of(folder: Path, bare: Path, lfs_files="*.safetensors") -> Path:
-    """`folder` as a bare git repository whose `lfs_files` are LFS objects."""
-    git("init", "-q", "-b", "main", cwd=folder)
-    git("lfs", "install", "--local", cwd=folder)
-    git("lfs", "track", lfs_files, cwd=folder)
-    git("add", "-A", cwd=folder)
-    git("commit", "-qm", "model", cwd=folder)
-    git("init", "-q", "--bare", "-b", "main", str(bare), cwd=folder.parent)
-    git("push", "-q", f"file://{bare}", "main", cwd=folder)
-    return bare
 
 
 @pytest.fixture(scope="module")
@@ -48,40 +31,7 @@ def lfs_repo(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def git_gates(tmp_path_factory) -> Path:
-    """A folder of gates for the server's `git lfs pull`: while `before-pull` exists the pull waits to
-    start (it touches `pull-reached`); while `after-pull` exists, a finished pull waits to exit (it
-    touches `pull-finished`). The git on the server's PATH is the real one behind this script."""
-    base = tmp_path_factory.mktemp("gated-git")
-    gates, bin_dir = base / "gates", base / "bin"
-    gates.mkdir()
-    bin_dir.mkdir()
-    script = bin_dir / "git"
-    script.write_text(f"""#!/bin/sh
-case " $* " in *" lfs pull "*)
-  touch "{gates}/pull-reached"
-  while [ -e "{gates}/before-pull" ]; do sleep 0.05; done
-  "{shutil.which('git')}" "$@"; status=$?
-  touch "{gates}/pull-finished"
-  while [ -e "{gates}/after-pull" ]; do sleep 0.05; done
-  exit $status;;
-esac
-exec "{shutil.which('git')}" "$@"
-""")
-    script.chmod(0o755)
-    return gates
-
-
-def gated_path(gates: Path) -> str:
-    """The server's PATH with the gated git first."""
-    return f"{gates.parent / 'bin'}{os.pathsep}{os.environ['PATH']}"
-
-
-async def until_exists(path: Path, timeout=60) -> None:
-    for _ in range(timeout * 20):
-        if path.exists():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{path.name} did not appear in {timeout} s")
+    return gated_git(tmp_path_factory.mktemp("gated-git"))
 
 
 @pytest.fixture(scope="module")
@@ -483,3 +433,103 @@ def test_the_repl_downloads_switches_and_deletes(models_server, lfs_repo, tiny_m
         repl.expect(pexpect.EOF)
     finally:
         repl.close(force=True)
+
+
+@pytest.fixture(scope="module")
+def hub(tiny_model, default_model, tmp_path_factory):
+    """A Hugging Face hub on loopback with a transformers repo and a GGUF repo (two quantisations, a README)."""
+    from fake_hub import FakeHub
+
+    gguf = default_model.parent / "SmolLM2-135M-Instruct-GGUF" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf_repo = tmp_path_factory.mktemp("hub") / "smol-gguf"
+    (gguf_repo / "q4").mkdir(parents=True)
+    shutil.copyfile(gguf, gguf_repo / "q4" / gguf.name)
+    (gguf_repo / "decoy.Q8_0.gguf").write_bytes(b"GGUF" + b"\0" * 4096)
+    (gguf_repo / "README.md").write_text("GGUF files")
+    hub = FakeHub({"org/tiny": tiny_model, "org/smol-gguf": gguf_repo})
+    yield hub
+    hub.close()
+
+
+async def test_download_from_the_hugging_face_hub_writes_only_into_models(start_server, tiny_model, hub,
+                                                                          default_model, tmp_path):
+    """https://huggingface.co/ URLs go through huggingface_hub (snapshot_download, or hf_hub_download for
+    one GGUF file), here from a hub on loopback; the hub's cache stays out of the user's home."""
+    from fake_hub import COMMIT
+
+    hf_home = tmp_path / "hf-home"
+    server = start_server(tiny_model, environment={"HF_ENDPOINT": hub.url, "HF_HOME": str(hf_home),
+                                                   "HF_HUB_DISABLE_TELEMETRY": "1"})
+    gguf = default_model.parent / "SmolLM2-135M-Instruct-GGUF" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    async with LLMWSEnhancedClient("127.0.0.1", server.port) as client:
+        logs = []
+        done = await client.download_model("https://huggingface.co/org/tiny", "from-hub", on_log=logs.append)
+        assert "Using huggingface_hub.snapshot_download" in logs and logs[-1] == "Download complete!"
+        assert f"GET /org/tiny/resolve/{COMMIT}/model.safetensors" in hub.requests  # fetched from the hub
+        target = server.root / "models" / "from-hub"
+        assert sorted(path.name for path in target.iterdir()) == sorted(path.name for path in tiny_model.iterdir())
+        assert (target / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
+        assert done["model"]["path"] == "models/from-hub" and done["model"]["complete"]
+
+        logs.clear()
+        done = await client.download_model("https://huggingface.co/org/smol-gguf", "hub-q4", on_log=logs.append,
+                                           file=f"q4/{gguf.name}")
+        assert "Using huggingface_hub.hf_hub_download" in logs and logs[-1] == "Download complete!"
+        target = server.root / "models" / "hub-q4"
+        assert [path.name for path in target.iterdir()] == [gguf.name]
+        assert (target / gguf.name).read_bytes() == gguf.read_bytes()
+        assert not [line for line in hub.requests if "decoy" in line or "README" in line]  # that one file only
+        assert done["model"]["engine"] == "llama.cpp"
+
+        with pytest.raises(LLMWSError, match="Download failed"):
+            await client.download_model("https://huggingface.co/org/missing", "nothing")
+        assert not (server.root / "models" / "nothing").exists()
+        assert not [path for path in (server.root / "models").iterdir() if path.name.startswith(".download-")]
+
+        switched = await client.switch_model("models/from-hub")
+        assert switched["model"] == "from-hub"
+        assert await client.inference("Hello from the hub", temperature=0, max_new_tokens=8)
+    assert not hf_home.exists() or not any(hf_home.rglob("*"))  # nothing written outside the project
+
+
+def custom_code_model(tiny_model: Path, folder: Path, marker: Path) -> Path:
+    """The tiny model as a model with its own Python code (auto_map), code that leaves `marker` when it runs."""
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="x-custom", architectures=["XForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_x.py").write_text(f"""import pathlib
+from transformers import LlamaConfig
+pathlib.Path({str(marker)!r}).write_text("the model's own code ran")
+
+
+class XConfig(LlamaConfig):
+    model_type = "x-custom"
+""")
+    (folder / "modeling_x.py").write_text("""from transformers import LlamaForCausalLM
+from .configuration_x import XConfig
+
+
+class XForCausalLM(LlamaForCausalLM):
+    config_class = XConfig
+""")
+    return folder
+
+
+async def test_a_model_s_own_code_runs_only_with_trust_remote_code(start_server, tiny_model, tmp_path):
+    marker = tmp_path / "ran.txt"
+    environment = {"HF_HOME": str(tmp_path / "hf-home")}  # transformers copies a model's code there
+    server = start_server(tiny_model, lambda root: custom_code_model(tiny_model, root / "models" / "custom", marker),
+                          environment=environment)
+    async with LLMWSEnhancedClient("127.0.0.1", server.port) as client:
+        with pytest.raises(LLMWSError, match="trust_remote_code"):
+            await client.switch_model("models/custom")
+        assert not marker.exists()  # refused before any of its code ran
+        assert await client.inference("still here?", temperature=0, max_new_tokens=5)  # the old model serves
+
+    trusting = start_server(custom_code_model(tiny_model, tmp_path / "custom", marker), environment=environment,
+                            model={"trust_remote_code": True})
+    assert marker.read_text() == "the model's own code ran"
+    async with LLMWSEnhancedClient("127.0.0.1", trusting.port) as client:
+        assert await client.inference("Hello", temperature=0, max_new_tokens=5)
