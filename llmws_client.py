@@ -274,13 +274,19 @@ class LLMWSEnhancedClient:
         """Send a frame that starts a stream or task and wait for what answers it first: a direct reply
         (an error, or download_started) and/or the first numbered message on `queue`, in that order."""
         async with self._ask_lock:
-            await self._send(message)
-            replies = asyncio.create_task(self._reply(float("inf")))
-            first = asyncio.create_task(self._next(queue))
-            done, pending = await asyncio.wait({replies, first}, return_when=asyncio.FIRST_COMPLETED)
-            for task in pending:
-                task.cancel()
-        return [task.result() for task in (replies, first) if task in done]
+            # A frame with a request_id is sent again, the same, when a cut may have lost it (the server
+            # runs it once); one without waits for its answer on whichever connection brings it.
+            for _ in range(3):
+                sent_on = await self._send(message)
+                replies = asyncio.create_task(self._reply(sent_on if "request_id" in message else float("inf")))
+                first = asyncio.create_task(self._next(queue))
+                done, pending = await asyncio.wait({replies, first}, return_when=asyncio.FIRST_COMPLETED)
+                for task in pending:
+                    task.cancel()
+                answers = [task.result() for task in (replies, first) if task in done]
+                if any(answer is not None for answer in answers):
+                    return [answer for answer in answers if answer is not None]
+        raise ConnectionError("no answer from the server")
 
     async def inference(self, prompt=None, system=None, messages=None, on_token=None, images=None, **config) -> str:
         """The whole answer; `on_token(text)` sees each piece as it arrives."""

@@ -1,5 +1,6 @@
 """The protocol in one place (docs/protocol.md): client frames parsed and validated into typed requests
 before anything acts on them, and a builder for every message the server sends."""
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -296,6 +297,11 @@ def config_ack(settings: dict) -> dict:
 
 def ack_received() -> dict:
     return {"type": "ack_received"}
+
+
+def fingerprint(message: dict) -> str:
+    """A frame's content, to know the same frame sent again."""
+    return hashlib.sha256(json.dumps(message, sort_keys=True).encode()).hexdigest()
 
 
 def cancelled(request_id: str) -> dict:

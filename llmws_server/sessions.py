@@ -21,6 +21,7 @@ log = logging.getLogger("llmws.sessions")
 KEY = b"llmws"
 TERMINAL_TYPES = {"done", "error", "train_done", "snapshot_saved"}  # a job's last message
 UNUSED_IDLE_S = 300  # a session that never ran anything is forgotten this long after its client left
+TAKEN_KEPT = 256  # request_ids a session remembers, to run a frame sent again after a cut only once
 
 
 class SessionsFull(Exception):
@@ -58,6 +59,7 @@ class Session:
         self.seq = 0
         self.connection = None  # the live Connection, if any
         self.jobs = {}  # request_id -> job, queued or running
+        self.taken = {}  # request_id -> fingerprint of the frame that started it, the latest TAKEN_KEPT
         self.buffer_failed = False
         self.buffer_bytes = 0  # written since the last ack
         self.detached_at = None  # when the last connection left, while none is live
@@ -84,6 +86,16 @@ class Session:
 
     def drop_job(self, request_id: str) -> None:
         self.jobs.pop(request_id, None)
+
+    def is_a_retry(self, request_id: str, fingerprint: str) -> bool:
+        """The same frame with the same request_id, taken before: a client sending it again after a cut
+        that may have lost it. It does not run twice; the resume replays what it started."""
+        return self.taken.get(request_id) == fingerprint
+
+    def took(self, request_id: str, fingerprint: str) -> None:
+        self.taken[request_id] = fingerprint
+        while len(self.taken) > TAKEN_KEPT:
+            self.taken.pop(next(iter(self.taken)))
 
     def emit(self, message: dict) -> None:
         """A stream message: numbered, buffered, then sent if a connection is live."""
@@ -220,6 +232,16 @@ class RequestSession:
 
     def drop_job(self, request_id: str) -> None:
         self.jobs.pop(request_id, None)
+
+    def is_a_retry(self, request_id: str, fingerprint: str) -> bool:
+        """The same frame with the same request_id, taken before: a client sending it again after a cut
+        that may have lost it. It does not run twice; the resume replays what it started."""
+        return self.taken.get(request_id) == fingerprint
+
+    def took(self, request_id: str, fingerprint: str) -> None:
+        self.taken[request_id] = fingerprint
+        while len(self.taken) > TAKEN_KEPT:
+            self.taken.pop(next(iter(self.taken)))
 
     def emit(self, message: dict) -> None:
         self.messages.put_nowait(message)

@@ -84,6 +84,9 @@ class CuttableProxy:
     def __init__(self, target_port):
         self.target_port = target_port
         self.writers = []
+        # What happens to the client's next frame, after which the client's side is cut: "lose" (the server
+        # never gets it) or "deliver" (it does, and its side stays open: only the answers are lost).
+        self.next_frame = None
 
     async def start(self):
         self.server = await asyncio.start_server(self._pipe, "127.0.0.1", 0)
@@ -93,17 +96,23 @@ class CuttableProxy:
         server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self.writers += [client_writer, server_writer]
 
-        async def copy(reader, writer):
+        async def copy(reader, writer, from_client):
             try:
                 while data := await reader.read(65536):
-                    writer.write(data)
-                    await writer.drain()
+                    fate, self.next_frame = (self.next_frame, None) if from_client else (None, self.next_frame)
+                    if fate != "lose":
+                        writer.write(data)
+                        await writer.drain()
+                    if fate:
+                        client_writer.transport.abort()
+                        if fate == "lose":
+                            server_writer.transport.abort()
             except (ConnectionError, OSError):
                 pass
             finally:
                 writer.close()
         try:
-            await asyncio.gather(copy(client_reader, server_writer), copy(server_reader, client_writer))
+            await asyncio.gather(copy(client_reader, server_writer, True), copy(server_reader, client_writer, False))
         except asyncio.CancelledError:
             pass  # the test is over
 
@@ -148,6 +157,26 @@ async def test_reconnects_by_itself_and_the_text_is_byte_identical(tiny_server, 
     for start, end in zip(reconnects, reconnects[1:] + [len(messages)]):
         seen = max(m.get("seq", 0) for m in messages[:start])
         assert any(m.get("seq", 0) > seen for m in messages[start:end])  # new messages came after each cut
+    await client.disconnect()
+    await proxy.stop()
+
+
+@pytest.mark.parametrize("fate", ["lose", "deliver"])
+async def test_a_request_whose_first_message_a_cut_lost_is_sent_again_and_runs_once(tiny_server, fate):
+    """The connection is cut just after the inference frame: lost with it, or delivered while its answers
+    are lost. Either way the client sends the same frame again on the new connection, the server runs it
+    once (a repeat of a frame it took is a retry), and the answer comes whole."""
+    async with client_for(tiny_server) as direct:
+        reference = await direct.inference("Name a colour", temperature=0, max_new_tokens=30)
+    proxy = CuttableProxy(tiny_server.port)
+    await proxy.start()
+    client = LLMWSEnhancedClient("127.0.0.1", proxy.port)
+    await client.connect()
+    retries = tiny_server.output().count("again after a cut")
+    proxy.next_frame = fate
+    text = await asyncio.wait_for(client.inference("Name a colour", temperature=0, max_new_tokens=30), 120)
+    assert text == reference and client.last_done["total_tokens"] == 30
+    assert tiny_server.output().count("again after a cut") - retries == (fate == "deliver")
     await client.disconnect()
     await proxy.stop()
 

@@ -113,6 +113,32 @@ def test_a_dropped_connection_resumes_the_answer_with_no_gap(page, tiny_server):
     assert streamed and streamed[0]["seq"] == cut + 1  # still generating at the cut: the rest came after it
 
 
+def test_a_question_lost_in_a_cut_is_asked_again_and_answered_once(page, tiny_server):
+    """The line drops as the question goes out, taking it along: the page, resumed with nothing of the
+    answer yet, sends the same frame again, and it is answered once."""
+    set_greedy(page, 20)
+    page.evaluate("""(() => { const ws = state.ws, send = ws.send.bind(ws);
+        ws.send = (data) => (JSON.parse(data).type === 'inference' ? ws.close() : send(data)); })()""")
+    sockets = []
+
+    def watch(websocket):
+        sent, received = [], []
+        websocket.on("framesent", lambda payload: sent.append(json.loads(payload)))
+        websocket.on("framereceived", lambda payload: received.append(json.loads(payload)))
+        sockets.append((sent, received))
+    page.on("websocket", watch)
+    page.fill("#prompt", "Name a colour")
+    page.click("#send")
+    page.wait_for_function("state.history.length === 2", timeout=60000)
+    assert page.evaluate("state.history[1].content") == reference(tiny_server, "Name a colour", temperature=0,
+                                                                  max_new_tokens=20)
+    (sent, received), = sockets  # the one the page opened to reconnect
+    assert received[0]["type"] == "welcome" and received[0]["resumed"] is True
+    asked = [frame for frame in sent if frame.get("type") == "inference"]
+    starts = [m for m in received if m.get("type") == "start"]
+    assert len(asked) == 1 and len(starts) == 1 and starts[0]["request_id"] == asked[0]["request_id"]
+
+
 def test_stop_cancels_the_answer(page):
     set_greedy(page, 4000)
     page.fill("#prompt", "Go on and on")
@@ -446,3 +472,47 @@ def test_the_page_shows_its_place_in_the_queue(browser, start_server, tiny_model
         assert "10 tokens" in page.text_content(".turn.assistant .stats")
     finally:
         context.close()
+
+
+def test_the_models_panel_deletes_switches_and_downloads_with_a_progress_bar(browser, start_server, tiny_model,
+                                                                             tmp_path):
+    """Delete (after the confirm) removes a var model; Switch loads another; Download fetches a git-lfs
+    repository, its bar at git-lfs's percentage while the pull still runs, and the new model is listed."""
+    from git_repos import gated_git, gated_path, lfs_repo_of
+
+    shutil.copytree(tiny_model, tmp_path / "work")
+    repo = lfs_repo_of(tmp_path / "work", tmp_path / "tiny.git")
+    (tmp_path / "git").mkdir()
+    gates = gated_git(tmp_path / "git")
+
+    def populate(root):
+        for name in ("tiny-b", "spare"):
+            shutil.copytree(tiny_model, root / "var" / "models" / name)
+    server = start_server(tiny_model, populate, environment={"PATH": gated_path(gates)},
+                          download={"allowed_url_prefixes": [f"file://{tmp_path}/"]})
+    context, page = open_page(browser, server)
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.click("#modelsPanel summary")
+    models = "document.getElementById('models').textContent"
+    page.wait_for_function(f"{models}.includes('spare')")
+
+    page.locator("#models tr", has_text="spare").get_by_role("button", name="Delete").click()
+    page.wait_for_function(f"!{models}.includes('spare')")
+    assert not (server.root / "var" / "models" / "spare").exists()
+
+    page.locator("#models tr", has_text="tiny-b").get_by_role("button", name="Switch").click()
+    page.wait_for_function(f"{models}.includes('tiny-b ✓')", timeout=60000)
+    assert "Model switched to tiny-b" in page.text_content("#log")
+
+    (gates / "after-pull").touch()  # the pull's exit waits: the download cannot be done
+    page.fill("#repo", f"file://{repo}")
+    page.fill("#targetDir", "fetched")
+    page.click("#download")
+    page.wait_for_function("document.getElementById('downloadProgress').style.width === '100%'", timeout=60000)
+    assert "(100%)" in page.text_content("#log") and "Downloaded" not in page.text_content("#log")
+    assert not (server.root / "models" / "fetched").exists()
+    (gates / "after-pull").unlink()
+    page.wait_for_function(f"{models}.includes('fetched')", timeout=60000)
+    assert "Downloaded models/fetched" in page.text_content("#log")
+    assert (server.root / "models" / "fetched" / "config.json").is_file()
+    context.close()
