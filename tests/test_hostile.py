@@ -78,6 +78,19 @@ async def test_prompt_too_long_is_refused_before_tokenizing_with_the_context_fie
     await client.close()
 
 
+async def test_the_character_estimate_refuses_only_past_8_characters_a_token(hostile_server):
+    client = await Client.open(hostile_server.url)
+    most = 8 * client.welcome["capabilities"]["max_context"]
+    over = await client.request(inference("x" * (most + 1), max_new_tokens=1))
+    assert over["type"] == "error" and over["input_length_estimated"] is True
+    assert over["input_length"] == (most + 1) // 8
+    await client.send(inference("x" * most, max_new_tokens=1))  # tokenized: answered, or refused by its real count
+    last = (await client.until("done", "error"))[-1]
+    assert last["type"] == "done" or (last["message"].startswith("Context too long (")
+                                      and "input_length_estimated" not in last)
+    await client.close()
+
+
 @pytest.fixture(scope="module")
 def roomy_server(start_server, tiny_model):
     """The default max_message_size: the largest frames a client may send."""

@@ -369,3 +369,12 @@ def test_a_config_update_is_accepted_whole_or_refused_naming_the_setting(data):
             assert any(name in text for name in data), (text, data)
         return
     assert isinstance(data, dict) and set(update) <= set(data)
+
+
+def test_json_nested_16_levels_is_read_and_17_is_refused():
+    def nested(levels):
+        return '{"type": "ack", "x":' + '{"a":' * (levels - 1) + "1" + "}" * levels
+
+    assert protocol.parse_frame(nested(protocol.MAX_DEPTH))["type"] == "ack"
+    with pytest.raises(protocol.ProtocolError, match="nested too deeply"):
+        protocol.parse_frame(nested(protocol.MAX_DEPTH + 1))
