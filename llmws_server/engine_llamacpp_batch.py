@@ -18,6 +18,7 @@ import llama_cpp
 from .engine_api import Progress
 
 PENALTY_WINDOW = 64  # tokens the repetition penalty looks back over (llama-cpp-python's generate: the same)
+CANCELLED_KEPT = 1024  # cancelled request names remembered, to drop results already on their way
 
 
 @dataclass
@@ -73,7 +74,7 @@ class LlamaCppBatch:
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
         self.held = {seq: [] for seq in range(slots)}  # the tokens each sequence's cells hold
-        self.cancelled: set[str] = set()
+        self.cancelled: dict[str, None] = {}  # the latest CANCELLED_KEPT cancelled requests, oldest first
         self.results: queue.Queue[Progress] = queue.Queue()
         self.wake = threading.Condition()
         self.stopping = False
@@ -92,7 +93,9 @@ class LlamaCppBatch:
 
     def cancel(self, request: str) -> None:
         with self.wake:
-            self.cancelled.add(request)
+            self.cancelled[request] = None
+            while len(self.cancelled) > CANCELLED_KEPT:  # long gone from the batch and its results
+                del self.cancelled[next(iter(self.cancelled))]
 
     def progress(self, timeout: float) -> list[Progress]:
         try:
@@ -137,7 +140,7 @@ class LlamaCppBatch:
             self.error = f"Generation failed: {exc}"
 
     def _drop_cancelled(self) -> None:
-        for name in self.cancelled & {sequence.name for sequence in self.waiting}:
+        for name in self.cancelled.keys() & {sequence.name for sequence in self.waiting}:
             self.waiting = deque(sequence for sequence in self.waiting if sequence.name != name)
         for sequence in [s for s in self.running.values() if s.name in self.cancelled]:
             self._end(sequence)
