@@ -182,16 +182,27 @@ class LLMWSServer(ModelMessages):
             kind = check_message(message)
             if kind in ADMIN_TYPES and connection.admin_problem:
                 raise ProtocolError(f"{kind} needs the admin scope: {connection.admin_problem}")
-            request_id = message.get("request_id") if kind != "cancel" else None
-            fingerprint = protocol.fingerprint(message) if request_id else None
-            if request_id and session.is_a_retry(request_id, fingerprint):
-                log.info("session %s sent request %s again after a cut: it runs once", session.label, request_id)
-                return
-            await getattr(self, f"on_{kind}")(session, message)
-            if request_id:
-                session.took(request_id, fingerprint)
+            await self._act(session, kind, message)
         except ValueError as exc:  # a ProtocolError, or a check elsewhere (catalog, downloads, images) refusing
             session.reply(error(str(exc), **getattr(exc, "fields", {})))
+
+    async def _act(self, session, kind: str, message: dict) -> None:
+        """Act on a frame. One with a request_id runs once however often it comes: a client sends it again
+        when a cut may have lost it."""
+        handle = getattr(self, f"on_{kind}")
+        request_id = message.get("request_id") if kind != "cancel" else None
+        if not request_id:
+            return await handle(session, message)
+        fingerprint = protocol.fingerprint(message)
+        if session.is_a_retry(request_id, fingerprint):
+            log.info("session %s sent request %s again after a cut: it runs once", session.label, request_id)
+            return
+        previous = session.take(request_id, fingerprint)
+        try:
+            await handle(session, message)
+        except ValueError:
+            session.untake(request_id, previous)
+            raise
 
     # -- messages --------------------------------------------------------------------------------
 
