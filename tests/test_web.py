@@ -190,6 +190,8 @@ def test_resources_panel_shows_device_and_context(page):
 
 
 def test_model_fields_are_shown_as_text(page):
+    # The page's own list first (asked for on connecting), or it could land after this one and replace it
+    page.wait_for_function("state.modelsShown !== ''")
     page.evaluate("""showModels([{name: '<b>n</b>', source: '<img src=x onerror="window.pwned=1">',
                                  size_mb: '<i>1</i>', loaded: false, path: 'x'}])""")
     assert page.locator("#models img, #models b, #models i").count() == 0
