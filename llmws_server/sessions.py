@@ -243,25 +243,5 @@ class RequestSession:
     def drop_job(self, request_id: str) -> None:
         self.jobs.pop(request_id, None)
 
-    def is_a_retry(self, request_id: str, fingerprint: str) -> bool:
-        """The same frame with the same request_id, taken before: a client sending it again after a cut
-        that may have lost it. It does not run twice; the resume replays what it started."""
-        return self.taken.get(request_id) == fingerprint
-
-    def take(self, request_id: str, fingerprint: str) -> str | None:
-        """Note a frame as taken (before it is acted on: its repeat may come while it still is); returns
-        what the id noted before, for `untake` when the frame is refused."""
-        previous = self.taken.pop(request_id, None)
-        self.taken[request_id] = fingerprint
-        while len(self.taken) > TAKEN_KEPT:
-            self.taken.pop(next(iter(self.taken)))
-        return previous
-
-    def untake(self, request_id: str, previous: str | None) -> None:
-        """A refused frame was not taken: sent again, it may run."""
-        self.taken.pop(request_id, None)
-        if previous is not None:
-            self.taken[request_id] = previous
-
     def emit(self, message: dict) -> None:
         self.messages.put_nowait(message)
