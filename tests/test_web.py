@@ -59,6 +59,20 @@ def reference(server, prompt, **config):
         return pool.submit(asyncio.run, answer()).result()
 
 
+def watch_sockets(page) -> list:
+    """[(frames sent, frames received)] per WebSocket the page opens from now on."""
+    sockets = []
+
+    def watch(websocket):
+        sent, received = [], []
+        websocket.on("framesent", lambda payload: sent.append(json.loads(payload)))
+        websocket.on("framereceived", lambda payload: received.append(json.loads(payload)))
+        sockets.append((sent, received))
+
+    page.on("websocket", watch)
+    return sockets
+
+
 def set_greedy(page, max_new_tokens):
     """Settings apply by themselves: no Apply button."""
     page.fill("#temperature", "0")
@@ -87,15 +101,7 @@ def test_chat_streams_an_answer_with_stats(page, tiny_server):
 
 
 def test_a_dropped_connection_resumes_the_answer_with_no_gap(page, tiny_server):
-    sockets = []  # [(frames sent, frames received)] per WebSocket the page opens from now on
-
-    def watch(websocket):
-        sent, received = [], []
-        websocket.on("framesent", lambda payload: sent.append(json.loads(payload)))
-        websocket.on("framereceived", lambda payload: received.append(json.loads(payload)))
-        sockets.append((sent, received))
-
-    page.on("websocket", watch)
+    sockets = watch_sockets(page)
     set_greedy(page, 400)
     page.fill("#prompt", "A long story")
     page.click("#send")
@@ -119,14 +125,7 @@ def test_a_question_lost_in_a_cut_is_asked_again_and_answered_once(page, tiny_se
     set_greedy(page, 20)
     page.evaluate("""(() => { const ws = state.ws, send = ws.send.bind(ws);
         ws.send = (data) => (JSON.parse(data).type === 'inference' ? ws.close() : send(data)); })()""")
-    sockets = []
-
-    def watch(websocket):
-        sent, received = [], []
-        websocket.on("framesent", lambda payload: sent.append(json.loads(payload)))
-        websocket.on("framereceived", lambda payload: received.append(json.loads(payload)))
-        sockets.append((sent, received))
-    page.on("websocket", watch)
+    sockets = watch_sockets(page)
     page.fill("#prompt", "Name a colour")
     page.click("#send")
     page.wait_for_function("state.history.length === 2", timeout=60000)
