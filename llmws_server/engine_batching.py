@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -24,9 +25,6 @@ MAX_BATCH_TOKENS = 512
 # The KV cache holds this many tokens per slot (one request may use more while the others use less).
 SLOT_TOKENS = 2048
 WARM_PROMPT = [0, 1, 2, 3]  # token ids for the requests that warm a new batch up
-# A request that joins a solo run waits for it to go on in the batch (the end of its current step) at
-# most this long; past it (a long prompt still being read), the two may finish out of order.
-SETTLE_WAIT_S = 10
 GREEDY = GenerationSettings(max_new_tokens=2, do_sample=False, temperature=1.0, top_p=1.0, top_k=0,
                             repetition_penalty=1.0)
 # transformers logs every step of a batch's set-up and shutdown at INFO; the server's own lines say what
@@ -45,11 +43,23 @@ def cache_pages(slots: int, max_context: int, kv_token_budget: int | None) -> in
     return math.ceil(tokens / PAGE_SIZE)
 
 
+@dataclass
+class Joiner:
+    """A request on its way into the batch: the token ids it starts from, and its text stream."""
+    name: str
+    ids: list[int]
+    stream: TextStream
+    max_tokens: int
+    settings: GenerationSettings
+
+
 class Solo:
     """The request a batch holds alone generates with plain generate(), which is faster than a batch of
-    one (no paged cache, no scheduling per step). When another request joins, it stops after its current
-    token and the batch goes on from there: its prompt and tokens so far are the continuation's prompt,
-    its text stream the same, so the text and the count run on without a seam.
+    one (no paged cache, no scheduling per step). When others join, it stops after its current token and
+    the batch goes on from there: its prompt and tokens so far are the continuation's prompt, its text
+    stream the same, so the text and the count run on without a seam. The joiners wait for that (in the
+    batch's `joining`, not blocking the worker) and enter the batch with it, in arrival order, so that
+    one step reads all their prompts.
     Solo runs take turns on the batch's one solo thread (`runner`), never a new thread each: on CUDA,
     cuDNN's attention plans are cached per thread, and a fresh thread builds them again at every step
     (measured on an H100: 15 tokens/s on a new thread against 45 on a warm one)."""
@@ -57,7 +67,7 @@ class Solo:
     def __init__(self, batch: "TransformersBatch", name: str, prompt, max_tokens: int, settings):
         self.batch, self.name = batch, name
         self.handoff, self.cancelled = threading.Event(), threading.Event()
-        self.settled = threading.Event()  # it has finished, or gone on in the batch
+        self.settled = threading.Event()  # it has finished, or gone on in the batch (set by the batch)
         self.results: queue.Queue = queue.Queue()  # Progress, then None once it is over
         self.over = False
         batch.runner.submit(self._run, prompt, max_tokens, settings)
@@ -71,18 +81,20 @@ class Solo:
         def should_stop():
             return "cancelled" if self.cancelled.is_set() else "handoff" if self.handoff.is_set() else None
 
+        continuation = None
         try:
             generated, reason = self.batch.engine.generate(prompt, settings, max_tokens, on_text, should_stop, stream)
             ended = reason != "handoff" or generated >= max_tokens or stream.ids[-1] in self.batch.eos
             if not ended:
-                self.batch.go_on(self.name, prompt, stream, max_tokens - generated, settings)
+                stream.go_on_in_a_batch()
+                continuation = Joiner(self.name, prompt.ids + stream.ids, stream, max_tokens - generated, settings)
             elif reason != "cancelled":
                 self.results.put(Progress(self.name, "", generated, True))
         except Exception as exc:
             log.exception("request %s failed", self.name)
             self.results.put(Progress(self.name, "", len(stream.ids), True, self.batch.engine_error(exc)))
         finally:
-            self.settled.set()
+            self.batch.settle(self, continuation)
             self.results.put(None)
 
     def progress(self, timeout: float) -> list[Progress]:
@@ -124,6 +136,7 @@ class TransformersBatch:
         self.eos = set(eos if isinstance(eos, list) else [eos])
         self.streams: dict[str, TextStream] = {}  # the requests in the manager
         self.solo: Solo | None = None
+        self.joining: list[Joiner] = []  # requests that wait for the solo run to go on in the batch
         self.lock = threading.Lock()  # a request joins, goes on from its solo run, or is cancelled: one at a time
         self._warm()
 
@@ -144,30 +157,35 @@ class TransformersBatch:
             if self.solo is None and not self.streams:
                 self.solo = Solo(self, request, prompt, max_tokens, settings)
                 return request
-            solo = self.solo
-        if solo is not None:  # it goes on in the batch first, so that requests keep their order there
-            solo.handoff.set()
-            solo.settled.wait(SETTLE_WAIT_S)
-        with self.lock:
-            self._start(request, prompt.ids, TextStream(self.engine.tokenizer), max_tokens, settings)
+            joiner = Joiner(request, prompt.ids, TextStream(self.engine.tokenizer), max_tokens, settings)
+            if self.solo is not None and not self.solo.settled.is_set():
+                self.joining.append(joiner)  # the solo run's thread starts it, after the run's continuation
+                self.solo.handoff.set()
+            else:
+                self._start(joiner)
         return request
 
-    def go_on(self, request: str, prompt, stream: TextStream, max_tokens: int, settings) -> None:
-        """A solo run's continuation, in the batch (on the solo run's thread)."""
+    def settle(self, solo: Solo, continuation: "Joiner | None") -> None:
+        """A solo run is over or goes on in the batch (on its thread): the batch takes its continuation
+        and the requests that joined meanwhile, together."""
         with self.lock:
-            if self.solo is not None and self.solo.name == request and not self.solo.cancelled.is_set():
-                stream.go_on_in_a_batch()
-                self._start(request, prompt.ids + stream.ids, stream, max_tokens, settings)
+            if continuation is not None and not solo.cancelled.is_set():
+                self._start(continuation)
+            for joiner in self.joining:
+                self._start(joiner)
+            self.joining.clear()
+            solo.settled.set()
 
-    def _start(self, request: str, ids: list[int], stream: TextStream, max_tokens: int, settings) -> None:
-        self.streams[request] = stream
-        self.manager.add_request(ids, request_id=request, max_new_tokens=max_tokens, streaming=True,
-                                 **request_kwargs(settings))
+    def _start(self, joiner: "Joiner") -> None:
+        self.streams[joiner.name] = joiner.stream
+        self.manager.add_request(joiner.ids, request_id=joiner.name, max_new_tokens=joiner.max_tokens,
+                                 streaming=True, **request_kwargs(joiner.settings))
 
     def cancel(self, request: str) -> None:
         with self.lock:
             if self.solo is not None and self.solo.name == request:
                 self.solo.cancelled.set()
+            self.joining = [joiner for joiner in self.joining if joiner.name != request]
             if self.streams.pop(request, None) is not None:
                 self.manager.cancel_request(request)
 

@@ -318,3 +318,58 @@ def test_solo_runs_take_turns_on_one_long_lived_thread(tiny_model):
         batch.close()
     assert len(threads) == 4  # the warm-up and three requests
     assert len(set(threads)) == 1 and threads[0] is not threading.main_thread()
+
+
+def test_requests_that_join_a_solo_run_enter_the_batch_with_it_in_one_go(tiny_model):
+    """Requests that arrive while one runs alone do not block the worker: they wait in the batch, and when
+    the solo run stops after its current token, its continuation and they are handed to the batch at once,
+    in arrival order, so that one step reads all their prompts. In-process, on the real engine and batch;
+    the solo run is held before its first token (as a long prompt holds it) while the others join."""
+    import threading
+
+    from llmws_server.config import GenerationSettings, load_config
+    from llmws_server.engine import Engine
+
+    config = load_config(Path(__file__).parents[1] / "config.json")
+    engine = Engine.for_config(tiny_model, config)
+    batch = engine.open_batch(4)
+    gate, generate, handed = threading.Event(), engine.generate, []
+
+    def held(*args, **kwargs):
+        gate.wait(30)
+        return generate(*args, **kwargs)
+
+    def recording(ids, request_id, **kwargs):
+        handed.append((request_id, threading.current_thread().name))
+        return add_request(ids, request_id=request_id, **kwargs)
+    engine.generate, add_request, batch.manager.add_request = held, batch.manager.add_request, recording
+    greedy = GenerationSettings(max_new_tokens=12, do_sample=False, temperature=1.0, top_p=1.0, top_k=0,
+                                repetition_penalty=1.0)
+    try:
+        names = [batch.add(engine.encode_text(prompt), 12, greedy) for prompt in PROMPTS[:4]]
+        assert handed == []  # every add returned while the solo run was held: none waited for it
+        gate.set()
+        finished, texts = set(), dict.fromkeys(names, "")
+        while len(finished) < len(names):
+            for progress in batch.progress(timeout=10):
+                assert progress.error is None
+                texts[progress.request] += progress.text
+                if progress.finished:
+                    assert progress.tokens == 12
+                    finished.add(progress.request)
+        assert [name for name, _ in handed] == names  # the continuation first, then the joiners in order
+        assert {thread for _, thread in handed} == {handed[0][1]} and handed[0][1].startswith("llmws-solo")
+    finally:
+        batch.close()
+    engine.generate = generate
+    alone = engine.open_batch(4)
+    try:
+        for name, prompt in zip(names, PROMPTS):  # greedy: each text is the one it gets on its own
+            request = alone.add(engine.encode_text(prompt), 12, greedy)
+            text, progress = "", []
+            while not (progress and progress[-1].finished):
+                progress = alone.progress(timeout=10)
+                text += "".join(item.text for item in progress if item.request == request)
+            assert text == texts[name]
+    finally:
+        alone.close()
