@@ -100,6 +100,31 @@ def test_chat_streams_an_answer_with_stats(page, tiny_server):
     assert page.locator(".turn.user .body").text_content() == "Tell me about rivers"
 
 
+def test_a_streamed_answer_is_rendered_at_most_once_a_frame_and_in_full_at_the_end(page, tiny_server):
+    """Rendering works on the whole answer so far, so the page renders it at the next animation frame,
+    once however many tokens came before it (not once per token: quadratic in the answer's length), and
+    the finished answer in full."""
+    set_greedy(page, 200)
+    page.evaluate("""(() => {
+        window.counts = { renders: 0, frames: 0, tokens: 0 };
+        const render_ = render, token = handlers.token;
+        window.renderAlone = render_;
+        render = (element, text) => { counts.renders += 1; render_(element, text); };
+        handlers.token = (m) => { counts.tokens += 1; token(m); };
+        (function tick() { counts.frames += 1; requestAnimationFrame(tick); })();
+    })()""")
+    page.fill("#prompt", "A long story")
+    page.click("#send")
+    page.wait_for_function("state.history.length === 2", timeout=60000)
+    counts = page.evaluate("counts")
+    assert counts["tokens"] >= 100 and counts["renders"] <= counts["frames"] + 1  # the last one is the finish's
+    assert page.evaluate("""(() => { const whole = document.createElement('div');
+        renderAlone(whole, state.history[1].content);
+        return whole.innerHTML === document.querySelector('.turn.assistant .body').innerHTML; })()""")
+    assert page.evaluate("state.history[1].content") == reference(tiny_server, "A long story", temperature=0,
+                                                                  max_new_tokens=200)
+
+
 def test_a_dropped_connection_resumes_the_answer_with_no_gap(page, tiny_server):
     sockets = watch_sockets(page)
     set_greedy(page, 400)
