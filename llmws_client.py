@@ -78,14 +78,15 @@ class LLMWSEnhancedClient(ResumingSession):
         return await self._ask({"type": "delete_model", "model_name": name}, "model_deleted")
 
     async def switch_model(self, path: str, on_log=None) -> dict:
-        return await self._follow({"type": "switch_model", "model_path": path}, "model_switched", on_log)
+        message = {"type": "switch_model", "model_path": path, "request_id": str(uuid.uuid4())}
+        return await self._run_job(message, "model_switched", logs_to(on_log))
 
     async def download_model(self, repo: str, target_dir: str, on_log=None, file: str | None = None) -> dict:
         """The whole repo, or only its GGUF file `file` (a model for the llama.cpp engine)."""
-        message = {"type": "download_model", "repo": repo, "target_dir": target_dir}
+        message = {"type": "download_model", "repo": repo, "target_dir": target_dir, "request_id": str(uuid.uuid4())}
         if file:
             message["file"] = file
-        return await self._follow(message, "download_done", on_log)
+        return await self._run_job(message, "download_done", logs_to(on_log))
 
     async def train(self, dataset: str, checkpoint_name=None, on_event=None, **config) -> dict:
         """LoRA training on the served model (admin scope): `dataset` is JSONL text. `on_event` sees
@@ -112,16 +113,6 @@ class LLMWSEnhancedClient(ResumingSession):
         finally:
             del self._streams[message["request_id"]]
 
-    async def _follow(self, message: dict, final_type: str, on_log) -> dict:
-        """A long task (switch, download): its log lines go to `on_log` until `final_type`."""
-        events = asyncio.Queue()
-        self._listeners.add(events)
-        try:
-            return await self._until(message, events, final_type,
-                                     lambda event: on_log and event["type"] == "log" and on_log(event["message"]))
-        finally:
-            self._listeners.discard(events)
-
     async def _until(self, message: dict, queue: asyncio.Queue, final_type: str, on_event) -> dict:
         """Send `message`; hand what comes on `queue` to `on_event` (queue positions to on_status) until
         `final_type`, which is returned; an error raises LLMWSError."""
@@ -136,6 +127,11 @@ class LLMWSEnhancedClient(ResumingSession):
                 self.on_status(f"queued: {event['position']} ahead")
             elif on_event:
                 on_event(event)
+
+
+def logs_to(on_log):
+    """An on_event for a long task (switch, download) that hands its log lines to `on_log`."""
+    return lambda event: on_log and event["type"] == "log" and on_log(event["message"])
 
 
 IMAGE_TYPES = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpeg", b"GIF8": "gif", b"RIFF": "webp", b"BM": "bmp"}

@@ -51,7 +51,6 @@ class ResumingSession:
         self._reader = None
         self._replies = asyncio.Queue()  # direct answers, in the order the frames were sent
         self._streams = {}  # request_id -> Queue of its stream messages
-        self._listeners = set()  # a Queue per running switch or download: numbered messages without request id
         self._ask_lock = asyncio.Lock()
         self._connected = asyncio.Event()
         self._opened = 0  # connections opened so far; the current one's number
@@ -131,16 +130,13 @@ class ResumingSession:
             stream = self._streams.get(message.get("request_id"))
             if stream is not None:
                 stream.put_nowait(message)
-            elif "request_id" not in message:
-                for listener in self._listeners:
-                    listener.put_nowait(message)
-                if message["type"] == "log" and not self._listeners:
-                    self.on_status(message["message"])  # news for everyone, such as a model switch
+            elif "request_id" not in message and message["type"] == "log":
+                self.on_status(message["message"])  # news for everyone, such as a model switch
         else:
             self._replies.put_nowait(message)
 
     def _fail_all(self, exc: Exception) -> None:
-        for queue in [self._replies, *self._listeners, *self._streams.values()]:
+        for queue in [self._replies, *self._streams.values()]:
             queue.put_nowait(exc)
 
     async def disconnect(self, send_ack=True) -> None:

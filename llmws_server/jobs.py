@@ -15,7 +15,7 @@ log = logging.getLogger("llmws.jobs")
 
 
 class Job:
-    request_id = None  # a job without one (a model switch) sends messages without one
+    request_id = None  # a job without one (a model switch asked without one) sends messages without one
     failure = "Generation"  # what "… failed: <reason>" names when it raises
 
     def __init__(self, session, loop):
@@ -101,8 +101,9 @@ class InferenceJob(Job):
 class SwitchJob(Job):
     """Swap the engine between two requests: unload, free memory, load; on failure, load the old one back."""
 
-    def __init__(self, session, loop, path, load, announce, on_switched):
+    def __init__(self, session, loop, path, load, announce, on_switched, request_id: str | None = None):
         super().__init__(session, loop)
+        self.request_id = request_id
         self.path = path
         self.load = load  # path -> Engine
         self.announce = announce  # the new Engine -> the message that says it is loaded

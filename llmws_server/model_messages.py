@@ -48,7 +48,8 @@ class ModelMessages:
 
     async def on_switch_model(self, session, message):
         _, path = catalog.find_model(self.config, message.get("model_path"))
-        self._load(session, path, lambda engine: protocol.model_switched(engine.name, self.model_status(engine)))
+        self._load(session, path, lambda engine: protocol.model_switched(engine.name, self.model_status(engine)),
+                   message.get("request_id"))
 
     async def on_recheck_model(self, session, message):
         """Look at the loaded model's folder again: reload it if its files changed since it was loaded."""
@@ -59,13 +60,13 @@ class ModelMessages:
             return
         self._load(session, path, lambda engine: protocol.recheck_complete(True, self.model_status(engine), "reloaded"))
 
-    def _load(self, session, path, announce) -> None:
+    def _load(self, session, path, announce, request_id: str | None = None) -> None:
         """Queue a switch to the model in `path` (the loaded one again, for a recheck)."""
         problem = catalog.weights_problem(path)
         if problem:
             raise ValueError(f"Model {path.name} cannot be loaded yet: {problem}")
         job = SwitchJob(session, asyncio.get_running_loop(), path, lambda folder: load_engine(folder, self.config),
-                        announce, lambda engine, failure: self._switched(engine, failure, session))
+                        announce, lambda engine, failure: self._switched(engine, failure, session), request_id)
         job.observer = self.metrics.observe
         self.worker.submit(job)
 
@@ -84,22 +85,26 @@ class ModelMessages:
     async def on_download_model(self, session, message):
         url, destination, file = self.downloads.check(message.get("repo"), message.get("target_dir"),
                                                       message.get("file"))
-        session.reply(protocol.download_started())
-        asyncio.create_task(self._download(session, url, destination, file))
+        request_id = message.get("request_id")
 
-    async def _download(self, session, url, destination, file) -> None:
+        def emit(message):  # with the request_id it was asked with, if any
+            session.emit({**message, "request_id": request_id} if request_id else message)
+        session.reply({**protocol.download_started(), **({"request_id": request_id} if request_id else {})})
+        asyncio.create_task(self._download(emit, url, destination, file))
+
+    async def _download(self, emit, url, destination, file) -> None:
         def log_line(text):
-            session.emit(protocol.log(text))
+            emit(protocol.log(text))
 
         log_line("Starting download...")
         try:
             entry = await self.downloads.download(url, destination, log_line, file)
         except Exception as exc:
             log.warning("download of %s failed: %s", url, exc)
-            session.emit(protocol.error(f"Download failed: {exc}"))
+            emit(protocol.error(f"Download failed: {exc}"))
             return
         log_line("Download complete!")
-        session.emit(protocol.download_done(entry))
+        emit(protocol.download_done(entry))
 
     async def on_delete_model(self, session, message):
         name = await asyncio.to_thread(catalog.delete, self.config, message.get("model_name"), self.engine.path)

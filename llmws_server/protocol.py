@@ -14,8 +14,8 @@ FIELDS = {
     "cancel": {"request_id"},
     "get_resources": set(),
     "list_models": set(),
-    "switch_model": {"model_path"},
-    "download_model": {"repo", "target_dir", "file"},
+    "switch_model": {"model_path", "request_id"},
+    "download_model": {"repo", "target_dir", "file", "request_id"},
     "delete_model": {"model_name"},
     # the original LLMWS's
     "ping": set(),

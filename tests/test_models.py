@@ -99,6 +99,24 @@ async def test_switch_streams_logs_and_answers_come_from_the_new_model(models_se
     await watcher.close()
 
 
+async def test_a_switch_sent_again_with_its_request_id_runs_once(models_server):
+    """A client that may have lost its switch_model frame in a cut sends it again, the same: the server
+    switches once, and every message of the switch carries the request_id the client follows."""
+    client = await Client.open(models_server.url)
+    retries = models_server.output().count("again after a cut")
+    frame = {"type": "switch_model", "model_path": "var/models/tiny-b", "request_id": "switch-1"}
+    await client.send(frame)
+    await client.send(frame)
+    messages = await client.until("model_switched", "error")
+    assert messages[-1]["type"] == "model_switched" and messages[-1]["model"] == "tiny-b"
+    assert {m.get("request_id") for m in messages if m["type"] in ("log", "queued", "model_switched")} == {"switch-1"}
+    assert models_server.output().count("again after a cut") - retries == 1
+    await client.send({"type": "switch_model", "model_path": "tiny-a", "request_id": "switch-2"})
+    back = await client.until("model_switched", "error")  # a second tiny-b switch would have answered first
+    assert back[-1]["model"] == "tiny-a" and back[0] == {**back[0], "message": "Unloading tiny-b..."}
+    await client.close()
+
+
 async def test_a_failed_load_keeps_the_server_serving_the_old_model(models_server):
     client = await Client.open(models_server.url)
     before = await answer(client)
