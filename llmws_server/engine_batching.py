@@ -7,7 +7,7 @@ import queue
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from transformers import GenerationConfig
@@ -31,6 +31,10 @@ GREEDY = GenerationSettings(max_new_tokens=2, do_sample=False, temperature=1.0, 
 # matters (batching.py), and warnings still show.
 logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
 log = logging.getLogger("llmws.batch")
+
+
+def solo_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmws-solo")
 
 
 def cache_pages(slots: int, max_context: int, kv_token_budget: int | None) -> int:
@@ -60,9 +64,7 @@ class Solo:
     stream the same, so the text and the count run on without a seam. The joiners wait for that (in the
     batch's `joining`, not blocking the worker) and enter the batch with it, in arrival order, so that
     one step reads all their prompts.
-    Solo runs take turns on the batch's one solo thread (`runner`), never a new thread each: on CUDA,
-    cuDNN's attention plans are cached per thread, and a fresh thread builds them again at every step
-    (measured on an H100: 15 tokens/s on a new thread against 45 on a warm one)."""
+    Where a solo run's thread lives is the batch's `on_solo_thread`."""
 
     def __init__(self, batch: "TransformersBatch", name: str, prompt, max_tokens: int, settings):
         self.batch, self.name = batch, name
@@ -70,7 +72,7 @@ class Solo:
         self.settled = threading.Event()  # it has finished, or gone on in the batch (set by the batch)
         self.results: queue.Queue = queue.Queue()  # Progress, then None once it is over
         self.over = False
-        batch.runner.submit(self._run, prompt, max_tokens, settings)
+        batch.on_solo_thread(self._run, prompt, max_tokens, settings)
 
     def _run(self, prompt, max_tokens: int, settings) -> None:
         stream = TextStream(self.batch.engine.tokenizer)
@@ -132,7 +134,7 @@ class TransformersBatch:
                                                            continuous_batching_config=batching)
         self.manager.logit_processor = request_sampling()
         self.manager.start()
-        self.runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmws-solo")  # see Solo
+        self.runner = solo_thread() if engine.device.startswith("cuda") else None  # see on_solo_thread
         self.eos = set(eos if isinstance(eos, list) else [eos])
         self.streams: dict[str, TextStream] = {}  # the requests in the manager
         self.solo: Solo | None = None
@@ -148,8 +150,22 @@ class TransformersBatch:
             result = self.manager.get_result(timeout=0.1)
             if result is not None and result.is_finished():
                 break
-        self.runner.submit(self.engine.generate, Prompt(WARM_PROMPT), GREEDY, 2, lambda text: None,
-                           lambda: None).result()
+        self.on_solo_thread(self.engine.generate, Prompt(WARM_PROMPT), GREEDY, 2, lambda text: None,
+                            lambda: None).result()
+
+    def on_solo_thread(self, run, *args) -> Future:
+        """Run a solo request (plain generate()). On CUDA the solo runs take turns on one thread that lives
+        as long as the batch: cuDNN caches its attention plans per thread, and a fresh thread builds them
+        again at every step (on an H100: 15 tokens/s on a new thread against 45 on a warm one). On a CPU
+        each run has a thread that ends with it: a thread that has run torch keeps an OpenMP pool, and
+        with more pools than cores the batch's own pool sleeps between operations instead of spinning
+        (8 requests' steps about 13 % slower while an idle solo thread lives)."""
+        if self.runner is not None:
+            return self.runner.submit(run, *args)
+        once = solo_thread()
+        future = once.submit(run, *args)
+        once.shutdown(wait=False)  # its thread ends after the run
+        return future
 
     def add(self, prompt, max_tokens: int, settings) -> str:
         request = uuid.uuid4().hex
@@ -232,7 +248,8 @@ class TransformersBatch:
         if solo is not None:
             solo.cancelled.set()
             solo.settled.wait(30)
-        self.runner.shutdown(wait=False)
+        if self.runner is not None:
+            self.runner.shutdown(wait=False)
         self.manager.stop(block=True, timeout=30, hard_stop=True)  # what still runs is cancelled
         if hasattr(self.model, "destroy_cached_continuous_batching_manager"):
             self.model.destroy_cached_continuous_batching_manager()
