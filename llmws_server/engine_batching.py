@@ -134,7 +134,7 @@ class TransformersBatch:
                                                            continuous_batching_config=batching)
         self.manager.logit_processor = request_sampling()
         self.manager.start()
-        self.runner = solo_thread() if engine.device.startswith("cuda") else None  # see on_solo_thread
+        self.runner: ThreadPoolExecutor | None = solo_thread()  # see on_solo_thread
         self.eos = set(eos if isinstance(eos, list) else [eos])
         self.streams: dict[str, TextStream] = {}  # the requests in the manager
         self.solo: Solo | None = None
@@ -154,18 +154,21 @@ class TransformersBatch:
                             lambda: None).result()
 
     def on_solo_thread(self, run, *args) -> Future:
-        """Run a solo request (plain generate()). On CUDA the solo runs take turns on one thread that lives
-        as long as the batch: cuDNN caches its attention plans per thread, and a fresh thread builds them
-        again at every step (on an H100: 15 tokens/s on a new thread against 45 on a warm one). On a CPU
-        each run has a thread that ends with it: a thread that has run torch keeps an OpenMP pool, and
-        with more pools than cores the batch's own pool sleeps between operations instead of spinning
-        (8 requests' steps about 13 % slower while an idle solo thread lives)."""
-        if self.runner is not None:
-            return self.runner.submit(run, *args)
-        once = solo_thread()
-        future = once.submit(run, *args)
-        once.shutdown(wait=False)  # its thread ends after the run
-        return future
+        """Run a solo request (plain generate()). Solo runs take turns on one warm thread: a fresh one
+        costs a CPU's first token about 35 ms, and on CUDA it builds cuDNN's attention plans (cached per
+        thread) again at every step (on an H100: 15 tokens/s on a new thread against 45 on a warm one)."""
+        if self.runner is None:
+            self.runner = solo_thread()
+        return self.runner.submit(run, *args)
+
+    def _batch_takes_over(self) -> None:
+        """On a CPU the solo thread ends when the batch takes over from a solo run (the next solo run starts
+        a new one): a thread that has run torch keeps an OpenMP pool, and with more pools than cores the
+        batch's own pool sleeps between operations instead of spinning (8 requests' steps about 13 %
+        slower while an idle solo thread lives). On CUDA it stays, for its cached plans (lock held)."""
+        if self.runner is not None and not self.engine.device.startswith("cuda"):
+            self.runner.shutdown(wait=False)  # called on that thread: it ends after this run
+            self.runner = None
 
     def add(self, prompt, max_tokens: int, settings) -> str:
         request = uuid.uuid4().hex
@@ -189,6 +192,8 @@ class TransformersBatch:
                 self._start(continuation)
             for joiner in self.joining:
                 self._start(joiner)
+            if self.streams:
+                self._batch_takes_over()
             self.joining.clear()
             solo.settled.set()
 
