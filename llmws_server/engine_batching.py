@@ -184,7 +184,7 @@ class TransformersBatch:
                 self._start(joiner)
         return request
 
-    def settle(self, solo: Solo, continuation: "Joiner | None") -> None:
+    def settle(self, solo: Solo, continuation: Joiner | None) -> None:
         """A solo run is over or goes on in the batch (on its thread): the batch takes its continuation
         and the requests that joined meanwhile, together."""
         with self.lock:
@@ -197,7 +197,7 @@ class TransformersBatch:
             self.joining.clear()
             solo.settled.set()
 
-    def _start(self, joiner: "Joiner") -> None:
+    def _start(self, joiner: Joiner) -> None:
         self.streams[joiner.name] = joiner.stream
         self.manager.add_request(joiner.ids, request_id=joiner.name, max_new_tokens=joiner.max_tokens,
                                  streaming=True, **request_kwargs(joiner.settings))

@@ -85,12 +85,9 @@ class ModelMessages:
     async def on_download_model(self, session, message):
         url, destination, file = self.downloads.check(message.get("repo"), message.get("target_dir"),
                                                       message.get("file"))
-        request_id = message.get("request_id")
-
-        def emit(message):  # with the request_id it was asked with, if any
-            session.emit({**message, "request_id": request_id} if request_id else message)
-        session.reply({**protocol.download_started(), **({"request_id": request_id} if request_id else {})})
-        asyncio.create_task(self._download(emit, url, destination, file))
+        tag = {"request_id": message["request_id"]} if message.get("request_id") else {}  # on every answer
+        session.reply({**protocol.download_started(), **tag})
+        asyncio.create_task(self._download(lambda answer: session.emit({**answer, **tag}), url, destination, file))
 
     async def _download(self, emit, url, destination, file) -> None:
         def log_line(text):
