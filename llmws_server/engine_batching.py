@@ -140,7 +140,13 @@ class TransformersBatch:
         self.solo: Solo | None = None
         self.joining: list[Joiner] = []  # requests that wait for the solo run to go on in the batch
         self.lock = threading.Lock()  # a request joins, goes on from its solo run, or is cancelled: one at a time
+        # On a CPU only one thread that runs torch lives at a time (see _park); on CUDA both stay, for the
+        # attention plans cuDNN caches per thread.
+        self.one_torch_thread = not engine.device.startswith("cuda")
+        self.parked = False
         self._warm()
+        with self.lock:
+            self._park()
 
     def _warm(self) -> None:
         """A short request each way, so that the first client's does not pay for the first step's set-up."""
@@ -164,11 +170,27 @@ class TransformersBatch:
     def _batch_takes_over(self) -> None:
         """On a CPU the solo thread ends when the batch takes over from a solo run (the next solo run starts
         a new one): a thread that has run torch keeps an OpenMP pool, and with more pools than cores the
-        batch's own pool sleeps between operations instead of spinning (8 requests' steps about 13 %
-        slower while an idle solo thread lives). On CUDA it stays, for its cached plans (lock held)."""
-        if self.runner is not None and not self.engine.device.startswith("cuda"):
+        other pool sleeps between operations instead of spinning (8 requests' steps about 13 % slower while
+        an idle solo thread lives). On CUDA it stays, for its cached plans (lock held)."""
+        if self.runner is not None and self.one_torch_thread:
             self.runner.shutdown(wait=False)  # called on that thread: it ends after this run
             self.runner = None
+
+    def _park(self) -> None:
+        """On a CPU the batch's thread ends while the batch is empty, for the same reason as the solo
+        thread's: while it lives, a solo run is about 8 % slower and its first token 20 ms later. The
+        manager keeps its cache and starts a new thread when a request enters (lock held)."""
+        if self.one_torch_thread and not self.parked:
+            self.manager.stop(block=False, keep_for_next_session=True)
+            self.parked = True
+
+    def _unpark(self) -> None:
+        if self.parked:
+            self.manager.join(time.perf_counter(), timeout=30)
+            # stop() put back the model's own attention; the batch may need its paged one
+            self.manager.switch_to_cb_friendly_attn(self.model, self.manager.continuous_batching_config.auto_switch_to_flash)
+            self.manager.start()
+            self.parked = False
 
     def add(self, prompt, max_tokens: int, settings) -> str:
         request = uuid.uuid4().hex
@@ -198,6 +220,7 @@ class TransformersBatch:
             solo.settled.set()
 
     def _start(self, joiner: Joiner) -> None:
+        self._unpark()
         self.streams[joiner.name] = joiner.stream
         self.manager.add_request(joiner.ids, request_id=joiner.name, max_new_tokens=joiner.max_tokens,
                                  streaming=True, **request_kwargs(joiner.settings))
@@ -209,6 +232,7 @@ class TransformersBatch:
             self.joining = [joiner for joiner in self.joining if joiner.name != request]
             if self.streams.pop(request, None) is not None:
                 self.manager.cancel_request(request)
+                self._park_if_empty()
 
     def progress(self, timeout: float) -> list[Progress]:
         found = []
@@ -225,7 +249,14 @@ class TransformersBatch:
             if stream is not None:  # not one cancelled meanwhile
                 found.append(self._progress(stream, result))
             result = self.manager.get_result(timeout=0)
+        if found and not self.streams:
+            with self.lock:
+                self._park_if_empty()
         return found
+
+    def _park_if_empty(self) -> None:
+        if not self.streams and not self.joining and self.solo is None:
+            self._park()
 
     def _progress(self, stream: TextStream, result) -> Progress:
         tokens = list(result.generated_tokens)
@@ -243,7 +274,7 @@ class TransformersBatch:
         return OOM_MESSAGE if self.engine.is_out_of_memory(exc) else f"Generation failed: {exc}"
 
     def failure(self) -> str | None:
-        if self.manager.is_running():
+        if self.parked or self.manager.is_running():
             return None
         error = getattr(self.manager.background_thread_status, "fatal_error", None)
         return OOM_MESSAGE if self.engine.is_out_of_memory(error) else f"Generation failed: {error}"

@@ -294,9 +294,17 @@ def test_solo_runs_take_turns_on_one_warm_thread_which_on_a_cpu_ends_when_the_ba
     time (a fresh thread costs the first token; on CUDA it rebuilds cuDNN's per-thread attention plans at
     every step: 3x slower on an H100). On a CPU that thread ends when the batch takes over from a solo run
     (a live thread that has run torch keeps an OpenMP pool, which slows the batch's own), and the next
-    solo run has a new one; on CUDA it stays. In-process, on the real engine and batch; "cuda" here is the
-    engine's device name only, which picks the policy."""
+    solo run has a new one; the batch's own thread (transformers' generation loop) ends while the batch is
+    empty, so no solo run shares the cores with it. On CUDA both stay. In-process, on the real engine and
+    batch; "cuda" here is the engine's device name only, which picks the policy."""
     import threading
+
+    def batch_threads():
+        """The live generation-loop threads (on a CPU, once the last one has ended)."""
+        found = [thread for thread in threading.enumerate() if "_run_generation_loop" in thread.name]
+        for thread in found:
+            thread.join(10 if device == "cpu" else 0)
+        return [thread for thread in found if thread.is_alive()]
 
     from llmws_server.config import GenerationSettings, load_config
     from llmws_server.engine import Engine
@@ -320,15 +328,20 @@ def test_solo_runs_take_turns_on_one_warm_thread_which_on_a_cpu_ends_when_the_ba
             done |= {p.request for p in batch.progress(timeout=5) if p.finished}
         assert done == set(requests)
     try:
+        assert len(batch_threads()) == (device == "cuda")  # on a CPU it ended after the warm-up
         for prompt in ("one", "two", "three"):
             finish(batch.add(engine.encode_text(prompt), 5, settings))
         assert len(threads) == 4 and len(set(threads)) == 1 and threads[0] is not threading.main_thread()
         solo = threads[0]
+        assert len(batch_threads()) == (device == "cuda")
         finish(batch.add(engine.encode_text("four"), 40, settings), batch.add(engine.encode_text("five"), 40, settings))
         solo.join(10 if device == "cpu" else 0)
         assert solo.is_alive() == (device == "cuda")  # on a CPU it ended when the batch took over
+        assert len(batch_threads()) == (device == "cuda")  # and the batch's when it was empty again
         finish(batch.add(engine.encode_text("six"), 5, settings))
         assert (threads[-1] is solo) == (device == "cuda") and threads[-1].is_alive()
+        finish(batch.add(engine.encode_text("seven"), 40, settings), batch.add(engine.encode_text("eight"), 40, settings))
+        assert len(batch_threads()) == (device == "cuda")  # a second time: it starts again and ends again
     finally:
         batch.close()
 
