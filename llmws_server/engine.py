@@ -203,6 +203,7 @@ class Engine:  # engine_api.Engine
         return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError))
 
     def free_memory(self) -> None:
+        gc.unfreeze()  # the batch froze what lived with the model: it may be garbage now
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -399,3 +399,24 @@ def test_requests_that_join_a_solo_run_enter_the_batch_with_it_in_one_go(tiny_mo
             assert text == texts[name]
     finally:
         alone.close()
+
+
+def test_a_model_that_its_batch_froze_for_the_garbage_collector_is_freed_when_it_is_unloaded(tiny_model):
+    """The batch freezes what lives with the model (gc.freeze: a full collection skips it, and each time
+    the batch's thread ends there is one); a model switch must still free the old model."""
+    import gc
+    import weakref
+
+    from llmws_server.config import load_config
+    from llmws_server.engine import Engine
+
+    engine = Engine.for_config(tiny_model, load_config(Path(__file__).parents[1] / "config.json"))
+    batch = engine.open_batch(2)
+    model = weakref.ref(engine.model)
+    batch.close()
+    del batch
+    engine.unload()
+    try:
+        assert model() is None
+    finally:
+        gc.unfreeze()
