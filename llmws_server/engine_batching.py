@@ -148,8 +148,10 @@ class TransformersBatch:
         self._warm()
         # What lives now (model, tokenizer, libraries) lives as long as the model: a full collection skips
         # it from here on (each park's, in the manager's stop(): 240 ms for the default model, 0.1 once
-        # frozen). Engine.free_memory unfreezes it before the model goes.
-        gc.freeze()
+        # frozen). Once per model, not at every reopening (what a request holds then must stay
+        # collectable); Engine.free_memory unfreezes it before the model goes.
+        if not gc.get_freeze_count():
+            gc.freeze()
         with self.lock:
             self._park()
 
@@ -193,7 +195,8 @@ class TransformersBatch:
         if self.parked:
             self.manager.join(time.perf_counter(), timeout=30)
             # stop() put back the model's own attention; the batch may need its paged one
-            self.manager.switch_to_cb_friendly_attn(self.model, self.manager.continuous_batching_config.auto_switch_to_flash)
+            config = self.manager.continuous_batching_config
+            self.manager.switch_to_cb_friendly_attn(self.model, config.auto_switch_to_flash)
             self.manager.start()
             self.parked = False
 
