@@ -63,8 +63,8 @@ class Solo:
     one (no paged cache, no scheduling per step). When others join, it stops after its current token and
     the batch goes on from there: its prompt and tokens so far are the continuation's prompt, its text
     stream the same, so the text and the count run on without a seam. The joiners wait for that (in the
-    batch's `joining`, not blocking the worker) and enter the batch with it, in arrival order, so that
-    one step reads all their prompts.
+    batch's `joining`, not blocking the worker) and enter the batch in arrival order, so that one step
+    reads all their prompts; the continuation enters the step after (`settle`).
     Where a solo run's thread lives is the batch's `on_solo_thread`."""
 
     def __init__(self, batch: "TransformersBatch", name: str, prompt, max_tokens: int, settings):
@@ -133,13 +133,14 @@ class TransformersBatch:
             use_cuda_graph=False, use_async_batching=False)
         self.manager = self.model.init_continuous_batching(generation_config=generation,
                                                            continuous_batching_config=batching)
-        self.manager.logit_processor = request_sampling()
+        self.manager.logit_processor = request_sampling(before_next_step=self._release_held)
         self.manager.start()
         self.runner: ThreadPoolExecutor | None = solo_thread()  # see on_solo_thread
         self.eos = set(eos if isinstance(eos, list) else [eos])
         self.streams: dict[str, TextStream] = {}  # the requests in the manager
         self.solo: Solo | None = None
         self.joining: list[Joiner] = []  # requests that wait for the solo run to go on in the batch
+        self.held: list[Joiner] = []  # a solo run's continuation, until the joiners' first step is chosen
         self.lock = threading.Lock()  # a request joins, goes on from its solo run, or is cancelled: one at a time
         # On a CPU only one thread that runs torch lives at a time (see _park); on CUDA both stay, for the
         # attention plans cuDNN caches per thread.
@@ -215,13 +216,19 @@ class TransformersBatch:
         return request
 
     def settle(self, solo: Solo, continuation: Joiner | None) -> None:
-        """A solo run is over or goes on in the batch (on its thread): the batch takes its continuation
-        and the requests that joined meanwhile, together."""
+        """A solo run is over or goes on in the batch (on its thread): the batch takes the requests that
+        joined meanwhile, and then its continuation. The continuation reads its prompt and tokens again,
+        so it enters the step after theirs: their first tokens do not wait for it (8 clients' first token
+        about 70 ms sooner on a CPU), and it has its own first token already."""
         with self.lock:
-            if continuation is not None and not solo.cancelled.is_set():
-                self._start(continuation)
             for joiner in self.joining:
                 self._start(joiner)
+            if continuation is not None and not solo.cancelled.is_set():
+                if self.joining:
+                    self.streams[continuation.name] = continuation.stream
+                    self.held.append(continuation)
+                else:
+                    self._start(continuation)
             if self.streams:
                 self._batch_takes_over()
             self.joining.clear()
@@ -230,8 +237,23 @@ class TransformersBatch:
     def _start(self, joiner: Joiner) -> None:
         self._unpark()
         self.streams[joiner.name] = joiner.stream
+        self._add_to_manager(joiner)
+
+    def _add_to_manager(self, joiner: Joiner) -> None:
         self.manager.add_request(joiner.ids, request_id=joiner.name, max_new_tokens=joiner.max_tokens,
                                  streaming=True, **request_kwargs(joiner.settings))
+
+    def _release_held(self) -> None:
+        """The held continuation goes into the manager (not cancelled meanwhile): when a step's requests
+        are chosen (on the manager's thread), or when a request is cancelled (the joiners may all be gone
+        before their step). list.pop is atomic: each is added once."""
+        while self.held:
+            try:
+                joiner = self.held.pop()
+            except IndexError:
+                return
+            if joiner.name in self.streams:
+                self._add_to_manager(joiner)
 
     def cancel(self, request: str) -> None:
         with self.lock:
@@ -240,6 +262,7 @@ class TransformersBatch:
             self.joining = [joiner for joiner in self.joining if joiner.name != request]
             if self.streams.pop(request, None) is not None:
                 self.manager.cancel_request(request)
+                self._release_held()
                 self._park_if_empty()
 
     def progress(self, timeout: float) -> list[Progress]:

@@ -97,14 +97,19 @@ class RequestSampler(ContinuousBatchingLogitsProcessor):
                         "repetition_penalty": float}
     ignored_kwargs = ()
 
-    def __init__(self):
+    def __init__(self, before_next_step=None):
         self.step = None
+        # Run on the manager's thread each time a step's requests are chosen: a request it adds enters the
+        # step after this one (engine_batching holds a solo run's continuation back that way).
+        self.before_next_step = before_next_step
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         int32_tensor.zero_()  # its one number per row is not used: the step holds the settings
 
     def prepare_tensor_args(self, requests_with_new_token) -> torch.Tensor:
         self.step = Step.of(requests_with_new_token)
+        if self.before_next_step is not None:
+            self.before_next_step()
         return torch.zeros(len(requests_with_new_token), dtype=torch.int32)
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
@@ -113,8 +118,8 @@ class RequestSampler(ContinuousBatchingLogitsProcessor):
         return self.step.apply(scores)
 
 
-def request_sampling() -> ContinuousBatchingLogitsProcessorList:
+def request_sampling(before_next_step=None) -> ContinuousBatchingLogitsProcessorList:
     """The manager's processors: the sampler alone."""
-    processors = ContinuousBatchingLogitsProcessorList(LogitsProcessorList([RequestSampler()]))
+    processors = ContinuousBatchingLogitsProcessorList(LogitsProcessorList([RequestSampler(before_next_step)]))
     processors.tensors_required = 1  # the row of numbers every per-request processor is given
     return processors

@@ -346,11 +346,13 @@ def test_solo_runs_take_turns_on_one_warm_thread_which_on_a_cpu_ends_when_the_ba
         batch.close()
 
 
-def test_requests_that_join_a_solo_run_enter_the_batch_with_it_in_one_go(tiny_model):
+def test_requests_that_join_a_solo_run_enter_the_batch_in_one_go_and_its_continuation_one_step_later(tiny_model):
     """Requests that arrive while one runs alone do not block the worker: they wait in the batch, and when
-    the solo run stops after its current token, its continuation and they are handed to the batch at once,
-    in arrival order, so that one step reads all their prompts. In-process, on the real engine and batch;
-    the solo run is held before its first token (as a long prompt holds it) while the others join."""
+    the solo run stops after its current token they are handed to the batch at once, in arrival order, so
+    that one step reads all their prompts. The solo run's continuation (which reads its prompt again) is
+    handed on once that step is chosen, by the batch's own thread, so their first tokens do not wait for
+    it. In-process, on the real engine and batch; the solo run is held before its first token (as a long
+    prompt holds it) while the others join."""
     import threading
 
     from llmws_server.config import GenerationSettings, load_config
@@ -375,30 +377,92 @@ def test_requests_that_join_a_solo_run_enter_the_batch_with_it_in_one_go(tiny_mo
         names = [batch.add(engine.encode_text(prompt), 12, greedy) for prompt in PROMPTS[:4]]
         assert handed == []  # every add returned while the solo run was held: none waited for it
         gate.set()
-        finished, texts = set(), dict.fromkeys(names, "")
+        finished, texts, order = set(), dict.fromkeys(names, ""), []
         while len(finished) < len(names):
             for progress in batch.progress(timeout=10):
                 assert progress.error is None
                 texts[progress.request] += progress.text
+                order.append(progress.request)
                 if progress.finished:
                     assert progress.tokens == 12
                     finished.add(progress.request)
-        assert [name for name, _ in handed] == names  # the continuation first, then the joiners in order
-        assert {thread for _, thread in handed} == {handed[0][1]} and handed[0][1].startswith("llmws-solo")
+        assert [name for name, _ in handed] == names[1:] + names[:1]  # the joiners in order, then the continuation
+        assert {thread for _, thread in handed[:-1]} == {handed[0][1]} and handed[0][1].startswith("llmws-solo")
+        assert "_run_generation_loop" in handed[-1][1]
+        # the solo run's one token, then each joiner's first, then its second
+        assert order[:order.index(names[0], 1)].count(names[0]) == 1
+        assert set(order[:order.index(names[0], 1)]) == set(names)
     finally:
         batch.close()
     engine.generate = generate
     alone = engine.open_batch(4)
     try:
         for name, prompt in zip(names, PROMPTS):  # greedy: each text is the one it gets on its own
-            request = alone.add(engine.encode_text(prompt), 12, greedy)
-            text, progress = "", []
-            while not (progress and progress[-1].finished):
-                progress = alone.progress(timeout=10)
-                text += "".join(item.text for item in progress if item.request == request)
-            assert text == texts[name]
+            assert text_alone(alone, engine.encode_text(prompt), greedy) == texts[name]
     finally:
         alone.close()
+
+
+def test_a_held_continuation_still_runs_when_the_joiners_are_cancelled_before_their_step(tiny_model):
+    """A solo run's continuation waits for the joiners' step to be chosen; if they are all cancelled
+    before it comes, the cancel hands the continuation on, and it ends with its full text. In-process: the
+    solo run is held while two join, and the batch's step hook is made to miss the joiners' step."""
+    import threading
+
+    from llmws_server.config import GenerationSettings, load_config
+    from llmws_server.engine import Engine
+
+    config = load_config(Path(__file__).parents[1] / "config.json")
+    engine = Engine.for_config(tiny_model, config)
+    greedy = GenerationSettings(max_new_tokens=12, do_sample=False, temperature=1.0, top_p=1.0, top_k=0,
+                                repetition_penalty=1.0)
+    alone = engine.open_batch(4)
+    try:
+        expected = text_alone(alone, engine.encode_text(PROMPTS[0]), greedy)
+    finally:
+        alone.close()
+    batch = engine.open_batch(4)
+    sampler = batch.manager.logit_processor.logits_processor[0]
+    release, missed, cancelled = sampler.before_next_step, threading.Event(), threading.Event()
+
+    def missing_the_first():
+        if not missed.is_set():
+            missed.set()
+            cancelled.wait(30)
+        else:
+            release()
+    gate, generate = threading.Event(), engine.generate
+
+    def held(*args, **kwargs):
+        gate.wait(30)
+        return generate(*args, **kwargs)
+    engine.generate, sampler.before_next_step = held, missing_the_first
+    try:
+        names = [batch.add(engine.encode_text(prompt), 12, greedy) for prompt in PROMPTS[:3]]
+        gate.set()
+        assert missed.wait(30)
+        for name in names[1:]:
+            batch.cancel(name)
+        cancelled.set()
+        text, finished = "", []
+        while not finished:
+            progress = batch.progress(timeout=10)
+            assert progress or batch.held == [], "the continuation was left held"
+            text += "".join(item.text for item in progress if item.request == names[0])
+            finished = [item for item in progress if item.request == names[0] and item.finished]
+        assert finished[0].tokens == 12 and text == expected
+    finally:
+        engine.generate = generate
+        batch.close()
+
+
+def text_alone(batch, prompt, settings) -> str:
+    request = batch.add(prompt, settings.max_new_tokens, settings)
+    text, progress = "", []
+    while not (progress and progress[-1].finished):
+        progress = batch.progress(timeout=10)
+        text += "".join(item.text for item in progress if item.request == request)
+    return text
 
 
 def test_a_model_that_its_batch_froze_for_the_garbage_collector_is_freed_when_it_is_unloaded(tiny_model):
