@@ -7,6 +7,7 @@ import gc
 import importlib
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -61,9 +62,22 @@ class _StopWhen(StoppingCriteria):
         self.check = check
         self.reason = None
 
-    def __call__(self, input_ids, scores, **kwargs):
+    def stops(self) -> bool:
         self.reason = self.reason or self.check()
-        return torch.full((input_ids.shape[0],), self.reason is not None, dtype=torch.bool, device=input_ids.device)
+        return self.reason is not None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.stops(), dtype=torch.bool, device=input_ids.device)
+
+
+class _StoppedReading(Exception):
+    """A stop came while generate() read the prompt."""
+
+
+def decoder_layers(model) -> list:
+    """The layers a prompt's read may stop between (none found: it runs to its end)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return list(getattr(decoder, "layers", None) or [])
 
 
 class Engine:  # engine_api.Engine
@@ -96,6 +110,7 @@ class Engine:  # engine_api.Engine
         self.compiled = optimization["compile"]
         if self.compiled:  # compiles on the first requests of each new shape; dynamic=True keeps that rare
             self.model.forward = torch.compile(self.model.forward, dynamic=True)
+        self.layers = [] if self.compiled else decoder_layers(self.model)  # a hook would break the graph
         self.device = str(self.model.device)
         self.params = self.model.num_parameters()  # the vision tower's too: it is in memory like the rest
         free = resources.free_memory_bytes()
@@ -157,18 +172,39 @@ class Engine:  # engine_api.Engine
         """Stream text pieces to `on_text` on this thread; return (tokens generated, finish reason).
         `stream` (engine_text.TextStream) may be given to keep the tokens, for a batch to go on from."""
         stream = stream or TextStream(self.tokenizer)
+        reading = _StopWhen(should_stop)
         if FAULT_OOM_MARKER and FAULT_OOM_MARKER in self.tokenizer.decode(prompt.ids):
             should_stop = _injected_oom
         stopper = _StopWhen(should_stop)
         inputs = torch.tensor([prompt.ids], device=self.model.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._stoppable_read(reading, stream):
             self.model.generate(input_ids=inputs, **self._on_device(prompt.extra),
                                 attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens, streamer=Streamer(stream, on_text),
                                 stopping_criteria=StoppingCriteriaList([stopper]),
                                 pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                                 **sampling_arguments(settings))
         generated = len(stream.ids) - stream.earlier
-        return generated, stopper.reason or ("length" if generated >= max_new_tokens else "stop")
+        return generated, stopper.reason or reading.reason or ("length" if generated >= max_new_tokens else "stop")
+
+    @contextlib.contextmanager
+    def _stoppable_read(self, reading: _StopWhen, stream: TextStream):
+        """While generate() reads the prompt (its first step, and its longest: 0.1 s for a short chat
+        prompt on a CPU, seconds for a long one), each decoder layer first asks `reading`, so a stop (a
+        cancel, a batch taking over) ends the read within a layer, not after it. On this thread only:
+        a batch's thread runs the same model."""
+        thread, before = threading.get_ident(), len(stream.ids)
+
+        def ask(module, args):
+            if len(stream.ids) == before and threading.get_ident() == thread and reading.stops():
+                raise _StoppedReading
+        hooks = [layer.register_forward_pre_hook(ask) for layer in self.layers]
+        try:
+            yield
+        except _StoppedReading:
+            pass
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     def _on_device(self, tensors: dict) -> dict:
         """The processor's tensors on the model's device, pixel values in the model's dtype."""

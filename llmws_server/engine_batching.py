@@ -62,9 +62,10 @@ class Solo:
     """The request a batch holds alone generates with plain generate(), which is faster than a batch of
     one (no paged cache, no scheduling per step). When others join, it stops after its current token and
     the batch goes on from there: its prompt and tokens so far are the continuation's prompt, its text
-    stream the same, so the text and the count run on without a seam. The joiners wait for that (in the
-    batch's `joining`, not blocking the worker) and enter the batch in arrival order, so that one step
-    reads all their prompts; the continuation enters the step after (`settle`).
+    stream the same, so the text and the count run on without a seam. If they join while it still reads
+    its prompt, it stops within a layer and starts in the batch as they do. The joiners wait for that (in
+    the batch's `joining`, not blocking the worker) and enter the batch in arrival order, so that one
+    step reads all their prompts; a continuation with tokens enters the step after (`settle`).
     Where a solo run's thread lives is the batch's `on_solo_thread`."""
 
     def __init__(self, batch: "TransformersBatch", name: str, prompt, max_tokens: int, settings):
@@ -87,7 +88,7 @@ class Solo:
         continuation = None
         try:
             generated, reason = self.batch.engine.generate(prompt, settings, max_tokens, on_text, should_stop, stream)
-            ended = reason != "handoff" or generated >= max_tokens or stream.ids[-1] in self.batch.eos
+            ended = reason != "handoff" or generated >= max_tokens or (generated and stream.ids[-1] in self.batch.eos)
             if not ended:
                 stream.go_on_in_a_batch()
                 continuation = Joiner(self.name, prompt.ids + stream.ids, stream, max_tokens - generated, settings)
@@ -217,10 +218,14 @@ class TransformersBatch:
 
     def settle(self, solo: Solo, continuation: Joiner | None) -> None:
         """A solo run is over or goes on in the batch (on its thread): the batch takes the requests that
-        joined meanwhile, and then its continuation. The continuation reads its prompt and tokens again,
-        so it enters the step after theirs: their first tokens do not wait for it (8 clients' first token
-        about 70 ms sooner on a CPU), and it has its own first token already."""
+        joined meanwhile, and its continuation. A continuation with tokens reads its prompt and them
+        again, so it enters the step after theirs: their first tokens do not wait for it (8 clients'
+        first token about 70 ms sooner on a CPU), and it has its own first token already. One stopped
+        while its prompt was read (engine.generate) has none: it enters first, as it came first."""
         with self.lock:
+            if continuation is not None and not solo.cancelled.is_set() and not continuation.stream.ids:
+                self.joining.insert(0, continuation)
+                continuation = None
             for joiner in self.joining:
                 self._start(joiner)
             if continuation is not None and not solo.cancelled.is_set():

@@ -346,13 +346,37 @@ def test_solo_runs_take_turns_on_one_warm_thread_which_on_a_cpu_ends_when_the_ba
         batch.close()
 
 
-def test_requests_that_join_a_solo_run_enter_the_batch_in_one_go_and_its_continuation_one_step_later(tiny_model):
+GREEDY_12 = dict(max_new_tokens=12, do_sample=False, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
+
+
+def holding_the_solo_run(engine, after_first_token: bool):
+    """engine.generate made to wait for the returned gate, before it starts or after its first token
+    (`first` is set then), as a long prompt or a slow step holds it while others join."""
+    import threading
+
+    gate, first, generate = threading.Event(), threading.Event(), engine.generate
+
+    def held(prompt, settings, max_tokens, on_text, should_stop, stream):
+        def asking():
+            if stream.ids and not first.is_set():
+                first.set()
+                gate.wait(30)
+            return should_stop()
+        if not after_first_token:
+            gate.wait(30)
+        return generate(prompt, settings, max_tokens, on_text, asking if after_first_token else should_stop, stream)
+    engine.generate = held
+    return gate, first
+
+
+@pytest.mark.parametrize("joining", ["while it reads its prompt", "after its first token"])
+def test_requests_that_join_a_solo_run_enter_the_batch_in_one_go(tiny_model, joining):
     """Requests that arrive while one runs alone do not block the worker: they wait in the batch, and when
-    the solo run stops after its current token they are handed to the batch at once, in arrival order, so
-    that one step reads all their prompts. The solo run's continuation (which reads its prompt again) is
-    handed on once that step is chosen, by the batch's own thread, so their first tokens do not wait for
-    it. In-process, on the real engine and batch; the solo run is held before its first token (as a long
-    prompt holds it) while the others join."""
+    the solo run stops they are handed to the batch at once, in arrival order, so that one step reads all
+    their prompts. A solo run still reading its prompt stops within a layer and enters first, with them;
+    one with a token goes on (reading its prompt and token again) in the step after theirs, handed on by
+    the batch's own thread once their step is chosen, so their first tokens do not wait for it. Greedy
+    texts are those each gets alone. In-process, on the real engine and batch."""
     import threading
 
     from llmws_server.config import GenerationSettings, load_config
@@ -360,21 +384,25 @@ def test_requests_that_join_a_solo_run_enter_the_batch_in_one_go_and_its_continu
 
     config = load_config(Path(__file__).parents[1] / "config.json")
     engine = Engine.for_config(tiny_model, config)
+    greedy = GenerationSettings(**GREEDY_12)
+    alone = engine.open_batch(4)
+    try:  # greedy: each text is the one it gets on its own
+        expected = [text_alone(alone, engine.encode_text(prompt), greedy) for prompt in PROMPTS[:4]]
+    finally:
+        alone.close()
     batch = engine.open_batch(4)
-    gate, generate, handed = threading.Event(), engine.generate, []
-
-    def held(*args, **kwargs):
-        gate.wait(30)
-        return generate(*args, **kwargs)
+    handed, generate = [], engine.generate
 
     def recording(ids, request_id, **kwargs):
         handed.append((request_id, threading.current_thread().name))
         return add_request(ids, request_id=request_id, **kwargs)
-    engine.generate, add_request, batch.manager.add_request = held, batch.manager.add_request, recording
-    greedy = GenerationSettings(max_new_tokens=12, do_sample=False, temperature=1.0, top_p=1.0, top_k=0,
-                                repetition_penalty=1.0)
+    add_request, batch.manager.add_request = batch.manager.add_request, recording
+    reading = joining == "while it reads its prompt"
+    gate, first = holding_the_solo_run(engine, after_first_token=not reading)
     try:
-        names = [batch.add(engine.encode_text(prompt), 12, greedy) for prompt in PROMPTS[:4]]
+        names = [batch.add(engine.encode_text(PROMPTS[0]), 12, greedy)]
+        assert reading or first.wait(30)
+        names += [batch.add(engine.encode_text(prompt), 12, greedy) for prompt in PROMPTS[1:4]]
         assert handed == []  # every add returned while the solo run was held: none waited for it
         gate.set()
         finished, texts, order = set(), dict.fromkeys(names, ""), []
@@ -386,27 +414,30 @@ def test_requests_that_join_a_solo_run_enter_the_batch_in_one_go_and_its_continu
                 if progress.finished:
                     assert progress.tokens == 12
                     finished.add(progress.request)
-        assert [name for name, _ in handed] == names[1:] + names[:1]  # the joiners in order, then the continuation
-        assert {thread for _, thread in handed[:-1]} == {handed[0][1]} and handed[0][1].startswith("llmws-solo")
-        assert "_run_generation_loop" in handed[-1][1]
-        # the solo run's one token, then each joiner's first, then its second
-        assert order[:order.index(names[0], 1)].count(names[0]) == 1
-        assert set(order[:order.index(names[0], 1)]) == set(names)
+        threads = [thread for _, thread in handed]
+        if reading:  # all four from the solo run's thread, in arrival order, and one step gives each its first token
+            assert [name for name, _ in handed] == names and set(threads) == {threads[0]}
+            assert threads[0].startswith("llmws-solo") and set(order[:4]) == set(names)
+        else:  # the joiners in order, then the continuation from the batch's thread
+            assert [name for name, _ in handed] == names[1:] + names[:1]
+            assert set(threads[:-1]) == {threads[0]} and threads[0].startswith("llmws-solo")
+            assert "_run_generation_loop" in threads[-1]
+            # the solo run's tokens (generate() may have made its next one while held), then every
+            # joiner's first before the continuation's next
+            joined = min(order.index(name) for name in names[1:])
+            assert set(order[:joined]) == {names[0]}
+            assert set(order[joined:order.index(names[0], joined)]) == set(names[1:])
+        assert [texts[name] for name in names] == expected
     finally:
+        engine.generate = generate
         batch.close()
-    engine.generate = generate
-    alone = engine.open_batch(4)
-    try:
-        for name, prompt in zip(names, PROMPTS):  # greedy: each text is the one it gets on its own
-            assert text_alone(alone, engine.encode_text(prompt), greedy) == texts[name]
-    finally:
-        alone.close()
 
 
 def test_a_held_continuation_still_runs_when_the_joiners_are_cancelled_before_their_step(tiny_model):
     """A solo run's continuation waits for the joiners' step to be chosen; if they are all cancelled
     before it comes, the cancel hands the continuation on, and it ends with its full text. In-process: the
-    solo run is held while two join, and the batch's step hook is made to miss the joiners' step."""
+    solo run is held after its first token while two join, and the batch's step hook is made to miss the
+    joiners' step."""
     import threading
 
     from llmws_server.config import GenerationSettings, load_config
@@ -414,8 +445,7 @@ def test_a_held_continuation_still_runs_when_the_joiners_are_cancelled_before_th
 
     config = load_config(Path(__file__).parents[1] / "config.json")
     engine = Engine.for_config(tiny_model, config)
-    greedy = GenerationSettings(max_new_tokens=12, do_sample=False, temperature=1.0, top_p=1.0, top_k=0,
-                                repetition_penalty=1.0)
+    greedy = GenerationSettings(**GREEDY_12)
     alone = engine.open_batch(4)
     try:
         expected = text_alone(alone, engine.encode_text(PROMPTS[0]), greedy)
@@ -431,14 +461,13 @@ def test_a_held_continuation_still_runs_when_the_joiners_are_cancelled_before_th
             cancelled.wait(30)
         else:
             release()
-    gate, generate = threading.Event(), engine.generate
-
-    def held(*args, **kwargs):
-        gate.wait(30)
-        return generate(*args, **kwargs)
-    engine.generate, sampler.before_next_step = held, missing_the_first
+    generate = engine.generate
+    gate, first = holding_the_solo_run(engine, after_first_token=True)
+    sampler.before_next_step = missing_the_first
     try:
-        names = [batch.add(engine.encode_text(prompt), 12, greedy) for prompt in PROMPTS[:3]]
+        names = [batch.add(engine.encode_text(PROMPTS[0]), 12, greedy)]
+        assert first.wait(30)
+        names += [batch.add(engine.encode_text(prompt), 12, greedy) for prompt in PROMPTS[1:3]]
         gate.set()
         assert missed.wait(30)
         for name in names[1:]:
@@ -454,6 +483,28 @@ def test_a_held_continuation_still_runs_when_the_joiners_are_cancelled_before_th
     finally:
         engine.generate = generate
         batch.close()
+
+
+def test_a_stop_while_a_prompt_is_read_takes_effect_within_a_layer(tiny_model):
+    """generate() asks should_stop before each decoder layer while it reads the prompt (a cancel during a
+    long prompt's read, a batch taking over a solo run): stopped at the second layer, one layer ran and no
+    token came. The layers' hooks go with the call: the next generate() runs in full."""
+    from llmws_server.config import GenerationSettings, load_config
+    from llmws_server.engine import Engine
+
+    config = load_config(Path(__file__).parents[1] / "config.json")
+    engine = Engine.for_config(tiny_model, config)
+    assert len(engine.layers) >= 2
+    ran, texts, asks = [], [], iter([None])
+    hooks = [layer.register_forward_hook(lambda module, args, output: ran.append(module)) for layer in engine.layers]
+    try:
+        greedy = GenerationSettings(**GREEDY_12)
+        result = engine.generate(engine.encode_text(PROMPTS[1]), greedy, 12, texts.append, lambda: next(asks, "cancelled"))
+        assert (result, texts, ran) == ((0, "cancelled"), [], engine.layers[:1])
+        assert engine.generate(engine.encode_text(PROMPTS[1]), greedy, 12, texts.append, lambda: None) == (12, "length")
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def text_alone(batch, prompt, settings) -> str:
