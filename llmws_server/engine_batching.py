@@ -223,12 +223,14 @@ class TransformersBatch:
         first token about 70 ms sooner on a CPU), and it has its own first token already. One stopped
         while its prompt was read (engine.generate) has none: it enters first, as it came first."""
         with self.lock:
-            if continuation is not None and not solo.cancelled.is_set() and not continuation.stream.ids:
+            if solo.cancelled.is_set():
+                continuation = None
+            if continuation is not None and not continuation.stream.ids:
                 self.joining.insert(0, continuation)
                 continuation = None
             for joiner in self.joining:
                 self._start(joiner)
-            if continuation is not None and not solo.cancelled.is_set():
+            if continuation is not None:
                 if self.joining:
                     self.streams[continuation.name] = continuation.stream
                     self.held.append(continuation)
