@@ -63,7 +63,9 @@ class RawGenerate:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if not torch.cuda.is_available():
+        if torch.cuda.is_available():
+            torch.backends.cuda.enable_cudnn_sdp(False)  # as llmws_server.engine.avoid_cudnn_attention
+        else:
             os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"  # as llmws_server.engine.use_grouped_query_sdpa
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -190,8 +192,12 @@ class ServeTarget:
         self.name = "transformers serve" + (" --continuous-batching" if batching else "")
         self.port, self.max_tokens, self.model = free_port(), max_tokens, str(model_dir)
         cli = "import sys; from transformers.cli.transformers import main; sys.argv[0] = 'transformers'; main()"
+        import torch
+
+        # On a GPU it runs in the dtype the server and raw generate() use there (its "auto" is the file's float32)
         command = [sys.executable, "-c", cli, "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                   *(["--continuous-batching"] if batching else []), self.model]
+                   *(["--continuous-batching"] if batching else []),
+                   *(["--dtype", "bfloat16"] if torch.cuda.is_available() else []), self.model]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
         self.pid = self.process.pid

@@ -10,7 +10,10 @@ from transformers import Gemma2Config, LlamaConfig, Qwen2Config
 
 from conftest import ONE_AT_A_TIME, Client, inference
 from llmws_server import resources
-from llmws_server.engine import choose_attention, choose_dtype
+from llmws_server.config import DEFAULTS
+from llmws_server.engine import Engine, choose_attention, choose_dtype
+from llmws_server.engine_api import Prompt
+from llmws_server.engine_batching import GREEDY
 
 GB = 1024 ** 3
 LLAMA_31_8B = LlamaConfig(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, hidden_size=4096,
@@ -159,6 +162,20 @@ def test_real_gpu_figures():
     info = resources.cuda_info()
     assert info["total_gb"] > 0 and info["compute_capability"][0] >= 3
     assert info["devices"][0]["device"] == torch.cuda.get_device_name(0)
+
+
+@pytest.mark.gpu
+def test_generating_on_cuda_runs_no_cudnn_attention(tiny_model):
+    # cuDNN's attention builds a plan for every new key length, i.e. for every generated token
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = Engine(tiny_model, DEFAULTS["model"], DEFAULTS["optimization"], 4096)
+    with profile(activities=[ProfilerActivity.CUDA]) as profiled:
+        tokens, _ = engine.generate(Prompt([1, 2, 3, 4]), GREEDY, 8, lambda text: None, lambda: None)
+    kernels = {event.name for event in profiled.events() if event.device_type == torch.autograd.DeviceType.CUDA}
+    assert tokens == 8 and kernels
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    assert not [name for name in kernels if "cudnn" in name.lower()]
 
 
 async def test_out_of_memory_is_reported_and_the_server_carries_on(start_server, tiny_model):
