@@ -191,6 +191,9 @@ class TransformersBatch:
         manager keeps its cache and starts a new thread when a request enters (lock held)."""
         if self.one_torch_thread and not self.parked:
             self.manager.stop(block=False, keep_for_next_session=True)
+            # stop() leaves an idle loop asleep until its next 0.1 s wake-up; a request that came meanwhile
+            # waited for it in _unpark (8 clients right after a batch: their first token up to 100 ms later)
+            self.manager._wake_up_loop.set()
             self.parked = True
 
     def _unpark(self) -> None:

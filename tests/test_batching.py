@@ -346,6 +346,41 @@ def test_solo_runs_take_turns_on_one_warm_thread_which_on_a_cpu_ends_when_the_ba
         batch.close()
 
 
+def test_a_batch_s_thread_ends_at_once_when_the_batch_empties(tiny_model):
+    """On a CPU the batch's thread ends while the batch is empty, and the next request that joins waits
+    for that end: it must come at once, not at the idle loop's next wake-up (a 0.1 s timeout, made 30 s
+    here, so that only a wake-up ends the wait)."""
+    import threading
+
+    from llmws_server.config import load_config
+    from llmws_server.engine import Engine
+
+    engine = Engine.for_config(tiny_model, load_config(Path(__file__).parents[1] / "config.json"))
+    if engine.device.startswith("cuda"):
+        pytest.skip("on CUDA the batch's thread stays")
+    batch = engine.open_batch(2)
+
+    asleep = threading.Event()
+
+    class Drowsy(threading.Event):
+        def wait(self, timeout=None):
+            asleep.set()
+            return super().wait(30)
+    try:
+        assert batch.parked
+        batch.manager._wake_up_loop = Drowsy()
+        with batch.lock:
+            batch._unpark()
+        thread = batch.manager._generation_thread
+        assert asleep.wait(30)  # the idle loop sleeps
+        with batch.lock:
+            batch._park()
+        thread.join(10)
+        assert not thread.is_alive()
+    finally:
+        batch.close()
+
+
 GREEDY_12 = dict(max_new_tokens=12, do_sample=False, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
 
 
