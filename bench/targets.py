@@ -189,11 +189,11 @@ class ServeTarget:
     """`transformers serve` (OpenAI-compatible SSE), optionally with continuous batching."""
 
     def __init__(self, model_dir, max_tokens, batching):
+        import torch
+
         self.name = "transformers serve" + (" --continuous-batching" if batching else "")
         self.port, self.max_tokens, self.model = free_port(), max_tokens, str(model_dir)
         cli = "import sys; from transformers.cli.transformers import main; sys.argv[0] = 'transformers'; main()"
-        import torch
-
         # On a GPU it runs in the dtype the server and raw generate() use there (its "auto" is the file's float32)
         command = [sys.executable, "-c", cli, "serve", "--host", "127.0.0.1", "--port", str(self.port),
                    *(["--continuous-batching"] if batching else []),

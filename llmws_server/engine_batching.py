@@ -143,8 +143,8 @@ class TransformersBatch:
         self.joining: list[Joiner] = []  # requests that wait for the solo run to go on in the batch
         self.held: list[Joiner] = []  # a solo run's continuation, until the joiners' first step is chosen
         self.lock = threading.Lock()  # a request joins, goes on from its solo run, or is cancelled: one at a time
-        # On a CPU only one thread that runs torch lives at a time (see _park); on CUDA both stay, for the
-        # attention plans cuDNN caches per thread.
+        # On a CPU only one thread that runs torch lives at a time (see _park); on CUDA both stay, warm (a new
+        # thread was 3x slower there while cuDNN's attention was on; see on_solo_thread).
         self.one_torch_thread = not engine.device.startswith("cuda")
         self.parked = False
         self._warm()
@@ -170,8 +170,9 @@ class TransformersBatch:
 
     def on_solo_thread(self, run, *args) -> Future:
         """Run a solo request (plain generate()). Solo runs take turns on one warm thread: a fresh one
-        costs a CPU's first token about 35 ms, and on CUDA it builds cuDNN's attention plans (cached per
-        thread) again at every step (on an H100: 15 tokens/s on a new thread against 45 on a warm one)."""
+        costs a CPU's first token about 35 ms, and on CUDA, while cuDNN's attention was on (it is off now:
+        engine.avoid_cudnn_attention), it built cuDNN's plans (cached per thread) again at every step (on an
+        H100: 15 tokens/s on a new thread against 45 on a warm one)."""
         if self.runner is None:
             self.runner = solo_thread()
         return self.runner.submit(run, *args)
