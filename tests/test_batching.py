@@ -151,7 +151,8 @@ async def test_a_request_s_own_settings_win_over_the_model_s_both_batched_and_al
 
 
 async def test_a_prompt_longer_than_one_batching_step_gives_the_same_text(batch_server, alone_server):
-    # Over MAX_BATCH_TOKENS (512) tokens, the prompt is prefilled in pieces while the others decode.
+    # Over a step's tokens (engine_batching.STEP_TOKENS), the prompt is prefilled in pieces while the
+    # others decode.
     prompts = [" ".join(["river stone"] * 400), *PROMPTS[:3]]
     alone = await answers_alone(alone_server, prompts)
     results = await answers(batch_server, prompts)
