@@ -71,8 +71,8 @@ class Solo:
     the batch goes on from there: its prompt and tokens so far are the continuation's prompt, its text
     stream the same, so the text and the count run on without a seam. If they join while it still reads
     its prompt, it stops within a layer and starts in the batch as they do. The joiners wait for that (in
-    the batch's `joining`, not blocking the worker) and enter the batch in arrival order, so that one
-    step reads all their prompts; a continuation with tokens enters the step after (`settle`).
+    the batch's `joining`, not blocking the worker) and enter the batch in arrival order, so that the
+    next step reads their prompts (as many as it takes); a continuation with tokens enters the step after (`settle`).
     Where a solo run's thread lives is the batch's `on_solo_thread`."""
 
     def __init__(self, batch: "TransformersBatch", name: str, prompt, max_tokens: int, settings):
