@@ -72,8 +72,8 @@ class Solo:
     stream the same, so the text and the count run on without a seam. If they join while it still reads
     its prompt, it stops within a layer and starts in the batch as they do. The joiners wait for that (in
     the batch's `joining`, not blocking the worker) and enter the batch in arrival order, so that the
-    next step reads their prompts (as many as it takes); a continuation with tokens enters the step after (`settle`).
-    Where a solo run's thread lives is the batch's `on_solo_thread`."""
+    next step reads their prompts (as many as it takes); a continuation with tokens enters the step
+    after (`settle`). Where a solo run's thread lives is the batch's `on_solo_thread`."""
 
     def __init__(self, batch: "TransformersBatch", name: str, prompt, max_tokens: int, settings):
         self.batch, self.name = batch, name

@@ -409,10 +409,10 @@ def holding_the_solo_run(engine, after_first_token: bool):
 def test_requests_that_join_a_solo_run_enter_the_batch_in_one_go(tiny_model, joining):
     """Requests that arrive while one runs alone do not block the worker: they wait in the batch, and when
     the solo run stops they are handed to the batch at once, in arrival order, so that the next step reads
-    their prompts (four short ones: all). A solo run still reading its prompt stops within a layer and enters first, with them;
-    one with a token goes on (reading its prompt and token again) in the step after theirs, handed on by
-    the batch's own thread once their step is chosen, so their first tokens do not wait for it. Greedy
-    texts are those each gets alone. In-process, on the real engine and batch."""
+    their prompts (four short ones: all). A solo run still reading its prompt stops within a layer and
+    enters first, with them; one with a token goes on (reading its prompt and token again) in the step
+    after theirs, handed on by the batch's own thread once their step is chosen, so their first tokens do
+    not wait for it. Greedy texts are those each gets alone. In-process, on the real engine and batch."""
     import threading
 
     from llmws_server.config import GenerationSettings, load_config
