@@ -214,6 +214,11 @@ class Engine:  # engine_api.Engine
         return {key: value.to(self.model.device, dtype=self.dtype if value.is_floating_point() else None)
                 for key, value in tensors.items()}
 
+    @property
+    def device_kind(self) -> str:
+        """What the per-device choices (BATCH_SIZE, engine_batching's STEP_TOKENS and threads) go by."""
+        return "cuda" if self.device.startswith("cuda") else "cpu"
+
     def batchable(self, images: int) -> bool:
         """Every text request shares the batch, whatever its settings (engine_sampling); continuous
         batching takes token ids only, so a request with images runs alone. Incremental decoding needs a
@@ -223,7 +228,7 @@ class Engine:  # engine_api.Engine
     def batch_size(self) -> int:
         """The requests a batch takes at once when config.json does not say: what the device gains from
         (BATCH_SIZE), as far as free memory holds SLOT_TOKENS of KV cache for each."""
-        most = BATCH_SIZE["cuda" if self.device.startswith("cuda") else "cpu"]
+        most = BATCH_SIZE[self.device_kind]
         if self.kv_token_budget is None:
             return most
         return max(1, min(most, self.kv_token_budget // SLOT_TOKENS))

@@ -51,10 +51,6 @@ def cache_pages(slots: int, max_context: int, kv_token_budget: int | None) -> in
     return math.ceil(tokens / PAGE_SIZE)
 
 
-def step_tokens(device: str) -> int:
-    return STEP_TOKENS["cuda" if device.startswith("cuda") else "cpu"]
-
-
 @dataclass
 class Joiner:
     """A request on its way into the batch: the token ids it starts from, and its text stream."""
@@ -136,7 +132,7 @@ class TransformersBatch:
                                       top_p=None, top_k=None, eos_token_id=eos if eos is not None else -1,
                                       pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         batching = ContinuousBatchingConfig(
-            max_requests_per_batch=slots, page_size=PAGE_SIZE, max_batch_tokens=step_tokens(engine.device),
+            max_requests_per_batch=slots, page_size=PAGE_SIZE, max_batch_tokens=STEP_TOKENS[engine.device_kind],
             num_blocks=cache_pages(slots, engine.max_context, engine.kv_token_budget),
             use_cuda_graph=False, use_async_batching=False)
         self.manager = self.model.init_continuous_batching(generation_config=generation,
@@ -152,7 +148,7 @@ class TransformersBatch:
         self.lock = threading.Lock()  # a request joins, goes on from its solo run, or is cancelled: one at a time
         # On a CPU only one thread that runs torch lives at a time (see _park); on CUDA both stay, warm (a new
         # thread was 3x slower there while cuDNN's attention was on; see on_solo_thread).
-        self.one_torch_thread = not engine.device.startswith("cuda")
+        self.one_torch_thread = engine.device_kind == "cpu"
         self.parked = False
         self._warm()
         # What lives now (model, tokenizer, libraries) lives as long as the model: a full collection skips
