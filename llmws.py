@@ -15,8 +15,9 @@ import ssl
 import sys
 from pathlib import Path
 
-from llmws_server import catalog
-from llmws_server.config import DEFAULTS, ConfigError, load_config
+from llmws_server.catalog import folders as catalog
+from llmws_server.config import DEFAULTS, load_config
+from llmws_server.errors import ConfigError
 
 # The server's modules (torch, transformers, uvicorn) are imported in main(), after the arguments are read:
 # --help and argument errors answer at once.
@@ -71,7 +72,7 @@ def choose_model(config, override) -> Path:
             known = ", ".join(entry["path"] for entry in catalog.scan(config)) or "none yet"
             raise SystemExit(f"Model not found: {path} has no config.json and no .gguf file (models here: {known})")
         return path
-    from llmws_server.default_model import install_default_model
+    from llmws_server.catalog.default_model import install_default_model
     return catalog.auto_select(config) or install_default_model(config.paths["models_dir"])
 
 
@@ -101,35 +102,37 @@ def cannot_listen(host: str, port: int, exc: OSError, option: str = "--port") ->
     return f"llmws: cannot listen on {host}:{port}: {exc.strerror or exc}"
 
 
-async def serve(server, host: str, port: int, http_port: int | None) -> None:
+async def serve(service, host: str, port: int, http_port: int | None) -> None:
+    """The two front ends over one Service: the WebSocket on `port`, the HTTP APIs on `http_port`."""
+    from llmws_server.ws.server import WebSocketServer
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    settings = service.config.server
+    websocket = WebSocketServer(service)
     try:
-        listening = await server.serve(host, port, ssl=tls_context(server.config.server))
+        listening = await websocket.serve(host, port, ssl=tls_context(settings))
     except OSError as exc:  # taken since check_port looked
         raise SystemExit(cannot_listen(host, port, exc))
     # This start owns the port: earlier sessions and half-done downloads end here (no client is read
     # before the next await).
-    server.sessions.clear_all()
-    for name in server.downloads.clear_leftovers():
-        log.info("removed %s, left by a download that was cut off", name)
-    await asyncio.to_thread(server.worker.start, loop)  # the batching worker sets its batch up first
-    housekeeping = asyncio.create_task(server.housekeeping())
+    await service.start()
+    housekeeping = asyncio.create_task(service.housekeeping())
     http, http_task = None, None
     if http_port:
-        from llmws_server.http_api import http_server
-        http = http_server(server, host, http_port, (server.config.server["tls_cert"], server.config.server["tls_key"]))
+        from llmws_server.http.app import http_server
+        http = http_server(service, host, http_port, (settings["tls_cert"], settings["tls_key"]))
         http_task = asyncio.create_task(http.serve())
         while not http.started:  # uvicorn binds in its first steps
             if http_task.done():
                 raise SystemExit(f"llmws: the HTTP API could not start on port {http_port}")
             await asyncio.sleep(0.02)
-        scheme = "https" if server.config.server["tls_cert"] else "http"
+        scheme = "https" if settings["tls_cert"] else "http"
         log.info("OpenAI-compatible API on %s://%s:%d/v1", scheme, host, http_port)
     async with listening:
-        secure = bool(server.config.server["tls_cert"])
+        secure = bool(settings["tls_cert"])
         bound = ", ".join(f"{'wss' if secure else 'ws'}://{sock.getsockname()[0]}:{sock.getsockname()[1]}"
                           for sock in listening.sockets)
         page_host = "localhost" if host in ("0.0.0.0", "::", "127.0.0.1", "::1") else host
@@ -138,13 +141,12 @@ async def serve(server, host: str, port: int, http_port: int | None) -> None:
         await stop.wait()
         log.info("shutting down")
         listening.close(close_connections=False)
-        for connection in list(server.connections):
-            await connection.websocket.close(1001, "Server shutting down")
+        await websocket.close_all()
     if http:
         http.should_exit = True
         await http_task
     housekeeping.cancel()
-    server.worker.stop()
+    service.stop()
 
 
 def main(argv=None) -> int:
@@ -167,14 +169,15 @@ def main(argv=None) -> int:
     for key in config.ignored:
         log.info("config.json: %s is the original LLMWS's and is not used here", key)
     model_dir = choose_model(config, args.model)
-    from llmws_server.engines import load_engine
-    from llmws_server.server import LLMWSServer
+    from llmws_server.core.service import Service
+    from llmws_server.engines.registry import load_engine
+    from llmws_server.errors import Refused
+    from llmws_server.ws.wire import CODEC
     try:
         engine = load_engine(model_dir, config)
-    except (ValueError, MemoryError) as exc:
+    except (Refused, MemoryError) as exc:
         raise SystemExit(f"llmws: {exc}")
-    server = LLMWSServer(config, engine)
-    asyncio.run(serve(server, host, port, http_port))
+    asyncio.run(serve(Service(config, engine, CODEC), host, port, http_port))
     return 0
 
 

@@ -64,9 +64,9 @@ class RawGenerate:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if torch.cuda.is_available():
-            torch.backends.cuda.enable_cudnn_sdp(False)  # as llmws_server.engine.avoid_cudnn_attention
+            torch.backends.cuda.enable_cudnn_sdp(False)  # as llmws_server.engines.transformers.engine.avoid_cudnn_attention
         else:
-            os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"  # as llmws_server.engine.use_grouped_query_sdpa
+            os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"  # as llmws_server.engines.transformers.engine.use_grouped_query_sdpa
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if not torch.cuda.is_available()

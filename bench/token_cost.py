@@ -17,8 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmws_server.connection import Connection  # noqa: E402
-from llmws_server.sessions import Session  # noqa: E402
+from llmws_server.ws.connection import Connection  # noqa: E402
+from llmws_server.core.events import Stamped, Text  # noqa: E402
+from llmws_server.sessions.file_buffer import FileBuffer  # noqa: E402
+from llmws_server.sessions.store import Session  # noqa: E402
+from llmws_server.ws.wire import CODEC  # noqa: E402
 
 
 class Sink:
@@ -33,12 +36,13 @@ class Sink:
 
 async def measure(tokens: int) -> float:
     with tempfile.TemporaryDirectory() as folder:
-        session = Session(str(uuid.uuid4()), Path(folder), {})
+        session_id = str(uuid.uuid4())
+        session = Session(session_id, FileBuffer(Path(folder), session_id), CODEC, {})
         session.connection = Connection(Sink(), 1 << 40)
         request_id = str(uuid.uuid4())
         started = time.perf_counter()
         for index in range(tokens):
-            session.emit({"type": "token", "data": " word", "request_id": request_id})
+            session.emit(Stamped(Text(" word"), request_id))
             if index % 256 == 0:
                 await asyncio.sleep(0)  # let the sender drain, as the event loop would between pieces
         while not session.connection.outbox.empty():
@@ -52,7 +56,7 @@ def decode_costs(model: Path, lengths=(128, 512, 2048)) -> list[tuple[int, float
     """(answer length, µs a token incrementally, µs a token re-decoding the whole answer each step)."""
     from transformers import AutoTokenizer
 
-    from llmws_server.engine_text import TextStream
+    from llmws_server.engines.text import TextStream
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     text = " ".join(f"Ünïcode river {number}: the dragon wrote code, 🐉." for number in range(400))

@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmws_server.errors import ConfigError, Refused
+
 DEFAULTS = {
     "server": {
         "host": "0.0.0.0",
@@ -82,10 +84,6 @@ def is_number(value) -> bool:
     return -MAX_NUMBER <= value <= MAX_NUMBER and (isinstance(value, int) or math.isfinite(value))
 
 
-class ConfigError(Exception):
-    """A config.json that cannot be used; the message names the file, line and key."""
-
-
 @dataclass(frozen=True)
 class GenerationSettings:
     """One request's generation settings, validated (validate_generation) and complete."""
@@ -108,19 +106,19 @@ class GenerationSettings:
 
 
 def validate_generation(settings: dict) -> dict:
-    """Check generation settings (a whole set or an update); raise ValueError naming the field."""
+    """Check generation settings (a whole set or an update); raise errors.Refused naming the field."""
     for key, value in settings.items():
         if key not in DEFAULTS["generation_defaults"]:
-            raise ValueError(f"unknown generation setting '{key}' "
+            raise Refused(f"unknown generation setting '{key}' "
                              f"(known: {', '.join(DEFAULTS['generation_defaults'])})")
         if key == "do_sample":
             if not isinstance(value, bool):
-                raise ValueError("do_sample must be true or false")
+                raise Refused("do_sample must be true or false")
             continue
         if not is_number(value):
-            raise ValueError(f"{key} must be a number between -{MAX_NUMBER} and {MAX_NUMBER}")
+            raise Refused(f"{key} must be a number between -{MAX_NUMBER} and {MAX_NUMBER}")
         if key in INTEGER_KEYS and not isinstance(value, int):
-            raise ValueError(f"{key} must be a whole number")
+            raise Refused(f"{key} must be a whole number")
     _check_range(settings, "temperature", lambda v: v >= 0, "must be >= 0")
     _check_range(settings, "top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
     _check_range(settings, "top_k", lambda v: v >= 0, "must be >= 0")
@@ -131,7 +129,7 @@ def validate_generation(settings: dict) -> dict:
 
 def _check_range(settings, key, ok, text):
     if key in settings and not ok(settings[key]):
-        raise ValueError(f"{key} {text} (got {settings[key]})")
+        raise Refused(f"{key} {text} (got {settings[key]})")
 
 
 class Config:
@@ -183,7 +181,7 @@ def load_config(path) -> Config:
             data[section][key] = value
     try:
         validate_generation(data["generation_defaults"])
-    except ValueError as exc:
+    except Refused as exc:
         key = str(exc).split()[0]
         raise ConfigError(f"{file}, line {_line_of(text, key)}, key 'generation_defaults.{key}': {exc}") from None
     for key in ("port", "http_port"):
@@ -221,7 +219,7 @@ def model_recommends(model_folder: Path) -> dict:
         try:
             if isinstance(found, dict) and found.get(key) is not None:
                 recommended.update(validate_generation({key: found[key]}))
-        except ValueError:
+        except Refused:
             continue
     return recommended
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BLOCKER, Client, inference, text_of
-from llmws_server.engine_batching import PAGE_SIZE, SLOT_TOKENS, cache_pages
+from llmws_server.engines.transformers.batching import PAGE_SIZE, SLOT_TOKENS, cache_pages
 
 PROMPTS = ["Tell me about rivers", "A long story", "Name a colour", "Why is the sky blue?", "Count to ten",
            "What is a dragon?"]
@@ -308,7 +308,7 @@ def test_solo_runs_take_turns_on_one_warm_thread_which_on_a_cpu_ends_when_the_ba
         return [thread for thread in found if thread.is_alive()]
 
     from llmws_server.config import GenerationSettings, load_config
-    from llmws_server.engine import Engine
+    from llmws_server.engines.transformers.engine import Engine
 
     config = load_config(Path(__file__).parents[1] / "config.json")
     engine = Engine.for_config(tiny_model, config)
@@ -354,7 +354,7 @@ def test_a_batch_s_thread_ends_at_once_when_the_batch_empties(tiny_model):
     import threading
 
     from llmws_server.config import load_config
-    from llmws_server.engine import Engine
+    from llmws_server.engines.transformers.engine import Engine
 
     engine = Engine.for_config(tiny_model, load_config(Path(__file__).parents[1] / "config.json"))
     if engine.device.startswith("cuda"):
@@ -416,7 +416,7 @@ def test_requests_that_join_a_solo_run_enter_the_batch_in_one_go(tiny_model, joi
     import threading
 
     from llmws_server.config import GenerationSettings, load_config
-    from llmws_server.engine import Engine
+    from llmws_server.engines.transformers.engine import Engine
 
     config = load_config(Path(__file__).parents[1] / "config.json")
     engine = Engine.for_config(tiny_model, config)
@@ -477,7 +477,7 @@ def test_a_held_continuation_still_runs_when_the_joiners_are_cancelled_before_th
     import threading
 
     from llmws_server.config import GenerationSettings, load_config
-    from llmws_server.engine import Engine
+    from llmws_server.engines.transformers.engine import Engine
 
     config = load_config(Path(__file__).parents[1] / "config.json")
     engine = Engine.for_config(tiny_model, config)
@@ -526,7 +526,7 @@ def test_a_stop_while_a_prompt_is_read_takes_effect_within_a_layer(tiny_model):
     long prompt's read, a batch taking over a solo run): stopped at the second layer, one layer ran and no
     token came. The layers' hooks go with the call: the next generate() runs in full."""
     from llmws_server.config import GenerationSettings, load_config
-    from llmws_server.engine import Engine
+    from llmws_server.engines.transformers.engine import Engine
 
     config = load_config(Path(__file__).parents[1] / "config.json")
     engine = Engine.for_config(tiny_model, config)
@@ -559,7 +559,7 @@ def test_a_model_that_its_batch_froze_for_the_garbage_collector_is_freed_when_it
     import weakref
 
     from llmws_server.config import load_config
-    from llmws_server.engine import Engine
+    from llmws_server.engines.transformers.engine import Engine
 
     engine = Engine.for_config(tiny_model, load_config(Path(__file__).parents[1] / "config.json"))
     batch = engine.open_batch(2)

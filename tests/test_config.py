@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from conftest import REPO, free_port
-from llmws_server.config import DEFAULTS, ConfigError, generation_defaults, load_config, validate_generation
+from llmws_server.config import DEFAULTS, generation_defaults, load_config, validate_generation
+from llmws_server.errors import ConfigError, Refused
 
 
 def test_repo_config_has_every_key_of_the_contract():
@@ -81,7 +82,7 @@ def test_a_port_or_host_that_cannot_serve_is_refused_before_anything_is_written(
     ({"temperature": float("nan")}, "temperature"), ({"temperature": "hot"}, "temperature"), ({"colour": 1}, "colour"),
 ])
 def test_generation_settings_out_of_range_are_refused(settings, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(Refused, match=field):
         validate_generation(settings)
 
 

@@ -12,7 +12,10 @@ from websockets.exceptions import ConnectionClosed
 
 from conftest import BLOCKER, ONE_AT_A_TIME, REPO, Client, inference
 from llmws_server.config import DEFAULTS
-from llmws_server.sessions import UNUSED_IDLE_S, SessionStore, simple_decrypt
+from llmws_server.core.events import Log, Stamped
+from llmws_server.sessions.file_buffer import simple_decrypt
+from llmws_server.sessions.store import UNUSED_IDLE_S, SessionStore
+from llmws_server.ws.wire import CODEC
 
 
 def buffered_types(server, session_id) -> list[str]:
@@ -171,9 +174,9 @@ async def test_sessions_are_capped_and_unused_ones_make_room(start_server, tiny_
 
 
 def test_sessions_that_never_ran_anything_are_forgotten_quickly(tmp_path):
-    store = SessionStore(tmp_path, {})
+    store = SessionStore(tmp_path, {}, CODEC)
     unused, used = store.open()[0], store.open()[0]
-    used.emit({"type": "log", "message": "x"})
+    used.emit(Stamped(Log("x")))
     for session in (unused, used):
         session.detach(None)
         session.detached_at = 0.0

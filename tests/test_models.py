@@ -11,7 +11,7 @@ import pytest
 from conftest import Client, build_tiny_model, inference, text_of
 from git_repos import gated_git, gated_path, lfs_repo_of, until_exists
 from llm import LLMWSEnhancedClient, LLMWSError
-from llmws_server import downloads
+from llmws_server.catalog import downloads
 
 POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize 1234\n".format("0" * 64)
 

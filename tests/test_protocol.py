@@ -7,7 +7,7 @@ from websockets.asyncio.client import connect
 
 from conftest import TINY_MAX_POSITIONS, Client, inference, text_of
 from llmws_server.config import DEFAULTS
-from llmws_server.engine import choose_dtype
+from llmws_server.engines.transformers.engine import choose_dtype
 
 # What dtype "auto" picks here: float32 on a CPU, bfloat16 (or float16) on a GPU.
 AUTO_DTYPE = str(choose_dtype("auto", torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None)

@@ -6,7 +6,7 @@ import torch
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from llmws_server.engine_sampling import Step
+from llmws_server.engines.transformers.sampling import Step
 
 VOCABULARY = 1000
 DRAWS = 20000

@@ -8,7 +8,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from conftest import BLOCKER, ONE_AT_A_TIME, REPO, Client, inference, text_of
-from llmws_server.sessions import simple_decrypt, simple_encrypt
+from llmws_server.sessions.file_buffer import simple_decrypt, simple_encrypt
 
 LONG = inference("Tell me a long story", max_new_tokens=150, request_id="story")
 
@@ -198,12 +198,14 @@ def test_a_second_server_on_the_same_port_changes_nothing(start_server, tiny_mod
 
 
 def test_idle_sessions_are_forgotten_with_their_buffers(tmp_path):
-    from llmws_server.sessions import SessionStore
+    from llmws_server.core.events import Log, Stamped
+    from llmws_server.sessions.store import SessionStore
+    from llmws_server.ws.wire import CODEC
 
-    store = SessionStore(tmp_path, {})
+    store = SessionStore(tmp_path, {}, CODEC)
     left, busy, live = (store.open()[0] for _ in range(3))
     for session in (left, busy, live):
-        session.emit({"type": "log", "message": "x"})
+        session.emit(Stamped(Log("x")))
     for session in (left, busy):
         session.detach(None)  # no connection was live: they were left at once
         session.detached_at = 100.0
@@ -211,5 +213,5 @@ def test_idle_sessions_are_forgotten_with_their_buffers(tmp_path):
     live.connection = object()
     assert store.expire(idle_s=50, now=140.0) == 0  # not idle long enough yet
     assert store.expire(idle_s=50, now=200.0) == 1
-    assert set(store.sessions) == {busy.id, live.id} and not left.buffer_file.exists()
+    assert set(store.sessions) == {busy.id, live.id} and not left.buffer.file.exists()
     assert store.open(left.id)[1] is False  # a forgotten id gets a fresh session

@@ -1,5 +1,5 @@
 """The pure parts without a socket or a model: request validation, generation settings, the catalog's
-folder rules, and the workers' order of admission against a scripted engine (engine_api's interface)."""
+folder rules, and the workers' order of admission against a scripted engine (engines.api's interface)."""
 import asyncio
 import threading
 import time
@@ -9,12 +9,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmws_server import catalog, openai_protocol, protocol
-from llmws_server.batching import BatchingWorker
+from llmws_server.catalog import folders as catalog
+from llmws_server.http import openai_shapes
+from llmws_server.core import events
+from llmws_server.core.requests import MAX_DEPTH, parse_json
+from llmws_server.errors import ContextTooLong, Refused
+from llmws_server.http.errors import APIError
+from llmws_server.ws import protocol, wire
+from llmws_server.core.batching import BatchingWorker
 from llmws_server.config import DEFAULTS, GenerationSettings, load_config
-from llmws_server.engine_api import Progress, Prompt
-from llmws_server.jobs import InferenceJob, Job, SwitchJob
-from llmws_server.worker import Worker
+from llmws_server.engines.api import Progress, Prompt
+from llmws_server.core.jobs import InferenceJob, Job, SwitchJob
+from llmws_server.core.worker import Worker
 
 DEFAULT_SETTINGS = DEFAULTS["generation_defaults"]
 
@@ -36,7 +42,7 @@ def test_an_inference_request_carries_its_turns_and_its_settings_over_the_sessio
                                            ({"do_sample": 1}, "do_sample"), ({"top_k": 2 ** 40}, "top_k")])
 def test_a_bad_setting_is_refused_naming_its_field(config, field):
     message = {"type": "inference", "prompt": "Hi", "config": config}
-    with pytest.raises(protocol.ProtocolError, match=f"^config: .*{field}"):
+    with pytest.raises(Refused, match=f"^config: .*{field}"):
         protocol.inference_request(message, DEFAULT_SETTINGS)
 
 
@@ -49,8 +55,8 @@ def test_greedy_is_temperature_zero_or_do_sample_false(temperature, do_sample, s
 def test_every_outgoing_message_has_its_documented_type():
     protocol_doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
     built = [protocol.welcome("s", False, "m", {}, {}, {}), protocol.log("x"), protocol.error("x"), protocol.queued(1),
-             protocol.start(1, 2, 0, False), protocol.token("x"), protocol.done(3, "stop", 0.5),
-             protocol.context_too_long(9, 8), protocol.config_ack({}), protocol.ack_received(),
+             protocol.start(1, 2, 0, False), protocol.token("x"), protocol.done(3, "stop", 6.0),
+             wire.message(events.Failed(str(ContextTooLong(9, 8)), ContextTooLong(9, 8).fields)), protocol.config_ack({}), protocol.ack_received(),
              protocol.cancelled("r"), protocol.resources(None, {}, {}, []), protocol.models_list([]),
              protocol.model_switched("m", {}), protocol.pong(), protocol.status({}, None, 1, {}),
              protocol.recheck_complete(True, {}, "unchanged"), protocol.train_started({}, 1, "x"),
@@ -60,7 +66,7 @@ def test_every_outgoing_message_has_its_documented_type():
     for message in built:
         kind = message["type"]
         assert f"`{kind}`" in protocol_doc or f'"type": "{kind}"' in protocol_doc.replace('":"', '": "'), kind
-    assert protocol.done(3, "stop", 0.5)["tokens_per_s"] == 6.0
+    assert events.done(3, events.FinishReason.STOP, 0.5).tokens_per_s == 6.0
 
 
 # -- catalog ----------------------------------------------------------------------------------------------
@@ -79,7 +85,7 @@ def test_the_catalog_deletes_only_unloaded_folders_of_var_models(folders):
     loaded = folders.paths["var_dir"] / "models" / "loaded"
     for name, refusal in [("operators", "deleted manually"), ("loaded", "is loaded"), ("link", "not found"),
                           ("../models", "not a valid model name"), ("nothing", "not found")]:
-        with pytest.raises(ValueError, match=refusal):
+        with pytest.raises(Refused, match=refusal):
             catalog.delete(folders, name, loaded)
     assert (folders.paths["models_dir"] / "operators").is_dir() and loaded.is_dir()
     assert catalog.delete(folders, "mine", loaded) == "mine"
@@ -156,7 +162,8 @@ class Recorder:
     def __init__(self, expected):
         self.messages, self.expected, self.all_done = [], expected, threading.Event()
 
-    def emit(self, message):
+    def emit(self, stamped):
+        message = wire.CODEC.encode(stamped)
         self.messages.append(message)
         if sum(m["type"] in ("done", "error") for m in self.messages) == self.expected:
             self.all_done.set()
@@ -187,7 +194,7 @@ class AloneJob(Job):
 
     def run(self, worker):
         self.engine.events.append(("alone", self.number))
-        self.emit(protocol.done(0, "stop", 0.0))
+        self.emit(events.done(0, events.FinishReason.STOP, 0.0))
 
 
 def test_the_batch_admits_in_order_and_nothing_passes_a_job_that_waits(event_loop_thread):
@@ -227,7 +234,7 @@ def test_stopping_during_a_model_switch_ends_cleanly(event_loop_thread):
     session = Recorder(1)
     worker = Worker(engine)
     worker.start(loop)
-    worker.submit(SwitchJob(session, loop, Path("other"), slow_load, lambda new: {"type": "model_switched"},
+    worker.submit(SwitchJob(session, loop, Path("other"), slow_load, lambda new: events.ModelLoaded(new.name, {}),
                             lambda new, failure: None))
     assert loading.wait(5)
     worker.stop()
@@ -244,7 +251,7 @@ def test_stop_strings_cut_the_text_at_the_first_complete_one_however_it_streams(
     where two end together), or all of it."""
     found = [(index + len(stop), index) for stop in stops if (index := text.find(stop)) >= 0]
     expected = text[:min(found)[1]] if found else text
-    watch, sent = openai_protocol.StopText(tuple(stops)), []
+    watch, sent = openai_shapes.StopText(tuple(stops)), []
     bounds = sorted({0, len(text), *(cut for cut in cuts if cut <= len(text))})
     for start, end in zip(bounds, bounds[1:]):
         if not watch.stopped:
@@ -257,21 +264,21 @@ def test_stop_strings_cut_the_text_at_the_first_complete_one_however_it_streams(
 def test_a_stop_string_complete_first_wins_over_a_longer_one_that_began_earlier():
     """"ba" streams before "b  ": the model stops at "a", the text after it is never generated."""
     for pieces in (["bab  "], ["ba", "b  "], ["b", "a", "b", "  "]):
-        watch = openai_protocol.StopText(("bab", "a"))
+        watch = openai_shapes.StopText(("bab", "a"))
         assert "".join(watch.feed(piece) for piece in pieces if not watch.stopped) == "b" and watch.stopped
 
 
 def test_openai_settings_map_onto_the_servers_and_unsupported_ones_are_refused():
     body = {"messages": [{"role": "developer", "content": "Be brief"}, {"role": "user", "content": "Hi"}],
             "max_tokens": 5, "temperature": 0, "stop": "\n", "user": "ignored", "n": 1, "seed": None}
-    request = openai_protocol.chat_request(body, DEFAULT_SETTINGS)
+    request = openai_shapes.chat_request(body, DEFAULT_SETTINGS)
     assert request.inference.turns[0] == {"role": "system", "content": "Be brief"}
     assert request.inference.settings.max_new_tokens == 5 and request.stop == ("\n",) and not request.stream
-    with pytest.raises(openai_protocol.APIError) as refused:
-        openai_protocol.chat_request({**body, "tools": [{"type": "function"}]}, DEFAULT_SETTINGS)
+    with pytest.raises(APIError) as refused:
+        openai_shapes.chat_request({**body, "tools": [{"type": "function"}]}, DEFAULT_SETTINGS)
     assert refused.value.param == "tools" and refused.value.status == 400
-    with pytest.raises(openai_protocol.APIError, match="max_tokens must be >= 1"):
-        openai_protocol.chat_request({**body, "max_tokens": 0}, DEFAULT_SETTINGS)
+    with pytest.raises(APIError, match="max_tokens must be >= 1"):
+        openai_shapes.chat_request({**body, "max_tokens": 0}, DEFAULT_SETTINGS)
 
 
 # -- llm.py's terminal view ------------------------------------------------------------------------
@@ -349,7 +356,7 @@ def test_an_inference_message_is_accepted_whole_or_refused_naming_the_field(mess
         request = protocol.inference_request(message, DEFAULTS["generation_defaults"] or
                                              {"max_new_tokens": 8, "do_sample": False, "temperature": 1.0,
                                               "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0})
-    except protocol.ProtocolError as refusal:
+    except Refused as refusal:
         text = str(refusal)
         named = names_in(message) | {"prompt or messages"}
         assert any(name and name in text for name in named), (text, message)
@@ -362,7 +369,7 @@ def test_an_inference_message_is_accepted_whole_or_refused_naming_the_field(mess
 def test_a_config_update_is_accepted_whole_or_refused_naming_the_setting(data):
     try:
         update = protocol.settings_update(data, "data")
-    except protocol.ProtocolError as refusal:
+    except Refused as refusal:
         text = str(refusal)
         assert text.startswith("data"), text
         if isinstance(data, dict) and data:
@@ -375,15 +382,16 @@ def test_json_nested_16_levels_is_read_and_17_is_refused():
     def nested(levels):
         return '{"type": "ack", "x":' + '{"a":' * (levels - 1) + "1" + "}" * levels
 
-    assert protocol.parse_frame(nested(protocol.MAX_DEPTH))["type"] == "ack"
-    with pytest.raises(protocol.ProtocolError, match="nested too deeply"):
-        protocol.parse_frame(nested(protocol.MAX_DEPTH + 1))
+    assert parse_json(nested(MAX_DEPTH))["type"] == "ack"
+    with pytest.raises(Refused, match="nested too deeply"):
+        parse_json(nested(MAX_DEPTH + 1))
 
 
 def test_a_session_takes_a_request_id_s_frame_once_unless_it_was_refused(tmp_path):
-    from llmws_server.sessions import TAKEN_KEPT, Session
+    from llmws_server.sessions.file_buffer import FileBuffer
+    from llmws_server.sessions.store import TAKEN_KEPT, Session
 
-    session = Session("s", tmp_path, {})
+    session = Session("s", FileBuffer(tmp_path, "s"), wire.CODEC, {})
     assert not session.is_a_retry("r1", "frame a")
     session.take("r1", "frame a")
     assert session.is_a_retry("r1", "frame a") and not session.is_a_retry("r1", "frame b")

@@ -1,0 +1,123 @@
+"""What a front end hands the core: JSON text checked against hostile shapes, a conversation's turns
+checked, generation settings validated, and the typed InferenceRequest built from them."""
+import json
+import re
+from dataclasses import dataclass
+
+from llmws_server.config import GenerationSettings, validate_generation
+from llmws_server.errors import Refused
+
+ROLES = {"system", "user", "assistant"}
+MAX_DEPTH = 16  # no valid message nests deeper than 4
+# A big frame is text (prompts, images as base64 strings), not structure: with its strings emptied, no
+# valid message comes near this many characters, while a frame of a million tiny arrays takes seconds to
+# build and walk. The check is a C-speed regex, so a refused frame costs milliseconds.
+MAX_STRUCTURE_CHARS = 65536
+JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    turns: list[dict]  # {"role", "content": text, "images"?: [encoded, or decoded once queued]}
+    settings: GenerationSettings
+    request_id: str | None
+    raw_text: str | None = None  # a plain completion: this text continued as it is, with no chat template
+
+
+def parse_json(raw: str | bytes) -> dict:
+    """A JSON object from text, refused when it is binary, malformed, too deep or too much structure."""
+    if isinstance(raw, bytes):
+        raise Refused("Binary frames are not supported: send JSON text")
+    if len(raw) > MAX_STRUCTURE_CHARS and len(JSON_STRING.sub('""', raw)) > MAX_STRUCTURE_CHARS:
+        raise Refused(f"Too many JSON values: a message's structure, strings aside, must stay under "
+                      f"{MAX_STRUCTURE_CHARS} characters")
+    try:
+        message = json.loads(raw, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise Refused(f"Invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise Refused(f"Invalid JSON: {exc}") from None
+    except RecursionError:
+        raise Refused(f"JSON nested too deeply (more than {MAX_DEPTH} levels)") from None
+    if not isinstance(message, dict):
+        raise Refused("A message must be a JSON object")
+    if _depth(message) > MAX_DEPTH:
+        raise Refused(f"JSON nested too deeply (more than {MAX_DEPTH} levels)")
+    return message
+
+
+def _depth(value: object) -> int:
+    """How deeply containers nest, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def _reject_constant(name: str) -> None:
+    raise Refused(f"Invalid JSON: {name} is not allowed")
+
+
+def settings_update(value: object, field: str) -> dict:
+    """A validated generation-settings update; a bad one is refused whole, naming `field`."""
+    if not isinstance(value, dict):
+        raise Refused(f"{field} must be an object")
+    try:
+        return validate_generation(dict(value))
+    except Refused as exc:
+        raise Refused(f"{field}: {exc}") from None
+
+
+def images_of(turns: list[dict]) -> list:
+    """Every image of a conversation, in order."""
+    return [image for turn in turns for image in turn.get("images", ())]
+
+
+def image_list(value: object, field: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise Refused(f"{field} must be a list of images, each a data URL or base64 text")
+    return list(value)
+
+
+def check_turns(turns: object) -> list[dict]:
+    """Chat messages [{"role", "content"}], content a string or OpenAI-style parts."""
+    if not isinstance(turns, list) or not turns:
+        raise Refused("messages must be a non-empty list")
+    checked = []
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, dict) or set(turn) != {"role", "content"}:
+            raise Refused(f"messages[{index}] must be an object with exactly role and content")
+        if not isinstance(turn["role"], str) or turn["role"] not in ROLES:
+            raise Refused(f"messages[{index}].role must be one of {', '.join(sorted(ROLES))}")
+        if isinstance(turn["content"], str):
+            checked.append({"role": turn["role"], "content": turn["content"]})
+        else:
+            checked.append(_content_parts(turn, f"messages[{index}]"))
+    return checked
+
+
+def _content_parts(turn: dict, where: str) -> dict:
+    """OpenAI-style content: a list of {"type": "text", "text"} and {"type": "image_url", "image_url":
+    {"url"}} parts. The texts join in order; the images go before them."""
+    parts = turn["content"]
+    if not isinstance(parts, list) or not parts:
+        raise Refused(f"{where}.content must be a string or a non-empty list of parts")
+    texts, images = [], []
+    for number, part in enumerate(parts):
+        at = f"{where}.content[{number}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and set(part) == {"type", "text"} and isinstance(part["text"], str):
+            texts.append(part["text"])
+        elif kind == "image_url" and set(part) == {"type", "image_url"}:
+            url = part["image_url"].get("url") if isinstance(part["image_url"], dict) else part["image_url"]
+            images.append(image_list([url], f"{at}.image_url.url")[0])
+        else:
+            raise Refused(f'{at} must be {{"type": "text", "text": "..."}} or '
+                          f'{{"type": "image_url", "image_url": {{"url": "data:image/..."}}}}')
+    if images and turn["role"] != "user":
+        raise Refused(f"{where}: only user turns may hold images")
+    return {"role": turn["role"], "content": "".join(texts), **({"images": images} if images else {})}

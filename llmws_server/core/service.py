@@ -1,0 +1,126 @@
+"""The core: one Service owns the engine (through the worker), the scheduler, the sessions, the metrics
+and model control, and is the only door the front ends use. It knows no socket and no HTTP: requests
+come in typed (core.requests), events go out typed (core.events) to the session that asked, and
+refusals are errors.Refused or errors.Busy.
+"""
+import asyncio
+import logging
+import time
+
+from llmws_server.config import Config, generation_defaults
+from llmws_server.core.batching import BatchingWorker
+from llmws_server.core.events import Failed, JobState, Stamped
+from llmws_server.core.images import decode_images
+from llmws_server.core.jobs import InferenceJob
+from llmws_server.core.metrics import Metrics
+from llmws_server.core.model_control import ModelControl
+from llmws_server.core.requests import InferenceRequest, images_of
+from llmws_server.core.worker import Worker
+from llmws_server.engines.api import Engine
+from llmws_server.errors import Busy, ContextTooLong, Refused
+from llmws_server.sessions.store import Codec, SessionStore
+
+log = logging.getLogger("llmws.server")
+SESSION_IDLE_S = 24 * 3600  # a session nobody takes up for a day is forgotten, buffer and all
+HOUSEKEEPING_S = 10  # how often idle sessions and the queued requests of long-gone clients are looked at
+PROMPT_CHARS_PER_TOKEN = 8  # a prompt longer than this many characters per context token is refused unread
+
+
+class Service:
+    def __init__(self, config: Config, engine: Engine, codec: Codec):
+        self.config = config
+        self.limits = config.limits
+        # For the model loaded now; the sessions and the front ends read it, a switch updates it in place
+        self.generation_defaults = generation_defaults(config, engine.path)
+        self.sessions = SessionStore(config.paths["sessions_dir"], self.generation_defaults, codec,
+                                     self.limits["max_sessions"])
+        batch = config.optimization["max_batch_size"]
+        if batch == "auto":
+            batch = engine.batch_size()
+            log.info("batching up to %d requests at once (optimization.max_batch_size \"auto\" on %s)",
+                     batch, engine.device)
+        self.worker = BatchingWorker(engine, batch) if batch > 1 else Worker(engine)
+        self.metrics = Metrics(self.worker.waiting, lambda: len(self.sessions.sessions))
+        self.models = ModelControl(config, self.worker, self.sessions, self.metrics, self.generation_defaults)
+
+    @property
+    def engine(self) -> Engine:
+        return self.worker.engine
+
+    async def start(self) -> None:
+        """Once this server owns its ports: earlier sessions and half-done downloads end here, then the
+        worker starts (the batching worker sets its batch up first)."""
+        self.sessions.clear_all()
+        for name in self.models.downloads.clear_leftovers():
+            log.info("removed %s, left by a download that was cut off", name)
+        await asyncio.to_thread(self.worker.start, asyncio.get_running_loop())
+
+    def stop(self) -> None:
+        self.worker.stop()
+
+    async def housekeeping(self) -> None:
+        """Runs for the server's life: cancel what long-gone clients left queued, forget idle sessions."""
+        while True:
+            await asyncio.sleep(min(HOUSEKEEPING_S, self.limits["detached_queue_timeout_s"] / 2))
+            self.cancel_abandoned(time.monotonic())
+            gone = self.sessions.expire(SESSION_IDLE_S)
+            if gone:
+                log.info("forgot %d idle sessions", gone)
+
+    def cancel_abandoned(self, now: float) -> None:
+        """Queued requests of a session whose client left more than detached_queue_timeout_s ago are cancelled
+        (what runs goes on); the error is buffered, so the client learns of it if it comes back."""
+        gone_for = self.limits["detached_queue_timeout_s"]
+        for session in list(self.sessions.sessions.values()):
+            if session.connection is not None or session.detached_at is None or now - session.detached_at < gone_for:
+                continue
+            cancelled = [job for job in self.worker.waiting_of(session) if self.worker.remove(job)]
+            for job in cancelled:
+                session.emit(Stamped(Failed(f"Cancelled: its client was gone for more than {gone_for} s"),
+                                     job.request_id))
+            if cancelled:
+                log.info("session %s: cancelled %d queued requests, its client gone for %d s",
+                         session.label, len(cancelled), now - session.detached_at)
+
+    async def submit(self, session, request: InferenceRequest) -> InferenceJob:
+        """Queue a request for a session (a WebSocket session, or an HTTP request's); errors.Refused refuses
+        it, errors.Busy when the server or the session has no room now."""
+        turns = request.turns
+        characters = sum(len(turn["content"]) for turn in turns)
+        max_context = self.engine.max_context
+        if characters > PROMPT_CHARS_PER_TOKEN * max_context:  # refused untokenized: a lower bound will do
+            raise ContextTooLong(characters // PROMPT_CHARS_PER_TOKEN, max_context, estimated=True,
+                                 characters=characters)
+        if self.worker.waiting() >= self.limits["max_queued_requests"]:
+            raise Busy(f"Server queue full ({self.limits['max_queued_requests']} requests waiting): try again later")
+        most = self.limits["max_session_buffer_mb"] * 1024 ** 2
+        if session.buffer_bytes > most:
+            raise Busy(f"Session buffer full ({session.buffer_bytes // 1024 ** 2} MB not acknowledged): "
+                       "send ack once you have your answers, then retry")
+        job = InferenceJob(session, asyncio.get_running_loop(), request, self.limits["timeout_token_generation"])
+        job.observer = self.metrics.observe
+        session.add_job(job, self.limits["queue_size_per_client"])
+        if images_of(turns):
+            try:
+                await self._decode_images(turns)
+            except BaseException:
+                session.drop_job(job.request_id)
+                raise
+        self.worker.submit(job)
+        return job
+
+    async def _decode_images(self, turns: list[dict]) -> None:
+        """Replace each turn's encoded images with decoded ones (off the event loop), or refuse them all."""
+        if not self.engine.vision:
+            raise Refused(f"This model does not take images: {self.engine.name}", "images")
+        decoded = iter(await asyncio.to_thread(decode_images, images_of(turns), self.limits))
+        for turn in turns:
+            if "images" in turn:
+                turn["images"] = [next(decoded) for _ in turn["images"]]
+
+    def cancel(self, session, job: InferenceJob) -> None:
+        """A queued job leaves the queue; a running one ends at its next token with done, cancelled."""
+        if self.worker.remove(job):
+            session.drop_job(job.request_id)
+        elif job.state is not JobState.ENDED:
+            job.cancelled.set()

@@ -1,0 +1,108 @@
+"""What the worker and the batching scheduler need from an engine, in plain Python: token ids, text,
+numbers. It knows nothing about sessions, sockets or HTTP. The transformers engine (engines/transformers/)
+and the llama.cpp engine (engines/llamacpp/) implement it; another engine (vLLM) is one more folder with
+the same methods and one line in engines/registry.py, and nothing above it changes.
+
+Only the worker thread calls into an engine.
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+
+@dataclass
+class Prompt:
+    """A conversation made ready for the model: its token ids (image tokens included) and, for images,
+    the engine's other inputs (pixel values and the like), which only the engine reads."""
+    ids: list[int]
+    images: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Progress:
+    """What one request in a batch produced since the last look."""
+    request: str  # the name Batch.add gave it
+    text: str  # new text, whole characters only
+    tokens: int  # tokens generated so far
+    finished: bool
+    error: str | None = None  # the request failed: the message for its client
+
+
+class Batch(Protocol):
+    """Requests generating together; added and cancelled one by one while the others go on."""
+
+    def add(self, prompt: Prompt, max_tokens: int, settings) -> str:
+        """Start a request; returns its name in this batch."""
+
+    def cancel(self, request: str) -> None:
+        """Stop a request; nothing more is reported for it."""
+
+    def progress(self, timeout: float) -> list[Progress]:
+        """What the requests produced, waiting at most `timeout` seconds for the first of it."""
+
+    def failure(self) -> str | None:
+        """None while the batch runs; once it has died, the message for the requests it held."""
+
+    def close(self) -> None:
+        """Stop generating and free the batch's memory."""
+
+
+class Trainer(Protocol):
+    def step(self) -> tuple[float, int]:
+        """One batch forward and back: (loss, tokens)."""
+
+    def save(self, folder: Path) -> None:
+        """The model as trained so far, merged, as a model folder."""
+
+
+class Engine(Protocol):
+    name: str
+    path: Path
+    vision: bool  # takes images
+    max_context: int  # tokens in and out, for one request
+    params: int
+    device: str
+    dtype_name: str
+
+    def capabilities(self) -> dict:
+        """The welcome's capabilities."""
+
+    def encode(self, messages: list[dict]) -> Prompt:
+        """A conversation ({"role", "content", "images"?: PIL images}) through the model's chat template."""
+
+    def encode_text(self, text: str) -> Prompt:
+        """Text to be continued as it is (a plain completion): no chat template."""
+
+    def generate(self, prompt: Prompt, settings, max_new_tokens: int, on_text: Callable[[str], None],
+                 should_stop: Callable[[], str | None]) -> tuple[int, str]:
+        """One request alone: text pieces to `on_text` as they come; ends early when `should_stop` gives a
+        reason. Returns (tokens generated, finish reason): "stop", "length", or what should_stop gave."""
+
+    def batchable(self, images: int) -> bool:
+        """Whether a request (with this many images) may share the batch; one that may not runs alone."""
+
+    def batch_size(self) -> int:
+        """How many requests to batch at once on this device and memory (1: one at a time)."""
+
+    def open_batch(self, slots: int) -> Batch:
+        """A batch for up to `slots` requests at once, warmed up and ready."""
+
+    def trainer(self, examples: list, settings) -> "Trainer":
+        """LoRA training of the loaded model, as a context manager (the served weights never change);
+        errors.Refused for a dataset line the model cannot take."""
+
+    def save(self, folder: Path) -> None:
+        """The served model as a model folder."""
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        ...
+
+    def free_memory(self) -> None:
+        """After running out of memory: give back what the failed request held."""
+
+    def lower_max_context(self, failed_at: int) -> None:
+        """After running out of memory at `failed_at` tokens, keep well below that."""
+
+    def unload(self) -> None:
+        """Let go of the model and free its memory."""

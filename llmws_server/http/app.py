@@ -1,0 +1,122 @@
+"""The HTTP front end (server.http_port): Starlette on uvicorn in the server's own event loop, over the
+same Service as the WebSocket front end: the same FIFO, limits and model. One module per API:
+
+    http/openai.py      GET /v1/models, POST /v1/chat/completions, POST /v1/completions
+    http/responses.py   /v1/responses
+    here                GET /health (the process answers), /ready (a model serves), /metrics
+
+A new API is one module with a `routes(api)` function, and one line in APIS.
+"""
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from llmws_server.access import origin_allowed, same_secret
+from llmws_server.core.requests import parse_json
+from llmws_server.core.service import Service
+from llmws_server.errors import Busy, Refused
+from llmws_server.http import openai, responses
+from llmws_server.http.errors import APIError
+
+log = logging.getLogger("llmws.http")
+APIS = [openai, responses]  # each gives its routes: routes(api) -> [Route]
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class HTTPApi:
+    def __init__(self, service: Service):
+        self.service = service
+        self.settings = service.config.server
+        self.started = int(time.time())
+        self.app = Starlette(routes=[
+            Route("/health", self.endpoint(self.health, guarded=False)),
+            Route("/ready", self.endpoint(self.ready, guarded=False)),
+            Route("/metrics", self.endpoint(self.metrics)),
+            *(route for api in APIS for route in api.routes(self)),
+        ])
+
+    def endpoint(self, handler: Endpoint, guarded: bool = True) -> Endpoint:
+        """The handler behind the origin and token checks, with every refusal in OpenAI's error shape."""
+        async def run(request: Request) -> Response:
+            try:
+                if guarded:
+                    self.check_access(request)
+                return await handler(request)
+            except APIError as exc:
+                return JSONResponse(exc.body(), exc.status)
+            except Busy as exc:
+                return JSONResponse(APIError(str(exc), status=429, kind="rate_limit_error").body(), 429)
+            except Refused as exc:  # the core's checks (a prompt too long, a bad image, ...)
+                return JSONResponse(APIError(str(exc), exc.field, **exc.fields).body(), 400)
+            except Exception:  # a bug: logged whole, answered 500 with what the log names it by
+                incident = uuid.uuid4().hex[:12]
+                log.exception("internal error %s on %s %s", incident, request.method, request.url.path)
+                error = APIError(f"Internal error (incident {incident}): the server's log has the details",
+                                 status=500, kind="server_error")
+                return JSONResponse(error.body(), 500)
+        return run
+
+    def check_access(self, request: Request) -> None:
+        """Browsers only from allowed origins; with server.auth_token (or admin_token) set, its bearer token."""
+        origin = request.headers.get("origin")
+        if origin is not None and not origin_allowed(origin, self.settings["allowed_origins"]):
+            raise APIError(f"Origin {origin} is not allowed", status=403, kind="permission_error")
+        tokens = [token for token in (self.settings["auth_token"], self.settings["admin_token"]) if token]
+        presented = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if tokens and not any(same_secret(presented, token) for token in tokens):
+            raise APIError("Missing or wrong API key: send Authorization: Bearer <server.auth_token>",
+                           status=401, kind="authentication_error")
+
+    async def body(self, request: Request) -> dict:
+        """The JSON body, read no further than max_message_size, checked as a WebSocket frame is."""
+        most, read = self.settings["max_message_size"], bytearray()
+        async for piece in request.stream():
+            read += piece
+            if len(read) > most:
+                raise APIError(f"Request body over {most} bytes (server.max_message_size)", status=413)
+        try:
+            return parse_json(read.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise APIError("The request body must be UTF-8 JSON") from None
+        except Refused as exc:
+            raise APIError(str(exc)) from None
+
+    # -- the server's own endpoints ------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        ready = self.service.models.ready()
+        return JSONResponse({"status": "ready" if ready else "not ready", "model": self.service.engine.name},
+                            200 if ready else 503)
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(self.service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+class EmbeddedServer(uvicorn.Server):
+    """uvicorn inside the server's event loop: llmws.py handles the signals and says when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def http_server(service: Service, host: str, port: int,
+                ssl_files: tuple[str | None, str | None] = (None, None)) -> EmbeddedServer:
+    certificate, key = ssl_files
+    config = uvicorn.Config(HTTPApi(service).app, host=host, port=port, lifespan="off", log_config=None,
+                            access_log=False, ssl_certfile=certificate, ssl_keyfile=key)
+    return EmbeddedServer(config)
+
+

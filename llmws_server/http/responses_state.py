@@ -1,0 +1,183 @@
+"""The OpenAI Responses API without a socket: request bodies checked into this server's requests, and a
+response told as that API's events, folded from this server's stream messages.
+
+A stored response is a session (sessions.py): its job's messages are numbered and buffered like any
+session's, so the events, and their sequence numbers, can be told again from the buffer at any time:
+the same messages in the same order give the same events with the same numbers.
+"""
+import uuid
+from dataclasses import dataclass
+
+from llmws_server.core.events import Done, Event, Failed, FinishReason, Queued, Started, Text
+from llmws_server.core.requests import InferenceRequest, check_turns
+from llmws_server.errors import Refused
+from llmws_server.http.errors import APIError
+from llmws_server.http.openai_shapes import NEUTRAL, request_settings
+
+PREFIX = "resp_"
+ENDED = {"completed", "incomplete", "failed", "cancelled"}
+STATUS = {FinishReason.STOP: "completed", FinishReason.LENGTH: "incomplete", FinishReason.TIMEOUT: "incomplete",
+          FinishReason.CANCELLED: "cancelled"}
+# Responses settings -> chat completions' (checked by the same code)
+SETTINGS = {"max_output_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p",
+            "top_k": "top_k", "repetition_penalty": "repetition_penalty"}
+PARTS = {"input_text": "text", "output_text": "text", "input_image": "image_url"}
+
+
+@dataclass(frozen=True)
+class ResponsesRequest:
+    inference: InferenceRequest
+    stream: bool
+    background: bool
+    store: bool
+    settings: dict  # as the response object shows them
+
+
+def response_id(session_id: str) -> str:
+    return PREFIX + uuid.UUID(session_id).hex
+
+
+def session_id_of(value: str) -> str | None:
+    """The session behind a response id, or None for what is not one."""
+    if not value.startswith(PREFIX):
+        return None
+    try:
+        return str(uuid.UUID(hex=value[len(PREFIX):]))
+    except ValueError:
+        return None
+
+
+def responses_request(body, defaults: dict) -> ResponsesRequest:
+    """POST /v1/responses."""
+    if not isinstance(body, dict):
+        raise APIError("The request body must be a JSON object")
+    for name in ("previous_response_id", "conversation", "tools", "prompt"):
+        if body.get(name):
+            raise APIError(f"{name} is not supported by this server", name)
+    turns = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
+    turns += _input_turns(body.get("input"))
+    try:
+        turns = check_turns(turns)
+    except Refused as exc:
+        raise APIError(str(exc), "input") from None
+    named = {chat: body[ours] for ours, chat in SETTINGS.items() if body.get(ours) is not None}
+    try:
+        settings = request_settings({**{k: body[k] for k in NEUTRAL if k in body}, **named}, defaults)
+    except APIError as exc:
+        ours = next((key for key, chat in SETTINGS.items() if chat == exc.param), exc.param)
+        raise APIError(str(exc).replace(str(exc.param), ours), ours) from None
+    flags = {name: body.get(name, name == "store") for name in ("stream", "background", "store")}
+    if not all(isinstance(value, bool) for value in flags.values()):
+        raise APIError("stream, background and store must be true or false", "stream")
+    if flags["background"] and not flags["store"]:
+        raise APIError("background responses must be stored (store: true)", "store")
+    shown = {"temperature": settings.temperature, "top_p": settings.top_p,
+             "max_output_tokens": body.get("max_output_tokens")}
+    return ResponsesRequest(InferenceRequest(turns, settings, None), flags["stream"], flags["background"],
+                            flags["store"], shown)
+
+
+def _input_turns(value) -> list[dict]:
+    """input: a string (the user's), or a list of messages whose content is a string or typed parts."""
+    if isinstance(value, str) and value:
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise APIError("input must be a non-empty string or list of messages", "input")
+    turns = []
+    for index, item in enumerate(value):
+        if not isinstance(item, dict) or item.get("type", "message") != "message" or "role" not in item:
+            raise APIError(f"input[{index}] must be a message {{role, content}}", f"input[{index}]")
+        role = "system" if item["role"] == "developer" else item["role"]
+        content = item.get("content")
+        if isinstance(content, list):
+            content = [_part(part, f"input[{index}].content[{number}]") for number, part in enumerate(content)]
+        turns.append({"role": role, "content": content})
+    return turns
+
+
+def _part(part, where: str) -> dict:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind not in PARTS:
+        raise APIError(f"{where} must be an input_text, output_text or input_image part", where)
+    if PARTS[kind] == "text":
+        return {"type": "text", "text": part.get("text")}
+    return {"type": "image_url", "image_url": {"url": part.get("image_url")}}
+
+
+class ResponseState:
+    """One response as the Responses API tells it, built up from this server's stream messages for it."""
+
+    def __init__(self, session_id: str, model: str, created_at: float, background: bool, settings: dict):
+        self.id = response_id(session_id)
+        self.item_id = "msg_" + self.id[len(PREFIX):]
+        self.model, self.created_at, self.background, self.settings = model, created_at, background, settings
+        self.status, self.text, self.tokens_in, self.tokens_out = "queued", [], 0, None
+        self.error = self.incomplete = self.position = None
+        self.number = -1
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ENDED
+
+    def opening(self) -> list[dict]:
+        return [self._event("response.created", response=self.object())]
+
+    def fold(self, event: Event) -> list[dict]:
+        """The Responses events one of the core's events makes (queued, started, text, done, failed)."""
+        if isinstance(event, Queued):
+            self.position = event.position
+            return [self._event("response.queued", response=self.object(), queue_position=self.position)]
+        if isinstance(event, Started):
+            self.status, self.tokens_in, self.position = "in_progress", event.tokens_in, None
+            return [self._event("response.in_progress", response=self.object()),
+                    self._event("response.output_item.added", output_index=0, item=self._item("in_progress", [])),
+                    self._event("response.content_part.added", **self._where(), part=self._part(""))]
+        if isinstance(event, Text):
+            self.text.append(event.text)
+            return [self._event("response.output_text.delta", **self._where(), delta=event.text, logprobs=[])]
+        if isinstance(event, Done):
+            return self._end(event)
+        if isinstance(event, Failed):
+            self.status, self.error = "failed", {"code": "server_error", "message": event.message}
+            return [self._event("response.failed", response=self.object())]
+        return []
+
+    def _end(self, done: Done) -> list[dict]:
+        self.tokens_out, self.status = done.tokens, STATUS[done.reason]
+        if self.status == "incomplete":
+            self.incomplete = {"reason": "max_output_tokens"}
+        text, events = "".join(self.text), []
+        if self.tokens_in:  # it started: close what the start opened
+            item_status = "completed" if self.status == "completed" else "incomplete"
+            events = [self._event("response.output_text.done", **self._where(), text=text, logprobs=[]),
+                      self._event("response.content_part.done", **self._where(), part=self._part(text)),
+                      self._event("response.output_item.done", output_index=0,
+                                  item=self._item(item_status, [self._part(text)]))]
+        return events + [self._event(f"response.{self.status}", response=self.object())]
+
+    def object(self) -> dict:
+        """The response object as it stands."""
+        item_status = self.status if self.status in ("completed", "in_progress") else "incomplete"
+        output = [self._item(item_status, [self._part("".join(self.text))])] if self.tokens_in else []
+        usage = None if self.tokens_out is None else {
+            "input_tokens": self.tokens_in, "output_tokens": self.tokens_out,
+            "total_tokens": self.tokens_in + self.tokens_out,
+            "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
+        return {"id": self.id, "object": "response", "created_at": self.created_at, "status": self.status,
+                "background": self.background, "model": self.model, "output": output, "error": self.error,
+                "incomplete_details": self.incomplete, "usage": usage, "tools": [], "tool_choice": "auto",
+                "parallel_tool_calls": False, "queue_position": self.position, **self.settings}
+
+    def _event(self, kind: str, **fields) -> dict:
+        self.number += 1
+        return {"type": kind, "sequence_number": self.number, **fields}
+
+    def _where(self) -> dict:
+        return {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+
+    def _item(self, status: str, content: list) -> dict:
+        return {"type": "message", "id": self.item_id, "status": status, "role": "assistant", "content": content}
+
+    @staticmethod
+    def _part(text: str) -> dict:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}

@@ -1,0 +1,248 @@
+"""Sessions: a per-session `seq`, its buffer, and delivery to whichever listener is live.
+
+Every event that gets a `seq` is appended to the session's buffer *before* it is handed to the listener,
+so whatever a client may have seen can be replayed after a drop. The buffer keeps each event as its
+front end's record (the codec: for the WebSocket front end, the seed protocol's JSON), so a replay sends
+exactly what was sent live.
+
+A new store (Redis Streams, say) is one module with a Buffer class, passed as `buffer_type`.
+"""
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from llmws_server.core.events import Event, Failed, Stamped
+from llmws_server.errors import Busy, Refused, SessionsFull
+from llmws_server.sessions.file_buffer import FileBuffer, clear_all
+
+log = logging.getLogger("llmws.sessions")
+
+UNUSED_IDLE_S = 300  # a session that never ran anything is forgotten this long after its client left
+TAKEN_KEPT = 256  # request_ids a session remembers, to run a frame sent again after a cut only once
+
+
+class Codec(Protocol):
+    """How events are kept in a buffer, and read back."""
+
+    def encode(self, stamped: Stamped) -> dict: ...
+
+    def decode(self, record: dict) -> Stamped: ...
+
+
+class Buffer(Protocol):
+    def append(self, record: dict) -> int: ...
+
+    def records(self, label: str) -> Iterator[dict]: ...
+
+    def clear(self) -> None: ...
+
+
+class Listener(Protocol):
+    """Who is told a session's events as they happen: a WebSocket connection, a stored response's readers."""
+
+    def deliver(self, stamped: Stamped, record: dict) -> None: ...
+
+    def notify(self, event: Event) -> None:
+        """An event that is not numbered nor buffered (the buffer cannot be written)."""
+
+    def taken_over(self) -> None:
+        """Another listener took the session: this one gets nothing more."""
+
+
+def parse_session_id(value: object) -> str | None:
+    """The canonical form of a UUID, or None: nothing else may ever become a path."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        return None
+    return str(parsed) if str(parsed) == value.lower() else None
+
+
+class Session:
+    def __init__(self, session_id: str, buffer: Buffer, codec: Codec, generation_defaults: dict):
+        self.id = session_id
+        self.buffer, self.codec = buffer, codec
+        self.defaults = generation_defaults  # the server's, for the model loaded now
+        self.overrides: dict = {}  # what the session's `config` messages set
+        self.seq = 0
+        self.connection: Listener | None = None  # the live listener, if any
+        self.jobs: dict[str, Any] = {}  # request_id -> job, queued or running
+        self.taken: dict[str, str] = {}  # request_id -> fingerprint of the frame that started it
+        self.buffer_failed = False
+        self.buffer_bytes = 0  # written since the last ack
+        self.detached_at: float | None = None  # when the last listener left, while none is live
+        self.response: Any = None  # for a stored response of the HTTP API: what its events are told with
+
+    @property
+    def config(self) -> dict:
+        """The session's generation settings: its own over the server's defaults."""
+        return {**self.defaults, **self.overrides}
+
+    @property
+    def label(self) -> str:
+        """What logs name it by: the id is a secret (whoever has it reads the answers), a prefix is not."""
+        return self.id[:8]
+
+    def add_job(self, job: Any, most: int) -> None:
+        """Hold a queued or running request until its last event; refused for a full queue or an id in use."""
+        if len(self.jobs) >= most:
+            raise Busy("Queue full")
+        if job.request_id in self.jobs:
+            raise Refused(f"request_id {job.request_id} is already in use", "request_id")
+        self.jobs[job.request_id] = job
+
+    def drop_job(self, request_id: str) -> None:
+        self.jobs.pop(request_id, None)
+
+    def is_a_retry(self, request_id: str, fingerprint: str) -> bool:
+        """The same frame with the same request_id, taken before: a client sending it again after a cut
+        that may have lost it. It does not run twice; the resume replays what it started."""
+        return self.taken.get(request_id) == fingerprint
+
+    def take(self, request_id: str, fingerprint: str) -> str | None:
+        """Note a frame as taken (before it is acted on: its repeat may come while it still is); returns
+        what the id noted before, for `untake` when the frame is refused."""
+        previous = self.taken.pop(request_id, None)
+        self.taken[request_id] = fingerprint
+        while len(self.taken) > TAKEN_KEPT:
+            self.taken.pop(next(iter(self.taken)))
+        return previous
+
+    def untake(self, request_id: str, previous: str | None) -> None:
+        """A refused frame was not taken: sent again, it may run."""
+        self.taken.pop(request_id, None)
+        if previous is not None:
+            self.taken[request_id] = previous
+
+    def emit(self, stamped: Stamped) -> Stamped:
+        """A stream event: numbered, buffered, then delivered if a listener is live."""
+        self.seq += 1
+        numbered = replace(stamped, seq=self.seq)
+        record = self.codec.encode(numbered)
+        self._append(record)
+        if numbered.terminal and numbered.request_id is not None:
+            self.drop_job(numbered.request_id)
+        if self.connection is not None:
+            self.connection.deliver(numbered, record)
+        return numbered
+
+    def attach(self, listener: Listener) -> None:
+        """Make `listener` the live one (the one before is told it was taken over). The caller sends what
+        the listener has not seen (records) first, with no await between, so nothing falls between."""
+        if self.connection is not None:
+            self.connection.taken_over()
+        self.connection = listener
+        self.detached_at = None
+
+    def detach(self, listener: object) -> None:
+        if self.connection is listener:
+            self.connection = None
+            self.detached_at = time.monotonic()
+
+    def records(self, after_seq: int, upto_seq: int) -> Iterator[dict]:
+        """The buffered records with after_seq < seq <= upto_seq, read as they are taken."""
+        for record in self.buffer.records(self.label):
+            if record["seq"] > upto_seq:
+                return
+            if record["seq"] > after_seq:
+                yield record
+
+    def buffered(self, after_seq: int, upto_seq: int) -> Iterator[Stamped]:
+        """The same, as events."""
+        return (self.codec.decode(record) for record in self.records(after_seq, upto_seq))
+
+    def clear_buffer(self) -> None:
+        self.buffer.clear()
+        self.buffer_bytes = 0
+
+    def _append(self, record: dict) -> None:
+        try:
+            self.buffer_bytes += self.buffer.append(record)
+        except OSError as exc:  # a full disk must not stop the stream, but the client must know
+            log.error("session %s: cannot write its buffer: %s", self.label, exc)
+            if not self.buffer_failed and self.connection is not None:
+                self.connection.notify(Failed(f"Cannot write the session buffer ({exc.strerror or exc}): answers go "
+                                              "on live, but cannot be resumed after a drop"))
+            self.buffer_failed = True
+            return
+        self.buffer_failed = False
+
+
+class SessionStore:
+    def __init__(self, sessions_dir: Path, generation_defaults: dict, codec: Codec, max_sessions: int = 1000,
+                 buffer_type: Callable[[Path, str], Buffer] = FileBuffer):
+        self.dir = sessions_dir
+        self.generation_defaults = generation_defaults
+        self.codec, self.buffer_type = codec, buffer_type
+        self.max_sessions = max_sessions
+        self.sessions: dict[str, Session] = {}
+
+    def clear_all(self) -> None:
+        """On server start: the seed clears every buffer."""
+        clear_all(self.dir)
+
+    def idle(self, now: float) -> list[tuple[float, Session]]:
+        """(seconds idle, session) of the sessions with no listener and nothing to run, longest idle first."""
+        idle = [(now - session.detached_at, session) for session in self.sessions.values()
+                if session.connection is None and not session.jobs and session.detached_at is not None]
+        return sorted(idle, key=lambda pair: -pair[0])
+
+    def forget(self, session: Session) -> None:
+        session.clear_buffer()
+        self.sessions.pop(session.id, None)
+
+    def expire(self, idle_s: float, now: float | None = None) -> int:
+        """Forget, with their buffers, the sessions nobody has taken up for idle_s seconds (UNUSED_IDLE_S
+        for those that never ran anything) and that run nothing. Returns how many went."""
+        now = time.monotonic() if now is None else now
+        gone = [session for seconds, session in self.idle(now)
+                if seconds > (UNUSED_IDLE_S if session.seq == 0 else idle_s)]
+        for session in gone:
+            self.forget(session)
+        return len(gone)
+
+    def open(self, requested_id: object = None) -> tuple[Session, bool]:
+        """The session to take up, or a fresh one; the bool says whether it was taken up. At max_sessions,
+        the longest idle session goes (one that never ran anything first); when none is idle, SessionsFull."""
+        session_id = parse_session_id(requested_id)
+        session = self.sessions.get(session_id) if session_id else None
+        if session is not None:
+            return session, True
+        if len(self.sessions) >= self.max_sessions:
+            idle = self.idle(time.monotonic())
+            if not idle:
+                raise SessionsFull(f"{len(self.sessions)} sessions are in use")
+            unused = [session for _, session in idle if session.seq == 0]
+            self.forget(unused[0] if unused else idle[0][1])
+        new_id = str(uuid.uuid4())
+        session = Session(new_id, self.buffer_type(self.dir, new_id), self.codec, self.generation_defaults)
+        self.sessions[session.id] = session
+        return session, False
+
+
+class StreamSession:
+    """An HTTP request's stand-in for a session: its events, queued on the event loop. Each request is its
+    own lane in the fair queue; nothing is buffered, the connection is the stream."""
+
+    buffer_bytes = 0
+
+    def __init__(self) -> None:
+        self.events: asyncio.Queue[Stamped] = asyncio.Queue()
+        self.jobs: dict[str, Any] = {}
+
+    def add_job(self, job: Any, most: int) -> None:
+        self.jobs[job.request_id] = job
+
+    def drop_job(self, request_id: str) -> None:
+        self.jobs.pop(request_id, None)
+
+    def emit(self, stamped: Stamped) -> Stamped:
+        self.events.put_nowait(stamped)
+        return stamped
