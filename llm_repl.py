@@ -124,7 +124,8 @@ class Repl:
     def commands(self) -> dict:
         return {"/config": self.do_config, "/system": self.do_system, "/resources": self.do_resources,
                 "/models": self.do_models, "/switch": self.do_switch, "/download": self.do_download,
-                "/delete": self.do_delete, "/train": self.do_train, "/snapshot": self.do_snapshot, "/session": lambda words, rest: print(self.client.session_id),
+                "/delete": self.do_delete, "/train": self.do_train, "/snapshot": self.do_snapshot,
+                "/session": lambda words, rest: print(self.client.session_id),
                 "/cancel": self.do_cancel, "/clear": self.do_clear, "/image": self.do_image,
                 "/help": lambda words, rest: print(HELP)}
 

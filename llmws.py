@@ -5,9 +5,9 @@
 """
 import argparse
 import asyncio
+import errno
 import logging
 import logging.handlers
-import errno
 import os
 import signal
 import socket

@@ -44,8 +44,8 @@ def ensure_venv() -> None:
     python = VENV / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "matplotlib", "transformers[serving]", "fastapi"],
-                       check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "matplotlib", "transformers[serving]",
+                        "fastapi"], check=True)
     os.execv(str(python), [str(python), *sys.argv])
 
 
@@ -190,7 +190,8 @@ def report(rows: list[dict], max_tokens: int, out: Path) -> None:
             summary[f"end_to_end_ratio_1_client{key}"] = ratio = statistics.median(ratios)
             summary[f"ttft_difference_1_client_s{key}"] = statistics.median(ttfts)
             print(f"{name} / raw generate, 1 client: end-to-end tokens/s {ratio:.3f} (median of {len(ratios)} "
-                  f"neighbouring pairs, {min(ratios):.3f} to {max(ratios):.3f}), TTFT {1000 * statistics.median(ttfts):+.0f} ms")
+                  f"neighbouring pairs, {min(ratios):.3f} to {max(ratios):.3f}), "
+                  f"TTFT {1000 * statistics.median(ttfts):+.0f} ms")
     binding = next((row for row in rows if row["target"].startswith("llama-cpp-python") and row["clients"] == 1), None)
     gguf = by_name.get(("llmws llama.cpp", 1))
     if binding and gguf:
@@ -198,14 +199,17 @@ def report(rows: list[dict], max_tokens: int, out: Path) -> None:
         print(f"llmws llama.cpp / llama-cpp-python, 1 client: text rate {ratio:.3f}, "
               f"TTFT {1000 * (gguf['ttft_p50_s'] - binding['ttft_p50_s']):+.0f} ms")
     for clients in sorted({row["clients"] for row in rows if row["clients"] > 1}):
-        ours, serve = by_name.get(("llmws", clients)), by_name.get(("transformers serve --continuous-batching", clients))
+        ours, serve = (by_name.get(("llmws", clients)),
+                       by_name.get(("transformers serve --continuous-batching", clients)))
         mixed = by_name.get(("llmws mixed settings", clients))
         if ours and serve:
-            summary[f"vs_serve_cb_{clients}_clients"] = ratio = ours["aggregate_tokens_per_s"] / serve["aggregate_tokens_per_s"]
+            summary[f"vs_serve_cb_{clients}_clients"] = ratio = (ours["aggregate_tokens_per_s"]
+                                                                 / serve["aggregate_tokens_per_s"])
             print(f"llmws / serve --continuous-batching, {clients} clients: aggregate {ratio:.3f}, "
                   f"TTFT p50 {ours['ttft_p50_s']} s vs {serve['ttft_p50_s']} s")
         if ours and mixed:
-            summary[f"mixed_vs_greedy_{clients}_clients"] = ratio = mixed["aggregate_tokens_per_s"] / ours["aggregate_tokens_per_s"]
+            summary[f"mixed_vs_greedy_{clients}_clients"] = ratio = (mixed["aggregate_tokens_per_s"]
+                                                                     / ours["aggregate_tokens_per_s"])
             print(f"llmws mixed settings / all greedy, {clients} clients: aggregate {ratio:.3f}")
     print(f"identical texts across targets: {'yes' if len(texts) == 1 else f'no ({len(texts)} different)'}")
     (out / "bench.json").write_text(json.dumps(summary, indent=2))

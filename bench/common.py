@@ -20,7 +20,8 @@ def free_port() -> int:
 
 def start_server(model, port: int, folder: Path, config: dict | None = None) -> subprocess.Popen:
     """python llmws.py on 127.0.0.1:port with a config in `folder`; returns once it listens."""
-    (folder / "config.json").write_text(json.dumps({"server": {"host": "127.0.0.1", "http_port": None}, **(config or {})}))
+    (folder / "config.json").write_text(json.dumps({"server": {"host": "127.0.0.1", "http_port": None},
+                                                    **(config or {})}))
     process = subprocess.Popen([sys.executable, str(REPO / "llmws.py"), "--config", str(folder / "config.json"),
                                 "--port", str(port), "--model", str(model)], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)

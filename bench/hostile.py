@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 
 import psutil
+from common import REPO, free_port, start_server
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-
-from common import REPO, free_port, start_server
 
 STALL_LIMIT_S = 1.0
 
@@ -176,7 +175,8 @@ async def attacks(url: str, port: int, server_pid: int, folder: Path):
                          f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
             payload = json.dumps({"session_id": welcome["session_id"], "last_seq": 0}).encode()
             mask = os.urandom(4)
-            sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+            sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask
+                         + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
             readers.append(sock)
         await asyncio.sleep(3)
         grown = (psutil.Process(server_pid).memory_info().rss - before) / 2 ** 20

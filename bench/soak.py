@@ -89,7 +89,8 @@ def main(argv=None) -> int:
             server.wait(30)
     ttft = sorted(results.pop("ttft")) or [0.0]
     report = {**results, "refused": len(results["refused"]), "refusals": results["refused"][:5],
-              "ttft_p50_s": round(statistics.median(ttft), 3), "ttft_p95_s": round(ttft[int(0.95 * (len(ttft) - 1))], 3),
+              "ttft_p50_s": round(statistics.median(ttft), 3),
+              "ttft_p95_s": round(ttft[int(0.95 * (len(ttft) - 1))], 3),
               "tokens_per_s": round(results["tokens"] / results["elapsed_s"], 1),
               "server_peak_rss_mb": round(memory.peak / 1024 ** 2), "elapsed_s": round(results["elapsed_s"], 1),
               "clients": args.clients, "requests_per_client": args.requests}

@@ -11,7 +11,6 @@ import urllib.request
 from pathlib import Path
 
 import psutil
-
 from common import REPO, free_port, start_server
 
 PROMPT = "Write a long story about a dragon who learns to program computers."
@@ -64,12 +63,15 @@ class RawGenerate:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if torch.cuda.is_available():
-            torch.backends.cuda.enable_cudnn_sdp(False)  # as llmws_server.engines.transformers.engine.avoid_cudnn_attention
+            # as llmws_server.engines.transformers.engine.avoid_cudnn_attention
+            torch.backends.cuda.enable_cudnn_sdp(False)
         else:
-            os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"  # as llmws_server.engines.transformers.engine.use_grouped_query_sdpa
+            # as llmws_server.engines.transformers.engine.use_grouped_query_sdpa
+            os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if not torch.cuda.is_available()
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir,
+                                                          dtype=torch.float32 if not torch.cuda.is_available()
                                                           else torch.bfloat16, device_map="auto")
         self.max_tokens = max_tokens
         self.pid = os.getpid()

@@ -2,7 +2,7 @@
 """The server's own cost per streamed token, without the model: Session.emit (seq, JSON, XOR+base64,
 buffer append) and Connection.send (JSON, outbox) to a socket that takes everything at once; and the
 cost of turning a batch's token ids into text, per token, at answer lengths from 128 to 2,048 tokens:
-the incremental decoding the batch uses (engine_text.TextStream) against decoding the whole answer
+the incremental decoding the batch uses (engines.text.TextStream) against decoding the whole answer
 again at every step (what it replaced).
 
     python bench/token_cost.py [--tokens 20000] [--model models/SmolLM2-135M-Instruct]
@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmws_server.ws.connection import Connection  # noqa: E402
 from llmws_server.core.events import Stamped, Text  # noqa: E402
 from llmws_server.sessions.file_buffer import FileBuffer  # noqa: E402
 from llmws_server.sessions.store import Session  # noqa: E402
+from llmws_server.ws.connection import Connection  # noqa: E402
 from llmws_server.ws.wire import CODEC  # noqa: E402
 
 
@@ -79,7 +79,8 @@ def decode_costs(model: Path, lengths=(128, 512, 2048)) -> list[tuple[int, float
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=20000)
-    parser.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct"))
+    parser.add_argument("--model",
+                        default=str(Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct"))
     args = parser.parse_args()
     cost = asyncio.run(measure(args.tokens))
     print(f"server cost per token: {cost:.1f} µs ({args.tokens} tokens)")

@@ -5,10 +5,11 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llmws_server.errors import ConfigError, Refused
 
-DEFAULTS = {
+DEFAULTS: dict[str, dict[str, Any]] = {
     "server": {
         "host": "0.0.0.0",
         "port": 8765,
@@ -61,7 +62,8 @@ DEFAULTS = {
 INTEGER_KEYS = {"port", "http_port", "max_message_size", "max_clients", "max_clients_per_ip", "max_sessions",
                 "queue_size_per_client", "max_queued_requests", "max_context_length", "max_new_tokens", "top_k",
                 "max_image_bytes", "max_image_pixels", "max_images_per_request"}
-POSITIVE_KEYS = {"port", "http_port", "max_message_size", "max_clients", "max_clients_per_ip", "max_sessions", "hello_timeout_s",
+POSITIVE_KEYS = {"port", "http_port", "max_message_size", "max_clients", "max_clients_per_ip", "max_sessions",
+                 "hello_timeout_s",
                  "idle_timeout_s", "queue_size_per_client", "max_queued_requests", "detached_queue_timeout_s",
                  "max_session_buffer_mb", "max_image_bytes", "max_image_pixels", "max_images_per_request",
                  "max_context_length", "timeout_token_generation", "timeout_s"}
@@ -134,6 +136,15 @@ def _check_range(settings, key, ok, text):
 
 class Config:
     """The merged configuration; `paths` values are absolute Paths resolved against the config's folder."""
+
+    # The sections of DEFAULTS, set by __init__'s loop.
+    server: dict
+    model: dict
+    optimization: dict
+    generation_defaults: dict
+    paths: dict[str, Path]
+    limits: dict
+    download: dict
 
     def __init__(self, data: dict, file: Path, ignored: list | None = None, pinned: dict | None = None):
         self.data = data

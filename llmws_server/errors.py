@@ -23,7 +23,7 @@ class Refused(LLMWSError):
     def __init__(self, message: str, field: str | None = None, **fields: object):
         super().__init__(message)
         self.field = field
-        self.fields = fields
+        self.fields: dict = fields  # as events.Failed.fields: any JSON values
 
 
 class ContextTooLong(Refused):

@@ -14,8 +14,8 @@ from websockets.asyncio.client import connect
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llmws_server.config import DEFAULTS  # noqa: E402
 from llmws_server.catalog.default_model import install_default_model  # noqa: E402
+from llmws_server.config import DEFAULTS  # noqa: E402
 
 TINY_MAX_POSITIONS = 4096
 # The servers tests start share the machine with each other and with the tests: one torch thread each keeps

@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import BLOCKER, Client, inference, text_of
+
 from llmws_server.engines.transformers.batching import PAGE_SIZE, SLOT_TOKENS, cache_pages
 
 PROMPTS = ["Tell me about rivers", "A long story", "Name a colour", "Why is the sky blue?", "Count to ten",
@@ -151,7 +151,7 @@ async def test_a_request_s_own_settings_win_over_the_model_s_both_batched_and_al
 
 
 async def test_a_prompt_longer_than_one_batching_step_gives_the_same_text(batch_server, alone_server):
-    # Over a step's tokens (engine_batching.STEP_TOKENS), the prompt is prefilled in pieces while the
+    # Over a step's tokens (engines.transformers.batching.STEP_TOKENS), the prompt is prefilled in pieces while the
     # others decode.
     prompts = [" ".join(["river stone"] * 400), *PROMPTS[:3]]
     alone = await answers_alone(alone_server, prompts)
@@ -341,7 +341,8 @@ def test_solo_runs_take_turns_on_one_warm_thread_which_on_a_cpu_ends_when_the_ba
         assert len(batch_threads()) == (device == "cuda")  # and the batch's when it was empty again
         finish(batch.add(engine.encode_text("six"), 5, settings))
         assert (threads[-1] is solo) == (device == "cuda") and threads[-1].is_alive()
-        finish(batch.add(engine.encode_text("seven"), 40, settings), batch.add(engine.encode_text("eight"), 40, settings))
+        finish(batch.add(engine.encode_text("seven"), 40, settings),
+               batch.add(engine.encode_text("eight"), 40, settings))
         assert len(batch_threads()) == (device == "cuda")  # a second time: it starts again and ends again
     finally:
         batch.close()
@@ -535,7 +536,8 @@ def test_a_stop_while_a_prompt_is_read_takes_effect_within_a_layer(tiny_model):
     hooks = [layer.register_forward_hook(lambda module, args, output: ran.append(module)) for layer in engine.layers]
     try:
         greedy = GenerationSettings(**GREEDY_12)
-        result = engine.generate(engine.encode_text(PROMPTS[1]), greedy, 12, texts.append, lambda: next(asks, "cancelled"))
+        result = engine.generate(engine.encode_text(PROMPTS[1]), greedy, 12, texts.append,
+                                 lambda: next(asks, "cancelled"))
         assert (result, texts, ran) == ((0, "cancelled"), [], engine.layers[:1])
         assert engine.generate(engine.encode_text(PROMPTS[1]), greedy, 12, texts.append, lambda: None) == (12, "length")
     finally:

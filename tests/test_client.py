@@ -8,8 +8,8 @@ import sys
 
 import pexpect
 import pytest
-
 from conftest import REPO, free_port
+
 from llm import LLMWSEnhancedClient, LLMWSError
 
 GREEDY = {"temperature": 0, "max_new_tokens": 60}

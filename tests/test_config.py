@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, free_port
+
 from llmws_server.config import DEFAULTS, generation_defaults, load_config, validate_generation
 from llmws_server.errors import ConfigError, Refused
 
@@ -142,7 +142,8 @@ def test_a_model_bigger_than_free_memory_is_one_line_before_anything_is_loaded(t
                               "--port", str(free_port()), "--http-port", "0", "--model", str(big)],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
-    assert refused.stderr.startswith("llmws: too-big needs about ") and " GB is free: pick a smaller model" in refused.stderr
+    assert (refused.stderr.startswith("llmws: too-big needs about ")
+            and " GB is free: pick a smaller model" in refused.stderr)
 
 
 def test_generation_defaults_come_from_config_json_then_the_model_then_the_built_in_ones(tmp_path):

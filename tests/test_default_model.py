@@ -3,7 +3,6 @@ import json
 import shutil
 
 import pytest
-
 from conftest import Client, text_of
 
 QUESTION = {"type": "inference", "prompt": {"user": "What is the capital of France?"},

@@ -2,9 +2,8 @@
 import asyncio
 
 import pytest
-from websockets.exceptions import ConnectionClosed
-
 from conftest import BLOCKER, Client, inference
+from websockets.exceptions import ConnectionClosed
 
 
 @pytest.fixture(scope="module")

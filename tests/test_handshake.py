@@ -6,10 +6,9 @@ import urllib.error
 import urllib.request
 
 import pytest
+from conftest import REPO, Client
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
-
-from conftest import REPO, Client
 
 TOKEN = "s3cret-token"
 
@@ -132,5 +131,6 @@ def test_the_command_line_client_takes_the_token_from_llmws_token(guarded_server
     environment = {key: value for key, value in os.environ.items() if key != "LLMWS_TOKEN"}
     refused = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=environment)
     assert refused.returncode != 0 and "401" in refused.stderr, refused.stderr
-    let_in = subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**environment, "LLMWS_TOKEN": TOKEN})
+    let_in = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                            env={**environment, "LLMWS_TOKEN": TOKEN})
     assert let_in.returncode == 0 and let_in.stdout.strip(), let_in.stderr

@@ -13,12 +13,11 @@ import time
 import uuid
 
 import pytest
+from conftest import Client, inference, text_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as connect_sync
-
-from conftest import Client, inference, text_of
 
 FRAME_LIMIT = 65536
 
@@ -44,7 +43,8 @@ async def test_a_frame_over_max_message_size_is_closed_with_1009(hostile_server)
 
 
 @pytest.mark.parametrize("frame", ["[" * 100000 + "]" * 100000, '{"a":' * 5000 + "1" + "}" * 5000,
-                                   json.dumps({"type": "config", "data": {"x": [[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]}})])
+                                   json.dumps({"type": "config",
+                                               "data": {"x": [[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]}})])
 async def test_deeply_nested_json_is_refused(hostile_server, frame):
     if len(frame) > FRAME_LIMIT:
         frame = frame[:FRAME_LIMIT // 2] + frame[-FRAME_LIMIT // 2:]
@@ -147,7 +147,8 @@ async def test_malformed_frames_get_an_error_and_the_connection_stays_open(roomy
 def masked_frame(text: str) -> bytes:
     """One client-to-server WebSocket text frame, written by hand (RFC 6455 section 5.2)."""
     payload, mask = text.encode(), os.urandom(4)
-    length = bytes([0x80 | len(payload)]) if len(payload) < 126 else bytes([0x80 | 126]) + struct.pack("!H", len(payload))
+    length = (bytes([0x80 | len(payload)]) if len(payload) < 126
+              else bytes([0x80 | 126]) + struct.pack("!H", len(payload)))
     return bytes([0x81]) + length + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import BLOCKER, ONE_AT_A_TIME, REPO, Client, inference
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import BLOCKER, ONE_AT_A_TIME, REPO, Client, inference
 from llmws_server.config import DEFAULTS
 from llmws_server.core.events import Log, Stamped
 from llmws_server.sessions.file_buffer import simple_decrypt

@@ -3,7 +3,6 @@ transformers, and the text is llama.cpp's own. Skipped where llama-cpp-python is
 import shutil
 
 import pytest
-
 from conftest import Client, inference, text_of
 
 llama_cpp = pytest.importorskip("llama_cpp")

@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import Client, build_tiny_model, inference, text_of
 from git_repos import gated_git, gated_path, lfs_repo_of, until_exists
+
 from llm import LLMWSEnhancedClient, LLMWSError
 from llmws_server.catalog import downloads
 
@@ -430,11 +430,11 @@ def test_the_repl_downloads_switches_and_deletes(models_server, lfs_repo, tiny_m
     import sys
 
     import pexpect
-
     from conftest import REPO
     shutil.copytree(tiny_model, models_server.root / "var" / "models" / "repl-spare")
-    repl = pexpect.spawn(sys.executable, [str(REPO / "llm.py"), "--port", str(models_server.port), "--host", "127.0.0.1",
-                                          "--plain"], env={**os.environ, "HOME": str(tmp_path)}, encoding="utf-8",
+    repl = pexpect.spawn(sys.executable, [str(REPO / "llm.py"), "--port", str(models_server.port),
+                                          "--host", "127.0.0.1", "--plain"],
+                         env={**os.environ, "HOME": str(tmp_path)}, encoding="utf-8",
                          timeout=120)
     try:
         repl.expect("you> ")

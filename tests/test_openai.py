@@ -7,9 +7,8 @@ import sys
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import BLOCKER, ONE_AT_A_TIME, REPO, Client, free_port, inference, text_of
+from prometheus_client.parser import text_string_to_metric_families
 
 PROMPT = "Tell me about rivers"
 TOKEN = "http-secret"

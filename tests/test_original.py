@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-
 from conftest import Client, inference, text_of
 
 ORIGINAL_RUN_TIME_KEYS = {"name": "Qwen2.5-VL-7B-Instruct", "params": "8.29B", "max_context": 32768,
@@ -42,7 +41,8 @@ async def test_ping_status_and_the_fields_its_clients_read(original_server):
     listed = (await client.request({"type": "list_models"}))["models"]
     assert status["type"] == "status" and status["sessions"] >= 1 and status["memory"] is None  # no GPU here
     assert status["model"] == {"loaded": True, "status": "OK", "name": "tiny", "path": "models/tiny", "error": None,
-                               "params": status["model"]["params"], "max_context": welcome["capabilities"]["max_context"]}
+                               "params": status["model"]["params"],
+                               "max_context": welcome["capabilities"]["max_context"]}
     assert status["model"]["params"].endswith("B") and [m["path"] for m in listed if m["loaded"]] == ["models/tiny"]
     messages = await client.until_done(inference("Hi", max_new_tokens=3, temperature=0.5))
     start = next(m for m in messages if m["type"] == "start")

@@ -3,9 +3,9 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_MAX_POSITIONS, Client, inference, text_of
 from websockets.asyncio.client import connect
 
-from conftest import TINY_MAX_POSITIONS, Client, inference, text_of
 from llmws_server.config import DEFAULTS
 from llmws_server.engines.transformers.engine import choose_dtype
 

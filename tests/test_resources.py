@@ -6,14 +6,14 @@ import types
 import psutil
 import pytest
 import torch
+from conftest import ONE_AT_A_TIME, Client, inference
 from transformers import Gemma2Config, LlamaConfig, Qwen2Config
 
-from conftest import ONE_AT_A_TIME, Client, inference
-from llmws_server.core import resources
 from llmws_server.config import DEFAULTS
-from llmws_server.engines.transformers.engine import Engine, choose_attention, choose_dtype
+from llmws_server.core import resources
 from llmws_server.engines.api import Prompt
 from llmws_server.engines.transformers.batching import GREEDY
+from llmws_server.engines.transformers.engine import Engine, choose_attention, choose_dtype
 
 GB = 1024 ** 3
 LLAMA_31_8B = LlamaConfig(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, hidden_size=4096,

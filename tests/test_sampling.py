@@ -1,10 +1,14 @@
-"""The batch's per-request sampler (engine_sampling) against generate()'s own processors: the same token
+"""The batch's per-request sampler (engines/transformers/sampling) against generate()'s own processors: the same token
 for a greedy row, the same candidates and odds for a sampled one, the same penalty."""
 from types import SimpleNamespace
 
 import torch
-from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                                    TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from llmws_server.engines.transformers.sampling import Step
 

@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import BLOCKER, ONE_AT_A_TIME, REPO, Client, inference, text_of
 from websockets.exceptions import ConnectionClosed
 
-from conftest import BLOCKER, ONE_AT_A_TIME, REPO, Client, inference, text_of
 from llmws_server.sessions.file_buffer import simple_decrypt, simple_encrypt
 
 LONG = inference("Tell me a long story", max_new_tokens=150, request_id="story")

@@ -7,7 +7,6 @@ import sys
 
 import pexpect
 import pytest
-
 from conftest import REPO, Client, inference, text_of
 
 QUESTION = "What is the secret word?"
@@ -125,7 +124,8 @@ async def test_a_snapshot_saves_the_served_model(train_server):
 def test_the_repl_trains_with_a_progress_bar_and_snapshots(train_server, tmp_path):
     dataset = tmp_path / "secret.jsonl"
     dataset.write_text("\n".join([LINE] * 4))
-    repl = pexpect.spawn(sys.executable, [str(REPO / "llm.py"), "--port", str(train_server.port), "--host", "127.0.0.1"],
+    repl = pexpect.spawn(sys.executable, [str(REPO / "llm.py"), "--port", str(train_server.port),
+                                          "--host", "127.0.0.1"],
                          env={**os.environ, "HOME": str(tmp_path)}, encoding="utf-8", timeout=120)
     repl.expect("you> ")
     repl.sendline(f"/train {dataset} max_steps=8 log_every=4 learning_rate=0.01 checkpoint_name=repl-run")

@@ -10,17 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmws_server.catalog import folders as catalog
-from llmws_server.http import openai_shapes
+from llmws_server.config import DEFAULTS, GenerationSettings, load_config
 from llmws_server.core import events
+from llmws_server.core.batching import BatchingWorker
+from llmws_server.core.jobs import InferenceJob, Job, SwitchJob
 from llmws_server.core.requests import MAX_DEPTH, parse_json
+from llmws_server.core.worker import Worker
+from llmws_server.engines.api import Progress, Prompt
 from llmws_server.errors import ContextTooLong, Refused
+from llmws_server.http import openai_shapes
 from llmws_server.http.errors import APIError
 from llmws_server.ws import protocol, wire
-from llmws_server.core.batching import BatchingWorker
-from llmws_server.config import DEFAULTS, GenerationSettings, load_config
-from llmws_server.engines.api import Progress, Prompt
-from llmws_server.core.jobs import InferenceJob, Job, SwitchJob
-from llmws_server.core.worker import Worker
 
 DEFAULT_SETTINGS = DEFAULTS["generation_defaults"]
 
@@ -56,12 +56,14 @@ def test_every_outgoing_message_has_its_documented_type():
     protocol_doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
     built = [protocol.welcome("s", False, "m", {}, {}, {}), protocol.log("x"), protocol.error("x"), protocol.queued(1),
              protocol.start(1, 2, 0, False), protocol.token("x"), protocol.done(3, "stop", 6.0),
-             wire.message(events.Failed(str(ContextTooLong(9, 8)), ContextTooLong(9, 8).fields)), protocol.config_ack({}), protocol.ack_received(),
+             wire.message(events.Failed(str(ContextTooLong(9, 8)), ContextTooLong(9, 8).fields)),
+             protocol.config_ack({}), protocol.ack_received(),
              protocol.cancelled("r"), protocol.resources(None, {}, {}, []), protocol.models_list([]),
              protocol.model_switched("m", {}), protocol.pong(), protocol.status({}, None, 1, {}),
              protocol.recheck_complete(True, {}, "unchanged"), protocol.train_started({}, 1, "x"),
              protocol.train_progress(1, 2, 0.5, 1e-4, 10.0), protocol.train_checkpoint(1, "p"),
-             protocol.train_done(1, None, "done", 0.5), protocol.train_status({}), protocol.snapshot_saved("p"), protocol.download_started(), protocol.download_done({}),
+             protocol.train_done(1, None, "done", 0.5), protocol.train_status({}), protocol.snapshot_saved("p"),
+             protocol.download_started(), protocol.download_done({}),
              protocol.model_deleted("m")]
     for message in built:
         kind = message["type"]
@@ -321,13 +323,15 @@ def test_the_markdown_view_renders_and_shows_nothing_after_stop():
 
 ANY_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.integers(min_value=10 ** 4400) |
                         st.floats() | st.text(max_size=6),
-                        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                        lambda inner: st.lists(inner, max_size=3)
+                        | st.dictionaries(st.text(max_size=6), inner, max_size=3),
                         max_leaves=6)
 SETTING_NAMES = ["temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "do_sample", "beam"]
 INFERENCE_FIELDS = {
     "type": st.just("inference"),
     "prompt": st.text(max_size=20) | st.fixed_dictionaries({"user": st.text(max_size=8)}) | ANY_JSON,
-    "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "x"]) | ANY_JSON,
+    "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "x"])
+                                                | ANY_JSON,
                                                 "content": st.text(max_size=8) | ANY_JSON}), max_size=3) | ANY_JSON,
     "config": st.dictionaries(st.sampled_from(SETTING_NAMES), ANY_JSON | st.floats(0, 3) | st.integers(0, 50),
                               max_size=3) | ANY_JSON,

@@ -12,9 +12,8 @@ import sys
 import openai
 import pexpect
 import pytest
-from PIL import Image
-
 from conftest import REPO, Client, free_port, inference, text_of
+from PIL import Image
 
 FAMILIES = ["idefics3", "llava"]
 
@@ -201,7 +200,6 @@ def test_the_repl_attaches_an_image_to_the_next_question(vision_servers, tmp_pat
                     reason="Debian's chromium is not installed")
 def test_the_page_attaches_an_image_and_shows_the_streamed_answer(vision_servers, tmp_path):
     from playwright.sync_api import expect, sync_playwright
-
     from test_web import CHROMIUM, FLAGS
 
     picture, notes = tmp_path / "red.png", tmp_path / "notes.txt"

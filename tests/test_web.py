@@ -7,8 +7,8 @@ import shutil
 import threading
 
 import pytest
-
 from conftest import REPO
+
 from llm import LLMWSEnhancedClient
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -181,7 +181,8 @@ def test_errors_show_inline_and_the_panel_shows_what_holds(page):
 
 def test_markdown_is_rendered_and_model_html_is_never_run(page):
     html = page.evaluate("""() => { const d = document.createElement('div');
-        render(d, '<img src=x onerror="window.pwned=1"> **bold** `x<y`\\n```python\\nprint("<b>")\\n```\\nafter'); return d.innerHTML; }""")
+        render(d, '<img src=x onerror="window.pwned=1"> **bold** `x<y`\\n```python\\nprint("<b>")\\n```\\nafter'); """
+        """return d.innerHTML; }""")
     assert "<img" not in html and "&lt;img" in html
     assert "<strong>bold</strong>" in html and "<code>x&lt;y</code>" in html
     assert ('<pre><button class="copy">copy</button><code>print(<span class="str">"&lt;b&gt;"</span>)</code></pre>after'
@@ -191,7 +192,8 @@ def test_markdown_is_rendered_and_model_html_is_never_run(page):
 
 @pytest.mark.parametrize("language, code, spans", [
     ("python", 'def f(x):  # add\n    return x + 1.5 if x else "no"',
-     [["kw", "def"], ["com", "# add"], ["kw", "return"], ["num", "1.5"], ["kw", "if"], ["kw", "else"], ["str", '"no"']]),
+     [["kw", "def"], ["com", "# add"], ["kw", "return"], ["num", "1.5"], ["kw", "if"], ["kw", "else"],
+      ["str", '"no"']]),
     ("js", "const n = 0x1F; // hex", [["kw", "const"], ["num", "0x1F"], ["com", "// hex"]]),
     ("sql", "SELECT name FROM t -- all", [["kw", "SELECT"], ["kw", "FROM"], ["com", "-- all"]]),
     ("bash", "for f in *.txt; do echo 'x # y'; done", [["kw", "for"], ["kw", "in"], ["kw", "do"], ["kw", "echo"],
@@ -202,7 +204,8 @@ def test_markdown_is_rendered_and_model_html_is_never_run(page):
 ])
 def test_code_is_highlighted_by_language(page, language, code, spans):
     found = page.evaluate("""([code, language]) => { const d = document.createElement('code');
-        d.innerHTML = highlight(code, language); return [d.textContent, [...d.querySelectorAll('span')].map(s => [s.className, s.textContent])]; }""",
+        d.innerHTML = highlight(code, language); return [d.textContent, """
+        """[...d.querySelectorAll('span')].map(s => [s.className, s.textContent])]; }""",
                           [code, language])
     assert found == [code, spans]
 
@@ -471,9 +474,8 @@ def test_the_token_field_lets_the_page_into_a_server_with_a_token(browser, start
 def test_the_page_shows_its_place_in_the_queue(browser, start_server, tiny_model):
     """One at a time, behind another client's long answer: the page says how many are ahead, then answers
     once that one is cancelled."""
-    from websockets.sync.client import connect as connect_sync
-
     from conftest import BLOCKER, ONE_AT_A_TIME
+    from websockets.sync.client import connect as connect_sync
 
     server = start_server(tiny_model, optimization=ONE_AT_A_TIME)
     context = browser.new_context(bypass_csp=True)

@@ -28,8 +28,13 @@ def _save(model, processor, out: Path) -> Path:
 
 def build_idefics3(default_model: Path, out: Path) -> Path:
     import torch
-    from transformers import (AutoTokenizer, Idefics3Config, Idefics3ForConditionalGeneration,
-                              Idefics3ImageProcessor, Idefics3Processor)
+    from transformers import (
+        AutoTokenizer,
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(default_model)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>",
@@ -48,8 +53,14 @@ def build_idefics3(default_model: Path, out: Path) -> Path:
 
 def build_llava(default_model: Path, out: Path) -> Path:
     import torch
-    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(default_model)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})

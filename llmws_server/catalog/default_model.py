@@ -41,8 +41,8 @@ def install_default_model(models_dir: Path) -> Path:
         return target
     models_dir.mkdir(parents=True, exist_ok=True)
     # Work in a hidden folder beside the targets, so each final move is a rename and a failure leaves nothing.
-    with tempfile.TemporaryDirectory(prefix=".installing-", dir=models_dir) as work:
-        work = Path(work)
+    with tempfile.TemporaryDirectory(prefix=".installing-", dir=models_dir) as work_dir:
+        work = Path(work_dir)
         gguf = _find_gguf(work)
         if not (target / "config.json").is_file():
             log.info("converting %s to safetensors (once, about 40 s on 2 cores)", gguf.name)

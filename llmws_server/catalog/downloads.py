@@ -11,6 +11,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TypedDict
 from urllib.parse import urlsplit
 
 from llmws_server.catalog import folders as catalog
@@ -21,6 +22,13 @@ GIT_LFS_ADVICE = ("git-lfs is not installed. Install it first: sudo apt-get inst
 LFS_POINTER_SIZE = re.compile(rb"^size (\d+)$", re.MULTILINE)
 GGUF_PATH = re.compile(r"^\w[\w.+-]*(/\w[\w.+-]*)*\.gguf$", re.ASCII)  # within the repo: no "..", no "/x", no "-x"
 FILE_URL = re.compile(r"^(https://huggingface\.co/[^/]+/[^/]+)/(?:resolve|blob)/[^/]+/(.+\.gguf)$")
+
+
+class HubPlace(TypedDict):
+    """Where huggingface_hub's downloads take a repo from and put it (keyword arguments of both)."""
+    repo_id: str
+    local_dir: str
+    cache_dir: str
 
 
 def check_file(file) -> str | None:
@@ -51,8 +59,8 @@ class Downloads:
     def check(self, repo, target_dir, file=None) -> tuple[str, Path, str | None]:
         """(url, destination, file) for a request that may go ahead; errors.Refused says why not."""
         file = check_file(file)
-        if file is None and isinstance(repo, str) and FILE_URL.match(repo):  # a link to one file of a repo
-            repo, file = FILE_URL.match(repo).groups()
+        if file is None and isinstance(repo, str) and (match := FILE_URL.match(repo)):  # a link to one file
+            repo, file = match.groups()
             file = check_file(file)
         if not isinstance(repo, str) or not repo or repo.startswith("-") or any(c.isspace() or ord(c) < 32
                                                                                 for c in repo):
@@ -134,10 +142,10 @@ class Downloads:
         repo_id = "/".join(urlsplit(url).path.strip("/").split("/")[:2])
         # The hub's cache (refs, file trees) goes in the work folder too, which is cleared after: nothing is
         # written outside the project (by default it would go to ~/.cache/huggingface).
-        where = {"repo_id": repo_id, "local_dir": str(work), "cache_dir": str(work / ".cache" / "hub")}
+        where: HubPlace = {"repo_id": repo_id, "local_dir": str(work), "cache_dir": str(work / ".cache" / "hub")}
         fetch = asyncio.create_task(
-            asyncio.to_thread(hf_hub_download, filename=file, **where) if file else
-            asyncio.to_thread(snapshot_download, **where))
+            asyncio.to_thread(lambda: hf_hub_download(filename=file, **where)) if file else
+            asyncio.to_thread(lambda: snapshot_download(**where)))
         while not fetch.done():
             await asyncio.wait({fetch}, timeout=2)
             size = sum(path.stat().st_size for path in work.rglob("*") if path.is_file())
@@ -158,6 +166,7 @@ async def _run(argv, env=None, check=True) -> int:
     if check and process.returncode != 0:
         last_lines = output.decode(errors="replace").strip().splitlines()[-3:]
         raise RuntimeError(f"{argv[0]} {argv[1]} failed: {' '.join(last_lines)}")
+    assert process.returncode is not None  # communicate() waited for the process to end
     return process.returncode
 
 

@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+
 from llmws_server.errors import Refused
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")

@@ -141,6 +141,7 @@ class BatchingWorker(Worker):
 
     def _collect(self) -> None:
         """Hand on what the batch produced in the last moment; end cancelled and overdue requests."""
+        assert self.batch is not None  # there are members: the batch they are in is open
         for progress in self.batch.progress(timeout=0.02):
             member = self.members.get(progress.request)
             if member is not None:

@@ -11,6 +11,7 @@ import platform
 from pathlib import Path
 
 import psutil
+
 from llmws_server.errors import Refused
 
 GB = 1024 ** 3

@@ -49,6 +49,14 @@ class Batch(Protocol):
 
 
 class Trainer(Protocol):
+    """Used as a context manager: training happens between entering and leaving it."""
+
+    def __enter__(self) -> "Trainer":
+        """Set up training (the adapters go in)."""
+
+    def __exit__(self, *exc_info: object) -> None:
+        """End training; the served model is as it was."""
+
     def step(self) -> tuple[float, int]:
         """One batch forward and back: (loss, tokens)."""
 

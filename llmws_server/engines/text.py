@@ -1,4 +1,4 @@
-"""Token ids to text as they come, for generate() (engine.py) and the batch (engine_batching.py):
+"""Token ids to text as they come, for generate() and the batch of the transformers engine:
 incremental decoding (tokenizers' DecodeStream), so a token costs the same however long the answer is,
 and a character split over tokens waits for its rest."""
 from tokenizers.decoders import DecodeStream

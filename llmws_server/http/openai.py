@@ -3,7 +3,8 @@ a request goes to the core as a StreamSession of its own, and its events come ba
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
@@ -29,6 +30,16 @@ def routes(api: "HTTPApi") -> list[Route]:
     return [Route("/v1/models", api.endpoint(endpoints.models)),
             Route("/v1/chat/completions", api.endpoint(endpoints.chat), methods=["POST"]),
             Route("/v1/completions", api.endpoint(endpoints.completions), methods=["POST"])]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The end of an answer as OpenAI tells it: a stop string's cut is a stop, and the usage."""
+    reason: FinishReason
+    usage: dict
+
+
+Told = Union[Queued, Text, Finished, Failed]  # what an answer's stream tells, in order
 
 
 def refusal(failed: Failed) -> APIError:
@@ -68,15 +79,15 @@ class OpenAIEndpoints:
         return await self.whole(events, reply, headers)
 
     async def events(self, job: InferenceJob, session: StreamSession, stamped: Stamped,
-                     stops: tuple[str, ...]) -> AsyncIterator[tuple[str, Any]]:
-        """A request's events as (kind, value): queued, text, done (reason, usage), error. A stop string
-        ends the text there and cancels the rest; a client that leaves cancels it all."""
+                     stops: tuple[str, ...]) -> AsyncIterator[Told]:
+        """A request's events as OpenAI tells them: queue positions, text, then finished or failed. A stop
+        string ends the text there and cancels the rest; a client that leaves cancels it all."""
         stop, tokens_in, finished = StopText(stops), 0, False
         try:
             while True:
                 event = stamped.event
                 if isinstance(event, Queued):
-                    yield "queued", event.position
+                    yield event
                 elif isinstance(event, Started):
                     tokens_in = event.tokens_in
                 elif isinstance(event, Text) and not stop.stopped:
@@ -84,18 +95,18 @@ class OpenAIEndpoints:
                     if stop.stopped:
                         job.cancelled.set()
                     if text:
-                        yield "text", text
+                        yield Text(text)
                 elif isinstance(event, Done):
                     finished = True
                     rest = stop.rest()
                     if rest:
-                        yield "text", rest
+                        yield Text(rest)
                     reason = FinishReason.STOP if stop.stopped else event.reason
-                    yield "done", (reason, openai_shapes.usage(tokens_in, event.tokens))
+                    yield Finished(reason, openai_shapes.usage(tokens_in, event.tokens))
                     return
                 elif isinstance(event, Failed):
                     finished = True
-                    yield "error", event
+                    yield event
                     return
                 stamped = await session.events.get()
         finally:
@@ -103,36 +114,34 @@ class OpenAIEndpoints:
                 log.info("request %s cancelled: its HTTP client left", job.request_id)
                 self.service.cancel(session, job)
 
-    async def whole(self, events: AsyncIterator[tuple[str, Any]], reply: Reply, headers: dict) -> Response:
+    async def whole(self, events: AsyncIterator[Told], reply: Reply, headers: dict) -> Response:
         text = []
-        async for kind, value in events:
-            if kind == "text":
-                text.append(value)
-            elif kind == "done":
-                reason, usage = value
-                return JSONResponse(reply.whole("".join(text), reason, usage), headers=headers)
-            elif kind == "error":
-                error = refusal(value)
+        async for told in events:
+            if isinstance(told, Text):
+                text.append(told.text)
+            elif isinstance(told, Finished):
+                return JSONResponse(reply.whole("".join(text), told.reason, told.usage), headers=headers)
+            elif isinstance(told, Failed):
+                error = refusal(told)
                 return JSONResponse(error.body(), error.status, headers=headers)
         raise AssertionError("a request's events end with done or error")
 
-    async def chunks(self, events: AsyncIterator[tuple[str, Any]], reply: Reply,
+    async def chunks(self, events: AsyncIterator[Told], reply: Reply,
                      include_usage: bool) -> AsyncIterator[ServerSentEvent]:
         """The stream: chunks as data events, queue positions as comments, then [DONE]."""
         if reply.chat:
             yield _data(reply.chunk(first=True))
-        async for kind, value in events:
-            if kind == "queued":
-                yield ServerSentEvent(comment=f"queued: {value} ahead")
-            elif kind == "text":
-                yield _data(reply.chunk(value))
-            elif kind == "done":
-                reason, usage = value
-                yield _data(reply.chunk(reason=reason))
+        async for told in events:
+            if isinstance(told, Queued):
+                yield ServerSentEvent(comment=f"queued: {told.position} ahead")
+            elif isinstance(told, Text):
+                yield _data(reply.chunk(told.text))
+            elif isinstance(told, Finished):
+                yield _data(reply.chunk(reason=told.reason))
                 if include_usage:
-                    yield _data(reply.usage_chunk(usage))
-            elif kind == "error":
-                yield _data(refusal(value).body())
+                    yield _data(reply.usage_chunk(told.usage))
+            elif isinstance(told, Failed):
+                yield _data(refusal(told).body())
         yield ServerSentEvent(data="[DONE]")
 
 

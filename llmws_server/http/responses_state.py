@@ -1,7 +1,7 @@
 """The OpenAI Responses API without a socket: request bodies checked into this server's requests, and a
 response told as that API's events, folded from this server's stream messages.
 
-A stored response is a session (sessions.py): its job's messages are numbered and buffered like any
+A stored response is a session (sessions/store.py): its job's events are numbered and buffered like any
 session's, so the events, and their sequence numbers, can be told again from the buffer at any time:
 the same messages in the same order give the same events with the same numbers.
 """
@@ -64,6 +64,7 @@ def responses_request(body, defaults: dict) -> ResponsesRequest:
     try:
         settings = request_settings({**{k: body[k] for k in NEUTRAL if k in body}, **named}, defaults)
     except APIError as exc:
+        assert exc.param is not None  # request_settings names the setting it refuses
         ours = next((key for key, chat in SETTINGS.items() if chat == exc.param), exc.param)
         raise APIError(str(exc).replace(str(exc.param), ours), ours) from None
     flags = {name: body.get(name, name == "store") for name in ("stream", "background", "store")}
@@ -106,6 +107,12 @@ def _part(part, where: str) -> dict:
 
 class ResponseState:
     """One response as the Responses API tells it, built up from this server's stream messages for it."""
+
+    text: list[str]
+    tokens_out: int | None
+    error: dict | None
+    incomplete: dict | None
+    position: int | None
 
     def __init__(self, session_id: str, model: str, created_at: float, background: bool, settings: dict):
         self.id = response_id(session_id)

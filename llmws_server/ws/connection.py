@@ -31,6 +31,8 @@ def remote_address(websocket: ServerConnection) -> str:
 class Connection:
     """A session's listener (sessions.store.Listener) on a WebSocket."""
 
+    allowance: float  # within_rate's bucket: messages it may send now
+
     def __init__(self, websocket: ServerConnection, outbox_limit: int):
         self.websocket = websocket
         self.outbox: asyncio.Queue[str | Iterator[dict]] = asyncio.Queue()

@@ -27,7 +27,8 @@ FIELDS = {
     "train_status": set(),
     "save_snapshot": {"name", "request_id"},
 }
-ADMIN_TYPES = {"switch_model", "download_model", "delete_model", "recheck_model", "train", "save_snapshot"}  # model management: the admin scope
+# Model management: the admin scope
+ADMIN_TYPES = {"switch_model", "download_model", "delete_model", "recheck_model", "train", "save_snapshot"}
 HELLO_FIELDS = {"session_id", "last_seq"}
 LEGACY_TAG = re.compile(r"<\|(system|user|assistant)\|>")
 LEGACY_END = "<|end|>"

@@ -63,6 +63,7 @@ class WebSocketServer:
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         connection = Connection(websocket, self.server_settings["max_message_size"])
+        assert websocket.request is not None  # the handler runs after the handshake
         connection.admin_problem = self.handshake.admin_problem(websocket.request)
         self.connections.add(connection)
         session = None
@@ -200,6 +201,7 @@ class WebSocketServer:
         job = session.jobs.get(request_id) if request_id else None
         if job is None:
             raise Refused(f"No request {request_id} to cancel" if request_id else "No request to cancel")
+        assert request_id is not None  # the job was found by it
         self.service.cancel(session, job)
         connection.send(protocol.cancelled(request_id))
 

@@ -1,6 +1,7 @@
-"""Requests on llama.cpp generating together (engine_api.Batch): one context with a sequence per request,
-as llama.cpp's server slots do. A thread of its own takes new requests in (their prompts), then decodes
-one token of every running request per step; each request samples with its own sampler chain.
+"""Requests on llama.cpp generating together (engines.api.Batch), knowing nothing of the queue or the
+sessions: one context with a sequence per request, as llama.cpp's server slots do. A thread of its own
+takes new requests in (their prompts), then decodes one token of every running request per step; each
+request samples with its own sampler chain.
 
 Each sequence has KV cells of its own, a full context's worth (llama.cpp's per-sequence streams, not one
 shared cache): with them a greedy text in a batch is the text of the same request alone, token for token.
@@ -29,7 +30,8 @@ class Sequence:
     settings: object
     seq: int = -1  # llama.cpp's sequence id while it runs
     sampler: object = None
-    decoder: object = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
     generated: int = 0
     last: int = -1  # the token the next step feeds
 
@@ -39,7 +41,8 @@ def make_sampler(settings, vocab_size: int):
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     steps = [llama_cpp.llama_sampler_init_penalties(vocab_size, PENALTY_WINDOW, settings.repetition_penalty, 0.0, 0.0)]
     if settings.sampled:
-        steps += [llama_cpp.llama_sampler_init_top_k(settings.top_k), llama_cpp.llama_sampler_init_top_p(settings.top_p, 1),
+        steps += [llama_cpp.llama_sampler_init_top_k(settings.top_k),
+                  llama_cpp.llama_sampler_init_top_p(settings.top_p, 1),
                   llama_cpp.llama_sampler_init_min_p(0.0, 1), llama_cpp.llama_sampler_init_temp(settings.temperature),
                   llama_cpp.llama_sampler_init_dist(random.getrandbits(32))]
     else:
@@ -73,7 +76,7 @@ class LlamaCppBatch:
         self.batch = llama_cpp.llama_batch_init(max(engine.llama.n_batch, slots), 0, 1)
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
-        self.held = {seq: [] for seq in range(slots)}  # the tokens each sequence's cells hold
+        self.held: dict[int, list[int]] = {seq: [] for seq in range(slots)}  # the tokens each sequence's cells hold
         self.cancelled: dict[str, None] = {}  # the latest CANCELLED_KEPT cancelled requests, oldest first
         self.results: queue.Queue[Progress] = queue.Queue()
         self.wake = threading.Condition()
@@ -82,7 +85,7 @@ class LlamaCppBatch:
         self.thread = threading.Thread(target=self._run, name="llama.cpp-batch", daemon=True)
         self.thread.start()
 
-    # -- engine_api.Batch ------------------------------------------------------------------------------------
+    # -- engines.api.Batch ------------------------------------------------------------------------------------
 
     def add(self, prompt, max_tokens: int, settings) -> str:
         sequence = Sequence(f"r{random.getrandbits(64):016x}", list(prompt.ids), max_tokens, settings)

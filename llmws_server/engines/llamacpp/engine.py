@@ -1,6 +1,7 @@
-"""The llama.cpp engine (engine_api.Engine) for GGUF models, through llama-cpp-python: the prompt through
-the GGUF's own chat template, streamed generation of one request (batches: engine_llamacpp_batch.py), the
-context sized from free memory. With engine_llamacpp_batch.py, the only module that names llama_cpp."""
+"""The llama.cpp engine (engines.api.Engine) for GGUF models, through llama-cpp-python: the prompt through
+the GGUF's own chat template, streamed generation of one request (batches: batch.py), the context sized
+from free memory. It knows nothing about sessions, queues, sockets or HTTP. With batch.py, the only module
+that names llama_cpp."""
 import codecs
 import gc
 import logging
@@ -8,6 +9,7 @@ import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING, cast
 
 import psutil
 from llama_cpp import Llama, llama_vocab_is_eog
@@ -16,6 +18,9 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llmws_server.core import resources
 from llmws_server.engines.api import Prompt
 from llmws_server.errors import Refused
+
+if TYPE_CHECKING:
+    from llama_cpp.llama_types import ChatCompletionRequestMessage
 
 log = logging.getLogger("llmws.engine")
 KV_BYTES = 2  # llama.cpp keeps its KV cache in float16
@@ -32,9 +37,10 @@ def gguf_files(folder: Path) -> list[Path]:
     return sorted(path for path in folder.glob("*.gguf") if path.is_file())
 
 
-class LlamaCppEngine:  # engine_api.Engine
+class LlamaCppEngine:  # engines.api.Engine
     vision = False
     device = "cpu"
+    llama: "Llama | None"  # the model, None once unloaded
 
     def __init__(self, model_dir: Path, gguf_file: str | None, max_context_cap: int):
         self.path = Path(model_dir)
@@ -63,6 +69,7 @@ class LlamaCppEngine:  # engine_api.Engine
                  self.file.name, self.dtype_name, time.monotonic() - started, self.params / 1e6, self.max_context)
 
     def _token_text(self, token: int) -> str:
+        assert self.llama is not None
         return self.llama.detokenize([token], special=True).decode("utf-8", errors="replace") if token >= 0 else ""
 
     def _context_that_fits(self, cap: int) -> int:
@@ -94,10 +101,13 @@ class LlamaCppEngine:  # engine_api.Engine
         if self.formatter is None:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
             return self.encode_text(text)
-        prompt = self.formatter(messages=messages).prompt
+        chat = cast("list[ChatCompletionRequestMessage]", messages)  # {role, content} dicts, as it takes them
+        prompt = self.formatter(messages=chat).prompt
+        assert self.llama is not None
         return Prompt(self.llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
 
     def encode_text(self, text: str) -> Prompt:
+        assert self.llama is not None
         return Prompt(self.llama.tokenize(text.encode("utf-8"), add_bos=True, special=False))
 
     def generate(self, prompt: Prompt, settings, max_new_tokens: int, on_text, should_stop):
@@ -106,6 +116,7 @@ class LlamaCppEngine:  # engine_api.Engine
         sampling = {"temp": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k} \
             if settings.sampled else {"temp": 0.0, "top_p": 1.0, "top_k": 1}
         generated, reason = 0, "length"
+        assert self.llama is not None
         for token in self.llama.generate(prompt.ids, min_p=0.0, repeat_penalty=settings.repetition_penalty,
                                          reset=True, **sampling):
             if llama_vocab_is_eog(self.llama._model.vocab, token):  # end of sequence, or of the turn
@@ -155,6 +166,7 @@ class LlamaCppEngine:  # engine_api.Engine
         self.max_context = max(1, min(self.max_context, failed_at * 3 // 4))
 
     def unload(self) -> None:
+        assert self.llama is not None  # not unloaded before
         self.llama.close()
         self.llama = None
         gc.collect()

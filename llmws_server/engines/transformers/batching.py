@@ -1,6 +1,7 @@
-"""The transformers engine's batch (engine_api.Batch), on transformers' continuous batching
+"""The transformers engine's batch (engines.api.Batch), on transformers' continuous batching
 (`model.init_continuous_batching()`): requests join and leave while the others generate, each with its
-own settings (engine_sampling)."""
+own settings (sampling.py). It knows nothing about the queue or the sessions: the scheduler
+(core/batching.py) adds and cancels requests and reads their progress."""
 import gc
 import logging
 import math
@@ -16,9 +17,9 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from llmws_server.config import GenerationSettings
 from llmws_server.engines.api import Progress, Prompt
-from llmws_server.errors import OUT_OF_MEMORY
-from llmws_server.engines.transformers.sampling import request_kwargs, request_sampling
 from llmws_server.engines.text import TextStream
+from llmws_server.engines.transformers.sampling import request_kwargs, request_sampling
+from llmws_server.errors import OUT_OF_MEMORY
 
 PAGE_SIZE = 256
 # Tokens one batching step may take in (longer prompts are prefilled in pieces, the others decoding

@@ -1,7 +1,7 @@
-"""The transformers engine (engine_api.Engine): loading with the right dtype and attention, prompts,
-streamed generation of one request; batches are in engine_batching.py. The engine_*.py modules of the
-transformers engine are the only ones that name torch or transformers (resources.py asks torch for device
-memory)."""
+"""The transformers engine (engines.api.Engine): loading with the right dtype and attention, prompts,
+streamed generation of one request; batches are in batching.py. It knows nothing about sessions, queues,
+sockets or HTTP: it is given token ids and settings, and gives text. This folder's modules are the only
+ones that name transformers (core/resources.py asks torch for device memory)."""
 import contextlib
 import gc
 import importlib
@@ -10,17 +10,28 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
-                          AutoTokenizer, StoppingCriteria, StoppingCriteriaList)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from llmws_server.core import resources
 from llmws_server.engines.api import Prompt
-from llmws_server.engines.transformers.batching import SLOT_TOKENS, TransformersBatch
 from llmws_server.engines.text import Streamer, TextStream
+from llmws_server.engines.transformers.batching import SLOT_TOKENS, TransformersBatch
 from llmws_server.engines.transformers.training import LoRATrainer, save_model
+
+if TYPE_CHECKING:  # what the Auto classes' from_pretrained gives (a PreTrainedModel that generates)
+    from transformers.models.auto.modeling_auto import _BaseModelWithGenerate
 
 log = logging.getLogger("llmws.engine")
 # Fault injection for the tests: a prompt containing this text runs out of memory after its first token.
@@ -81,7 +92,7 @@ def decoder_layers(model) -> list:
     return list(getattr(decoder, "layers", None) or [])
 
 
-class Engine:  # engine_api.Engine
+class Engine:  # engines.api.Engine
     def __init__(self, model_dir: Path, model_options: dict, optimization: dict, max_context_cap: int):
         self.path = Path(model_dir)
         self.name = self.path.name
@@ -105,7 +116,7 @@ class Engine:  # engine_api.Engine
             self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust)
         resources.check_weights_fit(self.path, self.dtype.itemsize, hasattr(self.config, "quantization_config"))
         model_class = AutoModelForImageTextToText if self.vision else AutoModelForCausalLM
-        self.model = model_class.from_pretrained(
+        self.model: "_BaseModelWithGenerate | None" = model_class.from_pretrained(
             self.path, dtype=self.dtype, attn_implementation=self.attention, trust_remote_code=trust,
             use_safetensors=model_options["use_safetensors"],
             device_map=model_options["device_map"] if cuda else None)
@@ -173,16 +184,18 @@ class Engine:  # engine_api.Engine
 
     def generate(self, prompt: Prompt, settings, max_new_tokens: int, on_text, should_stop, stream=None):
         """Stream text pieces to `on_text` on this thread; return (tokens generated, finish reason).
-        `stream` (engine_text.TextStream) may be given to keep the tokens, for a batch to go on from."""
+        `stream` (engines.text.TextStream) may be given to keep the tokens, for a batch to go on from."""
         stream = stream or TextStream(self.tokenizer)
         reading = _StopWhen(should_stop)
         if FAULT_OOM_MARKER and FAULT_OOM_MARKER in self.tokenizer.decode(prompt.ids):
             should_stop = _injected_oom
         stopper = _StopWhen(should_stop)
+        assert self.model is not None  # None only after unload(), and nothing generates after that
         inputs = torch.tensor([prompt.ids], device=self.model.device)
         with torch.inference_mode(), self._stoppable_read(reading, stream):
             self.model.generate(input_ids=inputs, **self._on_device(prompt.extra),
-                                attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens, streamer=Streamer(stream, on_text),
+                                attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
+                                streamer=Streamer(stream, on_text),
                                 stopping_criteria=StoppingCriteriaList([stopper]),
                                 pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                                 **sampling_arguments(settings))
@@ -211,16 +224,17 @@ class Engine:  # engine_api.Engine
 
     def _on_device(self, tensors: dict) -> dict:
         """The processor's tensors on the model's device, pixel values in the model's dtype."""
+        assert self.model is not None
         return {key: value.to(self.model.device, dtype=self.dtype if value.is_floating_point() else None)
                 for key, value in tensors.items()}
 
     @property
     def device_kind(self) -> str:
-        """What the per-device choices (BATCH_SIZE, engine_batching's STEP_TOKENS and threads) go by."""
+        """What the per-device choices (BATCH_SIZE, batching.STEP_TOKENS and threads) go by."""
         return "cuda" if self.device.startswith("cuda") else "cpu"
 
     def batchable(self, images: int) -> bool:
-        """Every text request shares the batch, whatever its settings (engine_sampling); continuous
+        """Every text request shares the batch, whatever its settings (sampling.py); continuous
         batching takes token ids only, so a request with images runs alone. Incremental decoding needs a
         fast (tokenizers) tokenizer."""
         return not images and self.tokenizer.is_fast
@@ -287,7 +301,7 @@ def _injected_oom():
 def sampling_arguments(settings) -> dict:
     """generate() arguments for GenerationSettings: every one, so that none comes from the model's
     generation_config.json instead (the session's settings already took it in)."""
-    arguments = {}
+    arguments: dict = {}
     if settings.sampled:
         arguments.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
                          top_k=settings.top_k)

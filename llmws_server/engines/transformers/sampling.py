@@ -11,14 +11,16 @@ TopKLogitsWarper and TopPLogitsWarper, in that order, with two differences that 
   a CPU, where a step of the default model takes about 30);
 The repetition penalty needs each request's own tokens, which do not fit the processors' one number per
 row: the rows' token ids are gathered when the step is prepared, so the manager must run steps one after
-the other (no asynchronous batching, no CUDA graphs; engine_batching sets both).
+the other (no asynchronous batching, no CUDA graphs; batching.py sets both).
 """
 from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessorList
 from transformers.generation.continuous_batching.cb_logits_processors import (
-    ContinuousBatchingLogitsProcessor, ContinuousBatchingLogitsProcessorList)
+    ContinuousBatchingLogitsProcessor,
+    ContinuousBatchingLogitsProcessorList,
+)
 
 
 def request_kwargs(settings) -> dict:
@@ -43,6 +45,7 @@ class Step:
     @classmethod
     def of(cls, requests) -> "Step":
         sampled, temperature, top_k, top_p = [], [], [], []
+        tokens: list[int]
         rows, tokens, penalties = [], [], []
         for row, request in enumerate(requests):
             state = request.state
@@ -100,7 +103,7 @@ class RequestSampler(ContinuousBatchingLogitsProcessor):
     def __init__(self, before_next_step=None):
         self.step = None
         # Run on the manager's thread each time a step's requests are chosen: a request it adds enters the
-        # step after this one (engine_batching holds a solo run's continuation back that way).
+        # step after this one (batching.py holds a solo run's continuation back that way).
         self.before_next_step = before_next_step
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
@@ -113,7 +116,8 @@ class RequestSampler(ContinuousBatchingLogitsProcessor):
         return torch.zeros(len(requests_with_new_token), dtype=torch.int32)
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        if self.step is None or self.step.rows != scores.size(0):  # a step the manager made up (warm-up): nothing to choose for
+        # A step the manager made up (the warm-up) has nothing to choose for.
+        if self.step is None or self.step.rows != scores.size(0):
             return scores
         return self.step.apply(scores)
 

@@ -6,6 +6,7 @@ import tempfile
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
+
 from llmws_server.errors import Refused
 
 LORA = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -17,7 +18,8 @@ def token_sequences(engine, examples: list, max_length: int) -> list[list[int]]:
     tokenizer, sequences = engine.tokenizer, []
     for line, example in examples:
         if isinstance(example, str):
-            ids = tokenizer(example)["input_ids"] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+            end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+            ids = tokenizer(example)["input_ids"] + end
         else:
             ids = engine.chat_ids(example, add_generation_prompt=False)
         if len(ids) > max_length:
@@ -29,6 +31,9 @@ def token_sequences(engine, examples: list, max_length: int) -> list[list[int]]:
 class LoRATrainer:
     """Used as `with engine.trainer(examples, settings) as trainer:` by the worker thread."""
 
+    order: list[int]
+    optimizer: torch.optim.AdamW | None  # set while training (__enter__ to __exit__), as is the model
+
     def __init__(self, engine, examples: list, settings):
         if engine.vision:
             raise Refused("training takes text-only models for now")
@@ -37,7 +42,7 @@ class LoRATrainer:
         self.pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
         self.order, self.steps, self.pending = [], 0, 0
         self.generator = torch.Generator().manual_seed(0)
-        self.model = None
+        self.model: PeftModel | None = None
 
     def __enter__(self):
         self.model = get_peft_model(self.engine.model, LORA)
@@ -49,6 +54,7 @@ class LoRATrainer:
 
     def __exit__(self, *exc_info):
         """The adapters come out; the served model is as it was."""
+        assert self.model is not None
         self.model.eval()
         self.engine.model = self.model.unload()
         self.engine.model.config.use_cache = True
@@ -59,6 +65,7 @@ class LoRATrainer:
         """One batch forward and back (an optimizer step every gradient_accumulation batches): (loss, tokens)."""
         batch = [self.sequences[index] for index in self._next_batch()]
         longest = max(map(len, batch))
+        assert self.model is not None
         ids = torch.tensor([seq + [self.pad] * (longest - len(seq)) for seq in batch], device=self.model.device)
         mask = torch.tensor([[1] * len(seq) + [0] * (longest - len(seq)) for seq in batch], device=self.model.device)
         labels = ids.masked_fill(mask == 0, -100)
@@ -78,6 +85,7 @@ class LoRATrainer:
 
     def _apply(self) -> None:
         if self.pending:
+            assert self.optimizer is not None
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.pending = 0
@@ -87,6 +95,7 @@ class LoRATrainer:
         the adapters, so the served model is not touched."""
         self._apply()
         with tempfile.TemporaryDirectory(prefix=".adapter-", dir=folder.parent) as adapter:
+            assert self.model is not None
             self.model.save_pretrained(adapter)
             base = AutoModelForCausalLM.from_pretrained(self.engine.path, dtype=self.engine.dtype,
                                                         trust_remote_code=self.engine.trust_remote_code)
