@@ -25,7 +25,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "tls_key": None,
     },
     "model": {"path": None, "engine": "auto", "gguf_file": None, "use_safetensors": True, "trust_remote_code": False,
-              "device_map": "auto"},
+              "device_map": "auto", "tool_parser": "auto", "split_reasoning": True},
     "optimization": {"use_flash_attention": True, "dtype": "auto", "compile": False,
                      "max_batch_size": "auto"},
     # What a request gets where neither it, its session, config.json nor the model's generation_config.json
@@ -61,7 +61,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 # Keys whose value must be a whole number (the others of numeric default accept any finite number).
 INTEGER_KEYS = {"port", "http_port", "max_message_size", "max_clients", "max_clients_per_ip", "max_sessions",
                 "queue_size_per_client", "max_queued_requests", "max_context_length", "max_new_tokens", "top_k",
-                "max_image_bytes", "max_image_pixels", "max_images_per_request"}
+                "max_image_bytes", "max_image_pixels", "max_images_per_request", "seed"}
 POSITIVE_KEYS = {"port", "http_port", "max_message_size", "max_clients", "max_clients_per_ip", "max_sessions",
                  "hello_timeout_s",
                  "idle_timeout_s", "queue_size_per_client", "max_queued_requests", "detached_queue_timeout_s",
@@ -73,10 +73,12 @@ NULLABLE_KEYS = {"http_port"}
 ORIGINAL_KEYS = {"model": {"name", "params", "max_context", "last_loaded", "status", "error"},
                  "paths": {"datasets_dir"}}  # null turns it off
 ENGINES = ("auto", "transformers", "llama.cpp")
+TOOL_PARSERS = ("auto", "hermes", "llama3", "mistral")  # core/output_parsers.STYLES, "json" aside
 DTYPES = {"auto", "bfloat16", "float16", "float32"}
 
 
 MAX_NUMBER = 2 ** 31 - 1  # no setting needs more, and torch takes every one that fits
+SESSION_SETTINGS = ("seed", "frequency_penalty", "presence_penalty")  # settable, not in generation_defaults
 
 
 def is_number(value) -> bool:
@@ -95,6 +97,12 @@ class GenerationSettings:
     top_p: float
     top_k: int
     repetition_penalty: float
+    # Per request (not in generation_defaults: a session or a request sets them)
+    seed: int | None = None  # the same seed and settings give the same text, alone or in a batch
+    frequency_penalty: float = 0.0  # OpenAI's: a token's logit minus this times its count in the answer so far
+    presence_penalty: float = 0.0  # minus this once the token is in the answer
+    logprobs: int | None = None  # None: none; N: each token's log probability and the N likeliest (0 to 20)
+    json_schema: dict | None = None  # the answer is JSON matching this schema (constrained decoding)
 
     @property
     def sampled(self) -> bool:
@@ -106,13 +114,19 @@ class GenerationSettings:
         """repetition_penalty 1 is no penalty."""
         return self.repetition_penalty != 1.0
 
+    @property
+    def plain(self) -> bool:
+        """Nothing but the settings every engine's fast path takes: no seed, OpenAI penalty, logprobs or schema."""
+        return (self.seed is None and not self.frequency_penalty and not self.presence_penalty
+                and self.logprobs is None and self.json_schema is None)
+
 
 def validate_generation(settings: dict) -> dict:
     """Check generation settings (a whole set or an update); raise errors.Refused naming the field."""
+    known = [*DEFAULTS["generation_defaults"], *SESSION_SETTINGS]
     for key, value in settings.items():
-        if key not in DEFAULTS["generation_defaults"]:
-            raise Refused(f"unknown generation setting '{key}' "
-                             f"(known: {', '.join(DEFAULTS['generation_defaults'])})")
+        if key not in known:
+            raise Refused(f"unknown generation setting '{key}' (known: {', '.join(known)})")
         if key == "do_sample":
             if not isinstance(value, bool):
                 raise Refused("do_sample must be true or false")
@@ -126,6 +140,9 @@ def validate_generation(settings: dict) -> dict:
     _check_range(settings, "top_k", lambda v: v >= 0, "must be >= 0")
     _check_range(settings, "max_new_tokens", lambda v: v >= 1, "must be >= 1")
     _check_range(settings, "repetition_penalty", lambda v: v > 0, "must be > 0")
+    _check_range(settings, "seed", lambda v: v >= 0, "must be >= 0")
+    for key in ("frequency_penalty", "presence_penalty"):
+        _check_range(settings, key, lambda v: -2 <= v <= 2, "must be from -2 to 2")
     return settings
 
 
@@ -201,6 +218,9 @@ def load_config(path) -> Config:
     if data["model"]["engine"] not in ENGINES:
         raise ConfigError(f"{file}, line {_line_of(text, 'engine')}, key 'model.engine': "
                           f"must be one of {', '.join(ENGINES)}")
+    if data["model"]["tool_parser"] not in TOOL_PARSERS:
+        raise ConfigError(f"{file}, line {_line_of(text, 'tool_parser')}, key 'model.tool_parser': "
+                          f"must be one of {', '.join(TOOL_PARSERS)}")
     batch = data["optimization"]["max_batch_size"]
     if batch != "auto" and (not is_number(batch) or not isinstance(batch, int) or batch < 1):
         raise ConfigError(f"{file}, line {_line_of(text, 'max_batch_size')}, key 'optimization.max_batch_size': "

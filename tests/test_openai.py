@@ -93,10 +93,11 @@ async def test_a_stop_string_ends_the_answer_before_it(api):
         assert (text, reason) == (expected, "stop")
 
 
-@pytest.mark.parametrize("extra, param", [({"temperature": -1}, "temperature"), ({"n": 2}, "n"),
+@pytest.mark.parametrize("extra, param", [({"temperature": -1}, "temperature"), ({"n": 99}, "n"),
                                           ({"max_tokens": 0}, "max_tokens"), ({"top_p": 2}, "top_p"),
                                           ({"stop": [""]}, "stop"), ({"messages": []}, "messages"),
-                                          ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role")])
+                                          ({"messages": [{"role": "tool", "content": "x"}]},
+                                           "messages[0].tool_call_id")])
 async def test_a_bad_request_is_refused_naming_its_field(api, extra, param):
     with pytest.raises(openai.BadRequestError) as refused:
         await api.chat.completions.create(**{**chat_args(), **extra})

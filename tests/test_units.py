@@ -38,7 +38,9 @@ def test_an_inference_request_carries_its_turns_and_its_settings_over_the_sessio
 
 
 @pytest.mark.parametrize("config, field", [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
-                                           ({"max_new_tokens": 1.5}, "max_new_tokens"), ({"seed": 1}, "seed"),
+                                           ({"max_new_tokens": 1.5}, "max_new_tokens"), ({"seed": -1}, "seed"),
+                                           ({"sampling_seed": 1}, "sampling_seed"),
+                                           ({"presence_penalty": 3}, "presence_penalty"),
                                            ({"do_sample": 1}, "do_sample"), ({"top_k": 2 ** 40}, "top_k")])
 def test_a_bad_setting_is_refused_naming_its_field(config, field):
     message = {"type": "inference", "prompt": "Hi", "config": config}
@@ -135,11 +137,12 @@ class ScriptedBatch:
 class ScriptedEngine:
     """Prompts are one token, the request's number; every request batches."""
     name, path, vision, max_context, params, device, dtype_name = "scripted", Path("x"), False, 100, 1, "cpu", "-"
+    chat_template = None
 
     def __init__(self):
         self.events = []
 
-    def encode(self, messages):
+    def encode(self, messages, tools=None):
         return Prompt([int(messages[-1]["content"])])
 
     def batchable(self, images):

@@ -12,7 +12,7 @@ import time
 from asyncio import AbstractEventLoop
 from dataclasses import dataclass, field
 
-from llmws_server.core.events import FinishReason, JobState, Text
+from llmws_server.core.events import FinishReason, JobState
 from llmws_server.core.jobs import InferenceJob, Job
 from llmws_server.core.worker import Worker
 from llmws_server.engines.api import Batch, Engine, Progress
@@ -167,8 +167,8 @@ class BatchingWorker(Worker):
             self._leave(progress.request)
             member.job.fail(progress.error)
             return
-        if progress.text:
-            member.job.emit(Text(progress.text))
+        if progress.text or progress.logprobs:
+            member.job.on_text(progress.text, progress.logprobs)
         if progress.finished:
             ended = FinishReason.LENGTH if progress.tokens >= member.max_tokens else FinishReason.STOP
             self._finish(progress.request, ended)

@@ -3,7 +3,7 @@ these, and each front end formats them in its own protocol (the WebSocket front 
 protocol's JSON). A request's events go out as Stamped: with its request_id, and a session's seq once
 numbered.
 
-    queued -> started -> text* -> done | failed        an inference request
+    queued -> started -> (text | reasoning | tool call started/arguments)* -> done | failed   a request
     log* -> model_loaded | failed                     a model switch or reload
     train_started -> train_progress* (train_checkpoint*) -> train_done | failed
     snapshot_saved | failed;  log* -> download_done | failed
@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Union
 
+from llmws_server.engines.api import TokenLogprob
+
 
 class FinishReason(str, Enum):
     """Why a stream ended."""
@@ -19,6 +21,7 @@ class FinishReason(str, Enum):
     LENGTH = "length"  # max_new_tokens
     CANCELLED = "cancelled"
     TIMEOUT = "timeout"  # limits.timeout_token_generation
+    TOOL_CALLS = "tool_calls"  # the answer called tools
 
 
 class JobState(Enum):
@@ -47,6 +50,27 @@ class Started:
 
 @dataclass(frozen=True)
 class Text:
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # of its tokens, when the request asked for them
+
+
+@dataclass(frozen=True)
+class Reasoning:
+    """Text the model wrote inside its thinking markers (<think>...</think>)."""
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallStarted:
+    index: int  # 0, 1, ... in the order of the answer
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ToolCallArguments:
+    """A piece of a call's arguments (JSON text): a call's pieces concatenate to its arguments."""
+    index: int
     text: str
 
 
@@ -115,7 +139,8 @@ class DownloadDone:
     model: dict  # the catalog's entry for the new model
 
 
-Event = Union[Queued, Started, Text, Done, Failed, Log, ModelLoaded, TrainStarted, TrainProgress, TrainCheckpoint,
+Event = Union[Queued, Started, Text, Reasoning, ToolCallStarted, ToolCallArguments, Done, Failed, Log,
+              ModelLoaded, TrainStarted, TrainProgress, TrainCheckpoint,
               TrainDone, SnapshotSaved, DownloadDone]
 TERMINAL = (Done, Failed, TrainDone, SnapshotSaved)  # a job's last event
 

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from llmws_server.core import events as ev
 from llmws_server.core.events import FinishReason, JobState, Stamped
+from llmws_server.core.output_parsers import OutputParser
 from llmws_server.core.requests import InferenceRequest
+from llmws_server.core.tools import parser_for, rendered
 from llmws_server.core.training import TrainRequest, TrainStatus
 from llmws_server.errors import ContextTooLong
 
@@ -59,13 +61,22 @@ class Job:
 
 
 class InferenceJob(Job):
-    def __init__(self, session: Any, loop: AbstractEventLoop, request: InferenceRequest, timeout_s: float):
+    """A request: its prompt read, its answer streamed as events. What the model writes goes through the
+    request's output parser (core/tools.parser_for), which takes tool calls and thinking apart from text."""
+
+    def __init__(self, session: Any, loop: AbstractEventLoop, request: InferenceRequest, timeout_s: float,
+                 tool_parser: str = "auto", split_reasoning: bool = True):
         super().__init__(session, loop)
         self.request_id = request.request_id or str(uuid.uuid4())
+        self.request = request
         self.messages = request.turns
         self.raw_text = request.raw_text
         self.settings = request.settings
         self.timeout_s = timeout_s
+        self.tool_parser = tool_parser  # model.tool_parser: which format a tool call is read in ("auto")
+        self.split_reasoning = split_reasoning and request.reasoning  # model.split_reasoning, and the request's
+        self.parser: OutputParser | None = None
+        self.held_logprobs: tuple = ()  # logprobs of text the parser holds back, for the next text
 
     @property
     def images(self) -> int:
@@ -77,7 +88,12 @@ class InferenceJob(Job):
     def prepare(self, engine: "Engine") -> "tuple[Prompt, int] | None":
         """Tokenize, refuse a prompt that leaves no room, clamp max_new_tokens to the room left, and say
         it started. Returns (engines.api.Prompt, max tokens), or None when refused."""
-        prompt = engine.encode(self.messages) if self.raw_text is None else engine.encode_text(self.raw_text)
+        if self.raw_text is None:
+            turns, tools = rendered(self.messages, self.request.tools, engine.chat_template)
+            prompt = engine.encode(turns, tools)
+            self.parser = parser_for(self.request.tools, self.split_reasoning, engine.chat_template, self.tool_parser)
+        else:
+            prompt = engine.encode_text(self.raw_text)
         tokens_in = len(prompt.ids)
         if tokens_in >= engine.max_context:
             refusal = ContextTooLong(tokens_in, engine.max_context)
@@ -102,11 +118,33 @@ class InferenceJob(Job):
                 return FinishReason.CANCELLED
             return FinishReason.TIMEOUT if time.monotonic() > deadline else None
 
-        generated, reason = engine.generate(prompt, self.settings, max_tokens,
-                                            lambda text: self.emit(ev.Text(text)), should_stop)
+        generated, reason = engine.generate(prompt, self.settings, max_tokens, self.on_text, should_stop)
         self.finish(generated, FinishReason(reason), started)
 
+    def on_text(self, text: str, logprobs: tuple = ()) -> None:
+        """A piece of the answer as the engine decoded it (any thread that runs the model)."""
+        if self.parser is None:
+            if text or logprobs:
+                self.emit(ev.Text(text, logprobs))
+            return
+        self._emit_parsed(self.parser.feed(text), logprobs)
+
+    def _emit_parsed(self, events: list, logprobs: tuple) -> None:
+        logprobs = self.held_logprobs + logprobs
+        for event in events:
+            if isinstance(event, ev.Text) and logprobs:
+                event, logprobs = ev.Text(event.text, logprobs), ()
+            self.emit(event)
+        self.held_logprobs = logprobs
+
     def finish(self, generated: int, reason: FinishReason, started: float) -> None:
+        if self.parser is not None:
+            self._emit_parsed(self.parser.finish(), ())
+            if self.parser.calls and reason is FinishReason.STOP:
+                reason = FinishReason.TOOL_CALLS
+        if self.held_logprobs:
+            self.emit(ev.Text("", self.held_logprobs))
+            self.held_logprobs = ()
         self.emit(ev.done(generated, reason, time.monotonic() - started))
 
 

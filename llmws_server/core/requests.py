@@ -3,11 +3,17 @@ checked, generation settings validated, and the typed InferenceRequest built fro
 import json
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from llmws_server.config import GenerationSettings, validate_generation
 from llmws_server.errors import Refused
 
-ROLES = {"system", "user", "assistant"}
+if TYPE_CHECKING:
+    from llmws_server.core.tools import ToolUse
+
+ROLES = {"system", "user", "assistant", "tool"}
+TURN_FIELDS = {"user": {"role", "content"}, "system": {"role", "content"},
+               "assistant": {"role", "content", "tool_calls"}, "tool": {"role", "content", "tool_call_id"}}
 MAX_DEPTH = 16  # no valid message nests deeper than 4
 # A big frame is text (prompts, images as base64 strings), not structure: with its strings emptied, no
 # valid message comes near this many characters, while a frame of a million tiny arrays takes seconds to
@@ -22,6 +28,8 @@ class InferenceRequest:
     settings: GenerationSettings
     request_id: str | None
     raw_text: str | None = None  # a plain completion: this text continued as it is, with no chat template
+    tools: "ToolUse | None" = None
+    reasoning: bool = True  # a thinking model's <think>...</think> comes apart as reasoning
 
 
 def parse_json(raw: str | bytes) -> dict:
@@ -84,20 +92,53 @@ def image_list(value: object, field: str) -> list[str]:
 
 
 def check_turns(turns: object) -> list[dict]:
-    """Chat messages [{"role", "content"}], content a string or OpenAI-style parts."""
+    """Chat messages [{"role", "content"}], content a string or OpenAI-style parts; an assistant turn may
+    carry "tool_calls" (OpenAI's shape) and a "tool" turn answers one by its "tool_call_id"."""
     if not isinstance(turns, list) or not turns:
         raise Refused("messages must be a non-empty list")
-    checked = []
+    checked: list[dict] = []
+    calls: set[str] = set()
     for index, turn in enumerate(turns):
-        if not isinstance(turn, dict) or set(turn) != {"role", "content"}:
-            raise Refused(f"messages[{index}] must be an object with exactly role and content")
-        if not isinstance(turn["role"], str) or turn["role"] not in ROLES:
+        role = turn.get("role") if isinstance(turn, dict) else None
+        if not isinstance(role, str) or role not in ROLES:
+            if not isinstance(turn, dict) or set(turn) != {"role", "content"}:
+                raise Refused(f"messages[{index}] must be an object with exactly role and content")
             raise Refused(f"messages[{index}].role must be one of {', '.join(sorted(ROLES))}")
-        if isinstance(turn["content"], str):
-            checked.append({"role": turn["role"], "content": turn["content"]})
+        if not set(turn) <= TURN_FIELDS[role] or not ("content" in turn or turn.get("tool_calls")):
+            extra = {"assistant": " (and tool_calls)", "tool": " (and tool_call_id)"}.get(role, "")
+            raise Refused(f"messages[{index}] must be an object with exactly role and content{extra}")
+        where = f"messages[{index}]"
+        content = turn.get("content")
+        if content is None and role == "assistant":  # a turn of tool calls alone
+            content = ""
+        if isinstance(content, str):
+            checked.append({"role": role, "content": content})
         else:
-            checked.append(_content_parts(turn, f"messages[{index}]"))
+            checked.append(_content_parts({**turn, "content": content}, where))
+        if turn.get("tool_calls") is not None:
+            checked[-1]["tool_calls"] = _tool_calls(turn["tool_calls"], f"{where}.tool_calls")
+            calls.update(call["id"] for call in checked[-1]["tool_calls"])
+        if role == "tool":
+            if turn.get("tool_call_id") not in calls:
+                raise Refused(f"{where}.tool_call_id matches no earlier tool call", f"{where}.tool_call_id")
+            checked[-1]["tool_call_id"] = turn["tool_call_id"]
     return checked
+
+
+def _tool_calls(value: object, where: str) -> list[dict]:
+    """An assistant turn's calls: [{"id", "type": "function", "function": {"name", "arguments": text}}]."""
+    if not isinstance(value, list):
+        raise Refused(f"{where} must be a list", where)
+    calls = []
+    for index, call in enumerate(value):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not (isinstance(function, dict) and isinstance(call.get("id"), str)
+                and isinstance(function.get("name"), str) and isinstance(function.get("arguments", ""), str)):
+            raise Refused(f'{where}[{index}] must be {{"id", "type": "function", "function": '
+                          f'{{"name", "arguments"}}}}', f"{where}[{index}]")
+        calls.append({"id": call["id"], "type": "function",
+                      "function": {"name": function["name"], "arguments": function.get("arguments", "")}})
+    return calls
 
 
 def _content_parts(turn: dict, where: str) -> dict:

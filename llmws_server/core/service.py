@@ -47,6 +47,11 @@ class Service:
     def engine(self) -> Engine:
         return self.worker.engine
 
+    @property
+    def max_batch_size(self) -> int:
+        """How many requests decode together: what n (choices of one answer) may be at most."""
+        return getattr(self.worker, "max_batch_size", 1)
+
     async def start(self) -> None:
         """Once this server owns its ports: earlier sessions and half-done downloads end here, then the
         worker starts (the batching worker sets its batch up first)."""
@@ -97,7 +102,8 @@ class Service:
         if session.buffer_bytes > most:
             raise Busy(f"Session buffer full ({session.buffer_bytes // 1024 ** 2} MB not acknowledged): "
                        "send ack once you have your answers, then retry")
-        job = InferenceJob(session, asyncio.get_running_loop(), request, self.limits["timeout_token_generation"])
+        job = InferenceJob(session, asyncio.get_running_loop(), request, self.limits["timeout_token_generation"],
+                           self.config.model["tool_parser"], self.config.model["split_reasoning"])
         job.observer = self.metrics.observe
         session.add_job(job, self.limits["queue_size_per_client"])
         if images_of(turns):

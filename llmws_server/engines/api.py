@@ -19,6 +19,15 @@ class Prompt:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's natural-log probability in the distribution it was drawn from (after
+    temperature, top-k and top-p), and the likeliest tokens there, best first."""
+    token: str  # its text
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
 @dataclass
 class Progress:
     """What one request in a batch produced since the last look."""
@@ -27,6 +36,7 @@ class Progress:
     tokens: int  # tokens generated so far
     finished: bool
     error: str | None = None  # the request failed: the message for its client
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens since the last look, when settings.logprobs is set
 
 
 class Batch(Protocol):
@@ -72,20 +82,29 @@ class Engine(Protocol):
     params: int
     device: str
     dtype_name: str
+    chat_template: str | None  # its text, which tells how the model writes tool calls and whether it takes tools
 
     def capabilities(self) -> dict:
         """The welcome's capabilities."""
 
-    def encode(self, messages: list[dict]) -> Prompt:
-        """A conversation ({"role", "content", "images"?: PIL images}) through the model's chat template."""
+    def encode(self, messages: list[dict], tools: list[dict] | None = None) -> Prompt:
+        """A conversation ({"role", "content", "images"?: PIL images, "tool_calls"?, "tool_call_id"?})
+        through the model's chat template, with OpenAI-shaped function tools when it renders them."""
 
     def encode_text(self, text: str) -> Prompt:
         """Text to be continued as it is (a plain completion): no chat template."""
 
-    def generate(self, prompt: Prompt, settings, max_new_tokens: int, on_text: Callable[[str], None],
+    def generate(self, prompt: Prompt, settings, max_new_tokens: int,
+                 on_text: Callable[[str, tuple[TokenLogprob, ...]], None],
                  should_stop: Callable[[], str | None]) -> tuple[int, str]:
-        """One request alone: text pieces to `on_text` as they come; ends early when `should_stop` gives a
-        reason. Returns (tokens generated, finish reason): "stop", "length", or what should_stop gave."""
+        """One request alone: text pieces to `on_text` as they come, each with the log probabilities of
+        its tokens when settings.logprobs is set (else ()); ends early when `should_stop` gives a reason.
+        Returns (tokens generated, finish reason): "stop", "length", or what should_stop gave.
+
+        Every setting of config.GenerationSettings is honoured, here and in a batch: seed (a seeded
+        request draws from its own generator, so its text is the same alone and beside others),
+        frequency and presence penalties, logprobs, and json_schema (decoding constrained by the grammar
+        of the schema: the answer parses and validates whatever the model)."""
 
     def batchable(self, images: int) -> bool:
         """Whether a request (with this many images) may share the batch; one that may not runs alone."""

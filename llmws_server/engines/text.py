@@ -41,8 +41,9 @@ class Streamer(BaseStreamer):
     """generate()'s streamer: each token's new text goes to `on_text` on generate()'s own thread (a
     streamer read by a second thread slows generate() itself)."""
 
-    def __init__(self, stream: TextStream, on_text):
+    def __init__(self, stream: TextStream, on_text, take_logprobs=tuple):
         self.stream, self.on_text = stream, on_text
+        self.take_logprobs = take_logprobs  # the log probabilities of the tokens since the last text
         self.prompt_seen = False
 
     def put(self, value) -> None:
@@ -51,7 +52,9 @@ class Streamer(BaseStreamer):
             return
         text = self.stream.add(value.reshape(-1).tolist())
         if text:
-            self.on_text(text)
+            self.on_text(text, self.take_logprobs())
 
     def end(self) -> None:
-        pass
+        logprobs = self.take_logprobs()  # of tokens whose text has not come (a character's first bytes)
+        if logprobs:
+            self.on_text("", logprobs)

@@ -1,30 +1,32 @@
 """The OpenAI HTTP API's side of the protocol, without a socket: request bodies checked into this server's
 typed requests, and the response, chunk and error shapes of chat completions and completions.
 
-A field the API defines and this server cannot honour (n > 1, tools, logprobs, a penalty other than 0) is
-refused naming it; fields it does not define are ignored, as other OpenAI-compatible servers do, since
-tools send their own extras.
+A field the API defines and this server cannot honour (echo, best_of, suffix) is refused naming it; fields
+it does not define are ignored, as other OpenAI-compatible servers do, since tools send their own extras.
 """
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llmws_server.config import GenerationSettings, validate_generation
 from llmws_server.core.events import FinishReason
 from llmws_server.core.requests import InferenceRequest, check_turns
+from llmws_server.core.tools import checked_tools, response_schema
+from llmws_server.engines.api import TokenLogprob
 from llmws_server.errors import Refused
 from llmws_server.http.errors import APIError
 
 # OpenAI's name for a setting -> this server's (top_k and repetition_penalty are extensions vLLM shares)
 SETTINGS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_new_tokens",
-            "max_completion_tokens": "max_new_tokens", "top_k": "top_k", "repetition_penalty": "repetition_penalty"}
+            "max_completion_tokens": "max_new_tokens", "top_k": "top_k", "repetition_penalty": "repetition_penalty",
+            "seed": "seed", "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty"}
 # Defined by the API, accepted only at their value that changes nothing.
-NEUTRAL = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "tools": None,
-           "tool_choice": None, "response_format": None, "seed": None, "echo": False, "best_of": 1, "suffix": None}
+NEUTRAL = {"echo": False, "best_of": 1, "suffix": None}
 MAX_STOPS, MAX_STOP_CHARS = 4, 256
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_TOP_LOGPROBS = 20
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 FINISH = {FinishReason.STOP: "stop", FinishReason.CANCELLED: "stop", FinishReason.LENGTH: "length",
-          FinishReason.TIMEOUT: "length"}
+          FinishReason.TIMEOUT: "length", FinishReason.TOOL_CALLS: "tool_calls"}
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,18 @@ class APIRequest:
     stream: bool
     include_usage: bool
     stop: tuple[str, ...]
+    n: int = 1  # choices, decoded together
+
+    def choices(self) -> list[InferenceRequest]:
+        """One request per choice; with a seed, choice i draws with seed + i (so they differ)."""
+        settings = self.inference.settings
+        if self.n == 1 or settings.seed is None:
+            return [self.inference] * self.n
+        return [replace(self.inference, settings=replace(settings, seed=settings.seed + index))
+                for index in range(self.n)]
 
 
-def chat_request(body, defaults: dict) -> APIRequest:
+def chat_request(body, defaults: dict, max_n: int = 1) -> APIRequest:
     """POST /v1/chat/completions."""
     body = _object(body)
     messages = body.get("messages")
@@ -45,16 +56,18 @@ def chat_request(body, defaults: dict) -> APIRequest:
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise APIError(f"messages[{index}].role must be one of {', '.join(ROLES)}", f"messages[{index}].role")
+        turn = {key: message[key] for key in ("tool_calls", "tool_call_id") if message.get(key) is not None}
         content = message.get("content")
-        turns.append({"role": ROLES[message["role"]], "content": "" if content is None else content})
+        turns.append({"role": ROLES[message["role"]], "content": "" if content is None else content, **turn})
     try:
         turns = check_turns(turns)
     except Refused as exc:
-        raise APIError(str(exc), "messages") from None
-    return _request(body, turns, None, defaults)
+        raise APIError(str(exc), exc.field or "messages") from None
+    logprobs = _logprobs(body.get("logprobs"), body.get("top_logprobs"))
+    return _request(body, turns, None, defaults, logprobs, max_n)
 
 
-def completion_request(body, defaults: dict) -> APIRequest:
+def completion_request(body, defaults: dict, max_n: int = 1) -> APIRequest:
     """POST /v1/completions: the prompt is continued as it is, no chat template."""
     body = _object(body)
     prompt = body.get("prompt")
@@ -62,13 +75,28 @@ def completion_request(body, defaults: dict) -> APIRequest:
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise APIError("prompt must be a non-empty string (one prompt per request)", "prompt")
-    return _request(body, [{"role": "user", "content": prompt}], prompt, defaults)
+    top = body.get("logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise APIError(f"logprobs must be a whole number from 0 to {MAX_TOP_LOGPROBS}", "logprobs")
+    return _request(body, [{"role": "user", "content": prompt}], prompt, defaults, top, max_n)
 
 
 def _object(body) -> dict:
     if not isinstance(body, dict):
         raise APIError("The request body must be a JSON object")
     return body
+
+
+def _logprobs(wanted: object, top: object) -> int | None:
+    """Chat's logprobs (true/false) and top_logprobs (0 to 20) as the engine's one number."""
+    if wanted is not None and not isinstance(wanted, bool):
+        raise APIError("logprobs must be true or false", "logprobs")
+    if top is not None:
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise APIError(f"top_logprobs must be a whole number from 0 to {MAX_TOP_LOGPROBS}", "top_logprobs")
+        if not wanted:
+            raise APIError("top_logprobs needs logprobs: true", "top_logprobs")
+    return (top or 0) if wanted else None
 
 
 def request_settings(body: dict, defaults: dict) -> GenerationSettings:
@@ -86,14 +114,27 @@ def request_settings(body: dict, defaults: dict) -> GenerationSettings:
     return GenerationSettings(**settings)
 
 
-def _request(body: dict, turns: list, raw_text, defaults: dict) -> APIRequest:
+def _request(body: dict, turns: list, raw_text, defaults: dict, logprobs: int | None, max_n: int) -> APIRequest:
     settings = request_settings(body, defaults)
     stream = body.get("stream", False)
     options = body.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise APIError("stream must be true or false, stream_options an object", "stream")
-    request = InferenceRequest(turns, settings, None, raw_text)
-    return APIRequest(request, stream, bool(options.get("include_usage")), _stops(body.get("stop")))
+    n = body.get("n", 1) if body.get("n") is not None else 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max_n:
+        raise APIError(f"n must be a whole number from 1 to {max_n} (optimization.max_batch_size)", "n")
+    try:
+        tools = checked_tools(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls", True))
+        schema = response_schema(body.get("response_format"))
+    except Refused as exc:
+        raise APIError(str(exc), exc.field) from None
+    if tools is not None and tools.constrained:
+        if schema is not None:
+            raise APIError("response_format and a required tool call cannot both shape the answer", "response_format")
+        schema = tools.schema()
+    settings = replace(settings, logprobs=logprobs, json_schema=schema)
+    request = InferenceRequest(turns, settings, None, raw_text, tools)
+    return APIRequest(request, stream, bool(options.get("include_usage")), _stops(body.get("stop")), n)
 
 
 def _stops(value) -> tuple[str, ...]:
@@ -134,11 +175,43 @@ class StopText:
 
 # -- shapes -----------------------------------------------------------------------------------------------
 
+@dataclass
+class Choice:
+    """One choice of a whole answer, as its events built it up."""
+    text: list[str]
+    reasoning: list[str]
+    calls: list[dict]  # {"id", "type": "function", "function": {"name", "arguments"}}
+    logprobs: list[TokenLogprob]
+    reason: FinishReason = FinishReason.STOP
+
+    @classmethod
+    def empty(cls) -> "Choice":
+        return cls([], [], [], [])
+
+
+def chat_logprobs(logprobs: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> dict:
+    """Chat's logprobs object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+    return {"content": [{**entry(each.token, each.logprob), "top_logprobs": [entry(*best) for best in each.top]}
+                        for each in logprobs]}
+
+
+def completion_logprobs(logprobs: list[TokenLogprob] | tuple[TokenLogprob, ...], offset: int = 0) -> dict:
+    """The legacy completions' logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+    offsets, position = [], offset
+    for each in logprobs:
+        offsets.append(position)
+        position += len(each.token)
+    return {"tokens": [each.token for each in logprobs], "token_logprobs": [each.logprob for each in logprobs],
+            "top_logprobs": [dict(each.top) for each in logprobs], "text_offset": offsets}
+
+
 class Reply:
     """One answer's shapes: its id, model and creation time stay the same over every chunk."""
 
-    def __init__(self, chat: bool, model: str):
-        self.chat, self.model = chat, model
+    def __init__(self, chat: bool, model: str, logprobs: bool = False):
+        self.chat, self.model, self.logprobs = chat, model, logprobs
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
@@ -147,20 +220,36 @@ class Reply:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model,
                 "choices": choices, **extra}
 
-    def whole(self, text: str, reason: FinishReason, usage: dict) -> dict:
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if self.chat
-                  else {"index": 0, "text": text})
-        return self._shape(self.object, [{**choice, "finish_reason": FINISH[reason], "logprobs": None}],
+    def whole(self, choices: list[Choice], usage: dict) -> dict:
+        return self._shape(self.object, [self._whole_choice(index, choice) for index, choice in enumerate(choices)],
                            usage=usage)
 
-    def chunk(self, text: str | None = None, reason: FinishReason | None = None, first: bool = False) -> dict:
-        """A stream chunk: the first says the role, the last the finish reason."""
+    def _whole_choice(self, index: int, choice: Choice) -> dict:
+        text = "".join(choice.text)
+        reason = FINISH[choice.reason]
         if not self.chat:
-            return self._shape(self.object, [{"index": 0, "text": text or "", "logprobs": None,
-                                              "finish_reason": FINISH[reason] if reason else None}])
-        delta = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
-        return self._shape("chat.completion.chunk", [{"index": 0, "delta": delta, "logprobs": None,
-                                                      "finish_reason": FINISH[reason] if reason else None}])
+            shown = completion_logprobs(choice.logprobs) if self.logprobs else None
+            return {"index": index, "text": text, "finish_reason": reason, "logprobs": shown}
+        message: dict = {"role": "assistant", "content": text if text or not choice.calls else None}
+        if choice.calls:
+            message["tool_calls"] = choice.calls
+        if choice.reasoning:
+            message["reasoning_content"] = "".join(choice.reasoning)
+        shown = chat_logprobs(choice.logprobs) if self.logprobs else None
+        return {"index": index, "message": message, "finish_reason": reason, "logprobs": shown}
+
+    def chunk(self, index: int = 0, delta: dict | None = None, reason: FinishReason | None = None,
+              logprobs: tuple[TokenLogprob, ...] = ()) -> dict:
+        """A stream chunk of one choice: `delta` holds what is new (content, reasoning_content,
+        tool_calls, or the role in the first); the last says the finish reason."""
+        finish = FINISH[reason] if reason else None
+        if not self.chat:
+            shown = completion_logprobs(logprobs) if self.logprobs and logprobs else None
+            return self._shape(self.object, [{"index": index, "text": (delta or {}).get("content", ""),
+                                              "logprobs": shown, "finish_reason": finish}])
+        shown = chat_logprobs(logprobs) if self.logprobs and logprobs else None
+        return self._shape("chat.completion.chunk", [{"index": index, "delta": delta or {}, "logprobs": shown,
+                                                      "finish_reason": finish}])
 
     def usage_chunk(self, usage: dict) -> dict:
         return self._shape("chat.completion.chunk" if self.chat else self.object, [], usage=usage)

@@ -4,13 +4,16 @@ events into them)."""
 import hashlib
 import json
 import re
+from dataclasses import replace
 
 from llmws_server.config import GenerationSettings
 from llmws_server.core.requests import InferenceRequest, check_turns, image_list, settings_update
+from llmws_server.core.tools import checked_tools, response_schema
 from llmws_server.errors import Refused
 
 FIELDS = {
-    "inference": {"prompt", "messages", "images", "config", "request_id"},
+    "inference": {"prompt", "messages", "images", "config", "request_id", "tools", "tool_choice", "response_format",
+                  "logprobs"},
     "config": {"data"},
     "ack": set(),
     "cancel": {"request_id"},
@@ -72,10 +75,22 @@ def _no_extra_fields(message, allowed, kind):
 
 
 def inference_request(message: dict, session_settings: dict) -> InferenceRequest:
-    """An inference message checked whole: its conversation, and its settings over the session's."""
+    """An inference message checked whole: its conversation, its settings over the session's, and its
+    tools and response format (OpenAI's shapes: core/tools.py)."""
     turns = conversation(message)
-    settings = {**session_settings, **settings_update(message.get("config", {}), "config")}
-    return InferenceRequest(turns, GenerationSettings(**settings), message.get("request_id"))
+    settings = GenerationSettings(**{**session_settings, **settings_update(message.get("config", {}), "config")})
+    tools = checked_tools(message.get("tools"), message.get("tool_choice"))
+    schema = response_schema(message.get("response_format"))
+    if tools is not None and tools.constrained:
+        if schema is not None:
+            raise Refused("response_format and a required tool call cannot both shape the answer")
+        schema = tools.schema()
+    logprobs = message.get("logprobs")
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                 or not 0 <= logprobs <= 20):
+        raise Refused("logprobs must be a whole number from 0 to 20 (how many likeliest tokens to show)")
+    settings = replace(settings, json_schema=schema, logprobs=logprobs)
+    return InferenceRequest(turns, settings, message.get("request_id"), tools=tools)
 
 
 def conversation(message: dict) -> list[dict]:
@@ -154,8 +169,21 @@ def start(tokens_in: int, max_tokens: int, images_in: int, sampled: bool) -> dic
             "do_sample": sampled, "multimodal": images_in > 0}
 
 
-def token(text: str) -> dict:
-    return {"type": "token", "data": text}
+def token(text: str, logprobs: list | None = None) -> dict:
+    """logprobs (added, when the request asked): [{"token", "logprob", "top_logprobs": [[token, logprob]]}]."""
+    return {"type": "token", "data": text, **({"logprobs": logprobs} if logprobs else {})}
+
+
+def reasoning(text: str) -> dict:
+    """Added: what a thinking model writes inside <think>...</think>, apart from the answer."""
+    return {"type": "reasoning", "data": text}
+
+
+def tool_call(index: int, arguments: str, call_id: str | None = None, name: str | None = None) -> dict:
+    """Added: a tool call as it streams. The first message of a call has its id and name; the arguments
+    (JSON text) come in pieces that concatenate to the whole."""
+    head = {"id": call_id, "name": name} if call_id is not None else {}
+    return {"type": "tool_call", "index": index, **head, "arguments": arguments}
 
 
 def done(generated: int, reason: str, tokens_per_s: float) -> dict:

@@ -5,12 +5,16 @@ from collections.abc import Callable
 
 from llmws_server.core import events as ev
 from llmws_server.core.events import Stamped
+from llmws_server.engines.api import TokenLogprob
 from llmws_server.ws import protocol
 
 TO_MESSAGE: dict[type, Callable] = {
     ev.Queued: lambda e: protocol.queued(e.position),
     ev.Started: lambda e: protocol.start(e.tokens_in, e.max_tokens, e.images_in, e.sampled),
-    ev.Text: lambda e: protocol.token(e.text),
+    ev.Text: lambda e: protocol.token(e.text, [_logprob(each) for each in e.logprobs]),
+    ev.Reasoning: lambda e: protocol.reasoning(e.text),
+    ev.ToolCallStarted: lambda e: protocol.tool_call(e.index, "", e.id, e.name),
+    ev.ToolCallArguments: lambda e: protocol.tool_call(e.index, e.text),
     ev.Done: lambda e: protocol.done(e.tokens, e.reason.value, e.tokens_per_s),
     ev.Failed: lambda e: protocol.error(e.message, **e.fields),
     ev.Log: lambda e: protocol.log(e.text),
@@ -27,7 +31,10 @@ ENVELOPE = {"type", "request_id", "seq"}
 FROM_MESSAGE: dict[str, Callable[[dict], ev.Event]] = {
     "queued": lambda m: ev.Queued(m["position"]),
     "start": lambda m: ev.Started(m["tokens_in"], m["max_tokens"], m["images_in"], m["do_sample"]),
-    "token": lambda m: ev.Text(m["data"]),
+    "token": lambda m: ev.Text(m["data"], tuple(_token_logprob(each) for each in m.get("logprobs", ()))),
+    "reasoning": lambda m: ev.Reasoning(m["data"]),
+    "tool_call": lambda m: (ev.ToolCallStarted(m["index"], m["id"], m["name"]) if "id" in m
+                            else ev.ToolCallArguments(m["index"], m["arguments"])),
     "done": lambda m: ev.Done(m["total_tokens"], ev.FinishReason(m["finish_reason"]), m["tokens_per_s"]),
     "error": lambda m: ev.Failed(m["message"], {k: v for k, v in m.items() if k not in ENVELOPE | {"message"}}),
     "log": lambda m: ev.Log(m["message"]),
@@ -41,6 +48,14 @@ FROM_MESSAGE: dict[str, Callable[[dict], ev.Event]] = {
     "snapshot_saved": lambda m: ev.SnapshotSaved(m["path"]),
     "download_done": lambda m: ev.DownloadDone(m["model"]),
 }
+
+
+def _logprob(each: TokenLogprob) -> dict:
+    return {"token": each.token, "logprob": each.logprob, "top_logprobs": [list(best) for best in each.top]}
+
+
+def _token_logprob(shown: dict) -> TokenLogprob:
+    return TokenLogprob(shown["token"], shown["logprob"], tuple(tuple(best) for best in shown["top_logprobs"]))
 
 
 def message(event: ev.Event) -> dict:

@@ -1,13 +1,15 @@
 """Requests on llama.cpp generating together (engines.api.Batch), knowing nothing of the queue or the
 sessions: one context with a sequence per request, as llama.cpp's server slots do. A thread of its own
 takes new requests in (their prompts), then decodes one token of every running request per step; each
-request samples with its own sampler chain.
+request chooses its tokens with its own Decoding (its sampler chain, and its grammar and log probabilities
+when its settings ask), the same class generate() uses alone.
 
 Each sequence has KV cells of its own, a full context's worth (llama.cpp's per-sequence streams, not one
-shared cache): with them a greedy text in a batch is the text of the same request alone, token for token.
-A sequence keeps its cells after its request: the next request that starts with the same tokens (the
-next turn of a chat) takes that sequence and computes only what follows them."""
+shared cache): with them a greedy text in a batch is the text of the same request alone, token for token,
+and so is a seeded sampled one. A sequence keeps its cells after its request: the next request that starts
+with the same tokens (the next turn of a chat) takes that sequence and computes only what follows them."""
 import codecs
+import ctypes
 import queue
 import random
 import threading
@@ -15,11 +17,115 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import llama_cpp
+import numpy as np
 
-from llmws_server.engines.api import Progress
+from llmws_server.engines.api import Progress, TokenLogprob
+from llmws_server.errors import Refused
 
 PENALTY_WINDOW = 64  # tokens the repetition penalty looks back over (llama-cpp-python's generate: the same)
 CANCELLED_KEPT = 1024  # cancelled request names remembered, to drop results already on their way
+# llama.cpp's llama_token_data, for a whole vocabulary of candidates in one numpy array
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
+
+
+def make_sampler(settings, vocab_size: int, answer_tokens: int):
+    """generate()'s chain for these settings: penalties, then greedy, or top_k, top_p, temperature and a draw
+    (from the request's seed, else a random one)."""
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    steps = [llama_cpp.llama_sampler_init_penalties(vocab_size, PENALTY_WINDOW, settings.repetition_penalty, 0.0, 0.0)]
+    if settings.frequency_penalty or settings.presence_penalty:
+        # OpenAI's penalties count a token over the whole answer (the chain sees only the answer's tokens)
+        steps.append(llama_cpp.llama_sampler_init_penalties(vocab_size, max(1, answer_tokens), 1.0,
+                                                            settings.frequency_penalty, settings.presence_penalty))
+    if settings.sampled:
+        seed = settings.seed if settings.seed is not None else random.getrandbits(32)
+        steps += [llama_cpp.llama_sampler_init_top_k(settings.top_k),
+                  llama_cpp.llama_sampler_init_top_p(settings.top_p, 1),
+                  llama_cpp.llama_sampler_init_min_p(0.0, 1), llama_cpp.llama_sampler_init_temp(settings.temperature),
+                  llama_cpp.llama_sampler_init_dist(seed)]
+    else:
+        steps.append(llama_cpp.llama_sampler_init_greedy())
+    for step in steps:
+        llama_cpp.llama_sampler_chain_add(chain, step)  # the chain owns its steps
+    return chain
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    values = logits.astype(np.float64)
+    top = values.max()
+    return values - (top + np.log(np.exp(values - top).sum()))
+
+
+class Decoding:
+    """How one request chooses its tokens, alone (generate()) or in a batch: its sampler chain and, as its
+    settings ask, the JSON schema's grammar that constrains it (llguidance) and the log probabilities of
+    what it chose. A request with neither is the chain's alone, in llama.cpp, as before."""
+
+    def __init__(self, engine, settings, answer_tokens: int):
+        self.engine = engine
+        self.vocab_size = engine.llama.n_vocab()
+        self.logprobs: int | None = settings.logprobs  # None: not reported; N: the N likeliest besides
+        # errors.Refused for a schema no JSON matches, before anything is made that would need freeing
+        self.matcher = engine.json_matcher(settings.json_schema) if settings.json_schema is not None else None
+        self.chain = make_sampler(settings, self.vocab_size, answer_tokens)
+
+    def choose(self, context, index: int) -> tuple[int, TokenLogprob | None]:
+        """The next token from the logits at batch position `index` (-1: the last), and its log
+        probabilities when the request asked for them."""
+        if self.matcher is None and self.logprobs is None:
+            return llama_cpp.llama_sampler_sample(self.chain, context, index), None
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context, index), shape=(self.vocab_size,))
+        if self.matcher is not None:
+            self._forbid_what_the_grammar_does_not_allow(logits)
+        if self.logprobs is None:
+            token, logprob = llama_cpp.llama_sampler_sample(self.chain, context, index), None
+        else:
+            token, logprob = self._sample_reporting(logits)
+        if self.matcher is not None:
+            self.matcher.consume_token(token)
+        return token, logprob
+
+    @property
+    def grammar_complete(self) -> bool:
+        """The schema's JSON is whole: nothing may follow it (or the matcher failed: nothing can)."""
+        return self.matcher is not None and self.matcher.is_stopped()
+
+    def free(self) -> None:
+        llama_cpp.llama_sampler_free(self.chain)
+
+    def _forbid_what_the_grammar_does_not_allow(self, logits: np.ndarray) -> None:
+        """Logit -inf, in the context's own logits, for every token the grammar does not allow next (its
+        mask: a bit per token, little-endian; once the JSON is whole, only the end of sequence)."""
+        assert self.matcher is not None
+        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+        logits[np.unpackbits(bits, bitorder="little")[:self.vocab_size] == 0] = -np.inf
+
+    def _sample_reporting(self, logits: np.ndarray) -> tuple[int, TokenLogprob]:
+        """What llama_sampler_sample does, done here so that the candidates the chain kept can be read back:
+        penalised, cut by top-k and top-p, divided by the temperature (greedy: the whole vocabulary,
+        penalised). Their softmax is the distribution the token was drawn from."""
+        candidates = np.empty(self.vocab_size, TOKEN_DATA)
+        candidates["id"] = np.arange(self.vocab_size, dtype=np.int32)
+        candidates["logit"] = logits
+        candidates["p"] = 0.0
+        array = llama_cpp.llama_token_data_array(candidates.ctypes.data_as(llama_cpp.llama_token_data_p),
+                                                 self.vocab_size, -1, False)
+        llama_cpp.llama_sampler_apply(self.chain, ctypes.byref(array))
+        kept = np.ctypeslib.as_array(array.data, shape=(array.size,))  # sorted and cut in place
+        token = int(kept["id"][array.selected])
+        llama_cpp.llama_sampler_accept(self.chain, token)
+        return token, self._logprob(kept["id"], log_softmax(kept["logit"]), array.selected)
+
+    def _logprob(self, ids: np.ndarray, logprobs: np.ndarray, chosen: int) -> TokenLogprob:
+        """The chosen token's log probability, and the `self.logprobs` likeliest tokens, best first (those
+        of probability 0, cut by top-k, top-p or the grammar, are left out: there may be fewer)."""
+        assert self.logprobs is not None
+        count = min(self.logprobs, len(ids))
+        best = np.argpartition(-logprobs, count - 1)[:count] if count else np.empty(0, dtype=np.int64)
+        best = best[np.argsort(-logprobs[best], kind="stable")]
+        piece = self.engine.piece
+        top = tuple((piece(int(ids[i])), float(logprobs[i])) for i in best if np.isfinite(logprobs[i]))
+        return TokenLogprob(piece(int(ids[chosen])), float(logprobs[chosen]), top)
 
 
 @dataclass
@@ -27,29 +133,12 @@ class Sequence:
     name: str
     ids: list[int]
     max_tokens: int
-    settings: object
+    decoding: Decoding  # from add() to its end, when it is freed
     seq: int = -1  # llama.cpp's sequence id while it runs
-    sampler: object = None
     decoder: codecs.IncrementalDecoder = field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
     generated: int = 0
     last: int = -1  # the token the next step feeds
-
-
-def make_sampler(settings, vocab_size: int):
-    """generate()'s chain for these settings: penalties, then greedy, or top_k, top_p, temperature and a draw."""
-    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-    steps = [llama_cpp.llama_sampler_init_penalties(vocab_size, PENALTY_WINDOW, settings.repetition_penalty, 0.0, 0.0)]
-    if settings.sampled:
-        steps += [llama_cpp.llama_sampler_init_top_k(settings.top_k),
-                  llama_cpp.llama_sampler_init_top_p(settings.top_p, 1),
-                  llama_cpp.llama_sampler_init_min_p(0.0, 1), llama_cpp.llama_sampler_init_temp(settings.temperature),
-                  llama_cpp.llama_sampler_init_dist(random.getrandbits(32))]
-    else:
-        steps.append(llama_cpp.llama_sampler_init_greedy())
-    for step in steps:
-        llama_cpp.llama_sampler_chain_add(chain, step)  # the chain owns its steps
-    return chain
 
 
 def shared_start(held: list[int], ids: list[int]) -> int:
@@ -64,7 +153,6 @@ class LlamaCppBatch:
     def __init__(self, engine, slots: int):
         self.engine, self.slots = engine, slots
         self.model = engine.llama._model
-        self.vocab_size = engine.llama.n_vocab()
         # The one-request context's settings (threads, batch sizes, no flash attention: the same numbers as
         # generate()), with a full context for each of `slots` sequences.
         params = llama_cpp.llama_context_params.from_buffer_copy(engine.llama.context_params)
@@ -88,7 +176,13 @@ class LlamaCppBatch:
     # -- engines.api.Batch ------------------------------------------------------------------------------------
 
     def add(self, prompt, max_tokens: int, settings) -> str:
-        sequence = Sequence(f"r{random.getrandbits(64):016x}", list(prompt.ids), max_tokens, settings)
+        name = f"r{random.getrandbits(64):016x}"
+        try:
+            decoding = Decoding(self.engine, settings, max_tokens)
+        except Refused as exc:  # a schema no JSON matches: this request fails, at once
+            self.results.put(Progress(name, "", 0, True, error=str(exc)))
+            return name
+        sequence = Sequence(name, list(prompt.ids), max_tokens, decoding)
         with self.wake:
             self.waiting.append(sequence)
             self.wake.notify()
@@ -117,9 +211,10 @@ class LlamaCppBatch:
             self.stopping = True
             self.wake.notify()
         self.thread.join(30)
-        for sequence in self.running.values():
-            llama_cpp.llama_sampler_free(sequence.sampler)
+        for sequence in [*self.running.values(), *self.waiting]:
+            sequence.decoding.free()
         self.running.clear()
+        self.waiting.clear()
         llama_cpp.llama_batch_free(self.batch)
         llama_cpp.llama_free(self.context)
 
@@ -143,8 +238,9 @@ class LlamaCppBatch:
             self.error = f"Generation failed: {exc}"
 
     def _drop_cancelled(self) -> None:
-        for name in self.cancelled.keys() & {sequence.name for sequence in self.waiting}:
-            self.waiting = deque(sequence for sequence in self.waiting if sequence.name != name)
+        for sequence in [s for s in self.waiting if s.name in self.cancelled]:
+            self.waiting.remove(sequence)
+            sequence.decoding.free()
         for sequence in [s for s in self.running.values() if s.name in self.cancelled]:
             self._end(sequence)
 
@@ -156,7 +252,6 @@ class LlamaCppBatch:
             sequence = self.waiting.popleft()
             free = [seq for seq in range(self.slots) if seq not in self.running]
             sequence.seq = max(free, key=lambda seq: (shared_start(self.held[seq], sequence.ids), -seq))
-            sequence.sampler = make_sampler(sequence.settings, self.vocab_size)
             self.running[sequence.seq] = sequence
             admitted.append(sequence)
         return admitted
@@ -197,25 +292,26 @@ class LlamaCppBatch:
             self._take(sequence, index)
 
     def _take(self, sequence: Sequence, index: int) -> None:
-        """Sample the sequence's next token from the logits at `index`, and report it."""
-        token = llama_cpp.llama_sampler_sample(sequence.sampler, self.context, index)
-        if llama_cpp.llama_vocab_is_eog(self.model.vocab, token):  # end of sequence, or of the turn
+        """Choose the sequence's next token from the logits at `index`, and report it. A request ends at the
+        end of sequence (or of the turn), at its max_tokens, or once its schema's JSON is whole."""
+        token, logprob = sequence.decoding.choose(self.context, index)
+        if llama_cpp.llama_vocab_is_eog(self.model.vocab, token):
             self._report(sequence, sequence.decoder.decode(b"", final=True), True)
             return
         sequence.generated += 1
         sequence.last = token
         text = sequence.decoder.decode(self.engine.llama.detokenize([token]))
-        finished = sequence.generated >= sequence.max_tokens
+        finished = sequence.generated >= sequence.max_tokens or sequence.decoding.grammar_complete
         if finished:
             text += sequence.decoder.decode(b"", final=True)
-        self._report(sequence, text, finished)
+        self._report(sequence, text, finished, (logprob,) if logprob is not None else ())
 
-    def _report(self, sequence: Sequence, text: str, finished: bool) -> None:
-        self.results.put(Progress(sequence.name, text, sequence.generated, finished))
+    def _report(self, sequence: Sequence, text: str, finished: bool, logprobs: tuple[TokenLogprob, ...] = ()) -> None:
+        self.results.put(Progress(sequence.name, text, sequence.generated, finished, logprobs=logprobs))
         if finished:
             self._end(sequence)
 
     def _end(self, sequence: Sequence) -> None:
         """Free the sequence for the next request (its cells stay, for a request that starts the same way)."""
-        llama_cpp.llama_sampler_free(sequence.sampler)
+        sequence.decoding.free()
         del self.running[sequence.seq]

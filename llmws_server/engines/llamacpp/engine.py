@@ -1,12 +1,17 @@
 """The llama.cpp engine (engines.api.Engine) for GGUF models, through llama-cpp-python: the prompt through
-the GGUF's own chat template, streamed generation of one request (batches: batch.py), the context sized
-from free memory. It knows nothing about sessions, queues, sockets or HTTP. With batch.py, the only module
-that names llama_cpp."""
+the GGUF's own chat template (with tools where it renders them), streamed generation of one request
+(batches: batch.py), the context sized from free memory. It knows nothing about sessions, queues, sockets
+or HTTP. With batch.py, the only module that names llama_cpp.
+
+A plain request alone is llama-cpp-python's own generate(); one with a setting it does not take (a seed of
+its own, OpenAI's penalties, logprobs, a JSON schema) chooses its tokens with batch.py's Decoding, as it
+would in a batch, so its text alone is its text there."""
 import codecs
 import gc
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, cast
@@ -16,11 +21,13 @@ from llama_cpp import Llama, llama_vocab_is_eog
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from llmws_server.core import resources
-from llmws_server.engines.api import Prompt
+from llmws_server.engines.api import Prompt, TokenLogprob
+from llmws_server.engines.llamacpp.batch import Decoding, shared_start
 from llmws_server.errors import Refused
 
 if TYPE_CHECKING:
-    from llama_cpp.llama_types import ChatCompletionRequestMessage
+    from llama_cpp.llama_types import ChatCompletionRequestMessage, ChatCompletionTool
+    from llguidance import LLTokenizer
 
 log = logging.getLogger("llmws.engine")
 KV_BYTES = 2  # llama.cpp keeps its KV cache in float16
@@ -41,6 +48,7 @@ class LlamaCppEngine:  # engines.api.Engine
     vision = False
     device = "cpu"
     llama: "Llama | None"  # the model, None once unloaded
+    chat_template: str | None  # the GGUF's (tokenizer.chat_template), None where it has none
 
     def __init__(self, model_dir: Path, gguf_file: str | None, max_context_cap: int):
         self.path = Path(model_dir)
@@ -62,9 +70,13 @@ class LlamaCppEngine:  # engines.api.Engine
         self.params = self.llama._model.n_params()
         self.dtype_name = FILE_TYPES.get(int(self.metadata.get("general.file_type", -1)), "unknown")
         self.eos = self.llama.token_eos()
-        template = self.metadata.get("tokenizer.chat_template")
+        template = self.chat_template = self.metadata.get("tokenizer.chat_template")
         self.formatter = Jinja2ChatFormatter(template, self._token_text(self.eos), self._token_text(
             self.llama.token_bos())) if template else None
+        self.renders_tools = "tools" in (template or "")
+        self.pieces: dict[int, str] = {}  # token id -> its text, for logprobs
+        # llguidance's view of the vocabulary, made at the first json_schema
+        self.guidance_tokenizer: "LLTokenizer | None" = None
         log.info("loaded %s (%s, %s) in %.1f s on llama.cpp: %.1fM parameters, max context %d", self.name,
                  self.file.name, self.dtype_name, time.monotonic() - started, self.params / 1e6, self.max_context)
 
@@ -86,6 +98,38 @@ class LlamaCppEngine:  # engines.api.Engine
         return resources.estimate_max_context(shape, resources.free_memory_bytes(), KV_BYTES, cap,
                                               self.file.stat().st_size)
 
+    def piece(self, token: int) -> str:
+        """A token's text alone (a character split over tokens shows as U+FFFD)."""
+        if token not in self.pieces:
+            assert self.llama is not None
+            self.pieces[token] = self.llama.detokenize([token]).decode("utf-8", errors="replace")
+        return self.pieces[token]
+
+    def json_matcher(self, schema: dict):
+        """llguidance's matcher of the JSON that `schema` describes (llmws_server.grammar's, the grammar the
+        core checked), fresh for one request; errors.Refused for a schema no JSON can match. Only the worker
+        thread calls it."""
+        try:
+            import llguidance
+            import llguidance.llamacpp
+
+            from llmws_server.grammar import grammar
+        except ImportError:
+            raise Refused("json_schema needs the llguidance package on the llama.cpp engine (pip install llguidance)")
+        if self.guidance_tokenizer is None:  # about a second: once per model
+            assert self.llama is not None
+            with warnings.catch_warnings():  # it calls a deprecated binding once per token
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.guidance_tokenizer = llguidance.llamacpp.lltokenizer_from_vocab(self.llama._model.vocab,
+                                                                                     n_vocab=self.llama.n_vocab())
+        try:
+            matcher = llguidance.LLMatcher(self.guidance_tokenizer, grammar(schema), log_level=0)
+        except (ValueError, RuntimeError) as exc:
+            raise Refused(f"json_schema cannot be used for constrained decoding: {exc}") from exc
+        if matcher.is_error():
+            raise Refused(f"json_schema cannot be used for constrained decoding: {matcher.get_error()}")
+        return matcher
+
     @classmethod
     def for_config(cls, model_dir: Path, config) -> "LlamaCppEngine":
         return cls(model_dir, config.model["gguf_file"], config.limits["max_context_length"])
@@ -95,14 +139,18 @@ class LlamaCppEngine:  # engines.api.Engine
                 "dtype": self.dtype_name, "attention": "llama.cpp", "compile": False, "device": "cpu", "sdpa": False,
                 "training": False, "engine": "llama.cpp", "gguf_file": self.file.name, "quantization": self.dtype_name}
 
-    def encode(self, messages: list[dict]) -> Prompt:
+    def encode(self, messages: list[dict], tools: list[dict] | None = None) -> Prompt:
+        """Through the GGUF's chat template: the turns as they are (an assistant's "tool_calls", a tool's
+        "tool_call_id" included), and the tools when the template renders them (else the core has put them
+        in the turns)."""
         if any(message.get("images") for message in messages):
             raise Refused(f"This model does not take images: {self.name}")
         if self.formatter is None:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages) + "assistant:"
             return self.encode_text(text)
-        chat = cast("list[ChatCompletionRequestMessage]", messages)  # {role, content} dicts, as it takes them
-        prompt = self.formatter(messages=chat).prompt
+        chat = cast("list[ChatCompletionRequestMessage]", messages)  # {role, content, ...} dicts, as it takes them
+        offered = cast("list[ChatCompletionTool] | None", tools if self.renders_tools else None)
+        prompt = self.formatter(messages=chat, tools=offered).prompt
         assert self.llama is not None
         return Prompt(self.llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
 
@@ -112,6 +160,8 @@ class LlamaCppEngine:  # engines.api.Engine
 
     def generate(self, prompt: Prompt, settings, max_new_tokens: int, on_text, should_stop):
         """Token by token; text goes out in whole characters (a character split over tokens waits)."""
+        if not settings.plain:
+            return self._generate_decoding(prompt, settings, max_new_tokens, on_text, should_stop)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         sampling = {"temp": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k} \
             if settings.sampled else {"temp": 0.0, "top_p": 1.0, "top_k": 1}
@@ -125,15 +175,59 @@ class LlamaCppEngine:  # engines.api.Engine
             generated += 1
             text = decoder.decode(self.llama.detokenize([token]))
             if text:
-                on_text(text)
+                on_text(text, ())
             stop = should_stop()
             if stop or generated >= max_new_tokens:
                 reason = stop or "length"
                 break
         rest = decoder.decode(b"", final=True)
         if rest:
-            on_text(rest)
+            on_text(rest, ())
         return generated, reason
+
+    def _generate_decoding(self, prompt: Prompt, settings, max_new_tokens: int, on_text, should_stop):
+        """generate() with batch.py's Decoding on this model's own context: the request's seed, penalties,
+        logprobs (each piece of text with those of its tokens) and schema (it ends once the JSON is whole)."""
+        assert self.llama is not None
+        llama, decoding = self.llama, Decoding(self, settings, max_new_tokens)  # Refused for an impossible schema
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending: list[TokenLogprob] = []  # of the tokens whose text has not gone out yet
+        generated, reason = 0, "length"
+        try:
+            self._decode_prompt(prompt.ids)
+            while True:
+                token, logprob = decoding.choose(llama.ctx, -1)
+                if llama_vocab_is_eog(llama._model.vocab, token):
+                    reason = "stop"
+                    break
+                generated += 1
+                pending += [logprob] if logprob is not None else []
+                text = decoder.decode(llama.detokenize([token]))
+                if text:
+                    on_text(text, tuple(pending))
+                    pending.clear()
+                stop = should_stop()
+                if stop or generated >= max_new_tokens or decoding.grammar_complete:
+                    reason = stop or ("length" if generated >= max_new_tokens else "stop")
+                    break
+                llama.eval([token])
+        finally:
+            decoding.free()
+        rest = decoder.decode(b"", final=True)
+        if rest or pending:
+            on_text(rest, tuple(pending))
+        return generated, reason
+
+    def _decode_prompt(self, ids: list[int]) -> None:
+        """The prompt into the context after the start of it the context holds already (as llama-cpp-python's
+        generate() keeps it): at least its last token, whose logits give the first token."""
+        assert self.llama is not None
+        llama = self.llama
+        kept = min(shared_start(llama._input_ids.tolist(), ids), len(ids) - 1)
+        if kept and not llama._ctx.kv_cache_seq_rm(-1, kept, -1):
+            kept = 0  # a memory that cannot drop its end (a recurrent model's): all of it again
+        llama.n_tokens = kept  # eval() drops the cells from here on
+        llama.eval(ids[kept:])
 
     def batchable(self, images: int) -> bool:
         return True  # a request with images is refused when it is encoded
@@ -167,6 +261,7 @@ class LlamaCppEngine:  # engines.api.Engine
 
     def unload(self) -> None:
         assert self.llama is not None  # not unloaded before
+        self.guidance_tokenizer = None  # it points into the model's vocabulary
         self.llama.close()
         self.llama = None
         gc.collect()

@@ -18,6 +18,7 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from llmws_server.config import GenerationSettings
 from llmws_server.engines.api import Progress, Prompt
 from llmws_server.engines.text import TextStream
+from llmws_server.engines.transformers.picking import Picker
 from llmws_server.engines.transformers.sampling import request_kwargs, request_sampling
 from llmws_server.errors import OUT_OF_MEMORY
 
@@ -84,15 +85,16 @@ class Solo:
     def _run(self, prompt, max_tokens: int, settings) -> None:
         stream = TextStream(self.batch.engine.tokenizer)
 
-        def on_text(text):
-            self.results.put(Progress(self.name, text, len(stream.ids), False))
+        def on_text(text, logprobs=()):
+            self.results.put(Progress(self.name, text, len(stream.ids), False, logprobs=logprobs))
 
         def should_stop():
             return "cancelled" if self.cancelled.is_set() else "handoff" if self.handoff.is_set() else None
 
         continuation = None
         try:
-            generated, reason = self.batch.engine.generate(prompt, settings, max_tokens, on_text, should_stop, stream)
+            generated, reason = self.batch.engine.generate(prompt, settings, max_tokens, on_text, should_stop, stream,
+                                                           self.batch.pickers.get(self.name))
             ended = reason != "handoff" or generated >= max_tokens or (generated and stream.ids[-1] in self.batch.eos)
             if not ended:
                 stream.go_on_in_a_batch()
@@ -103,6 +105,8 @@ class Solo:
             log.exception("request %s failed", self.name)
             self.results.put(Progress(self.name, "", len(stream.ids), True, self.batch.engine_error(exc)))
         finally:
+            if continuation is None:
+                self.batch.pickers.pop(self.name, None)
             self.batch.settle(self, continuation)
             self.results.put(None)
 
@@ -139,7 +143,8 @@ class TransformersBatch:
             use_cuda_graph=False, use_async_batching=False)
         self.manager = self.model.init_continuous_batching(generation_config=generation,
                                                            continuous_batching_config=batching)
-        self.manager.logit_processor = request_sampling(before_next_step=self._release_held)
+        self.pickers: dict[str, Picker] = {}  # the requests whose settings are not plain (picking.py)
+        self.manager.logit_processor = request_sampling(before_next_step=self._release_held, pickers=self.pickers)
         self.manager.start()
         self.runner: ThreadPoolExecutor | None = solo_thread()  # see on_solo_thread
         self.eos = set(eos if isinstance(eos, list) else [eos])
@@ -170,7 +175,7 @@ class TransformersBatch:
             result = self.manager.get_result(timeout=0.1)
             if result is not None and result.is_finished():
                 break
-        self.on_solo_thread(self.engine.generate, Prompt(WARM_PROMPT), GREEDY, 2, lambda text: None,
+        self.on_solo_thread(self.engine.generate, Prompt(WARM_PROMPT), GREEDY, 2, lambda text, logprobs: None,
                             lambda: None).result()
 
     def on_solo_thread(self, run, *args) -> Future:
@@ -213,6 +218,8 @@ class TransformersBatch:
 
     def add(self, prompt, max_tokens: int, settings) -> str:
         request = uuid.uuid4().hex
+        if not settings.plain:  # made before it runs: alone or in the batch, one picker all along
+            self.pickers[request] = self.engine.picker(settings)
         with self.lock:
             if self.solo is None and not self.streams:
                 self.solo = Solo(self, request, prompt, max_tokens, settings)
@@ -272,6 +279,7 @@ class TransformersBatch:
                 self._add_to_manager(joiner)
 
     def cancel(self, request: str) -> None:
+        self.pickers.pop(request, None)
         with self.lock:
             if self.solo is not None and self.solo.name == request:
                 self.solo.cancelled.set()
@@ -312,10 +320,16 @@ class TransformersBatch:
             message = OUT_OF_MEMORY if "out of memory" in result.error.lower() else f"Generation failed: {result.error}"
             return Progress(result.request_id, "", stream.earlier + len(tokens), True, message)
         finished = result.is_finished()
+        picker = self.pickers.get(result.request_id)
+        if picker is not None and picker.done and not finished:  # its schema is complete: it ends here
+            tokens, finished = tokens[:picker.picked], True
+            self.manager.cancel_request(result.request_id)
         if finished:
             self.streams.pop(result.request_id, None)
+            self.pickers.pop(result.request_id, None)
         text = stream.follow(tokens)
-        return Progress(result.request_id, text, len(stream.ids), finished)
+        logprobs = picker.take_logprobs() if picker is not None else ()
+        return Progress(result.request_id, text, len(stream.ids), finished, logprobs=logprobs)
 
     def engine_error(self, exc: BaseException | None) -> str:
         """The message for the requests an engine error ended."""

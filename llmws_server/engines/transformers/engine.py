@@ -3,15 +3,19 @@ streamed generation of one request; batches are in batching.py. It knows nothing
 sockets or HTTP: it is given token ids and settings, and gives text. This folder's modules are the only
 ones that name transformers (core/resources.py asks torch for device memory)."""
 import contextlib
+import functools
 import gc
 import importlib
 import logging
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import llguidance
+import llguidance.hf
 import torch
 from transformers import (
     AutoConfig,
@@ -19,15 +23,18 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     AutoTokenizer,
+    LogitsProcessorList,
     StoppingCriteria,
     StoppingCriteriaList,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
+from llmws_server.config import GenerationSettings
 from llmws_server.core import resources
 from llmws_server.engines.api import Prompt
 from llmws_server.engines.text import Streamer, TextStream
 from llmws_server.engines.transformers.batching import SLOT_TOKENS, TransformersBatch
+from llmws_server.engines.transformers.picking import Picker, PickerProcessor
 from llmws_server.engines.transformers.training import LoRATrainer, save_model
 
 if TYPE_CHECKING:  # what the Auto classes' from_pretrained gives (a PreTrainedModel that generates)
@@ -125,6 +132,7 @@ class Engine:  # engines.api.Engine
         if self.compiled:  # compiles on the first requests of each new shape; dynamic=True keeps that rare
             self.model.forward = torch.compile(self.model.forward, dynamic=True)
         self.layers = [] if self.compiled else decoder_layers(self.model)  # a hook would break the graph
+        self._grammar_tokenizer: llguidance.LLTokenizer | None = None
         self.device = str(self.model.device)
         self.params = self.model.num_parameters()  # the vision tower's too: it is in memory like the rest
         free = resources.free_memory_bytes()
@@ -152,20 +160,26 @@ class Engine:  # engines.api.Engine
     def for_config(cls, model_dir: Path, config) -> "Engine":
         return cls(model_dir, config.model, config.optimization, config.limits["max_context_length"])
 
-    def encode(self, messages: list[dict]) -> Prompt:
+    @property
+    def chat_template(self) -> str | None:
+        template = self.tokenizer.chat_template
+        return template if isinstance(template, str) else None
+
+    def encode(self, messages: list[dict], tools: list[dict] | None = None) -> Prompt:
         """A conversation through the model's chat template (when it has one); a turn's "images" are PIL
         images, which only a vision model's processor takes."""
         if self.vision:
             return self._encode_with_images(messages)
-        return Prompt(self.chat_ids(messages))
+        return Prompt(self.chat_ids(messages, tools=tools))
 
     def encode_text(self, text: str) -> Prompt:
         return Prompt(self.tokenizer(text)["input_ids"])
 
-    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True,
+                 tools: list[dict] | None = None) -> list[int]:
         """A text-only conversation through the chat template (a plain "role: text" layout without one)."""
         if self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, tools=tools or None,
                                                       add_generation_prompt=add_generation_prompt)
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant:" * add_generation_prompt)
@@ -182,10 +196,39 @@ class Engine:  # engines.api.Engine
         extra = {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
         return Prompt(inputs["input_ids"][0].tolist(), len(images), extra)
 
-    def generate(self, prompt: Prompt, settings, max_new_tokens: int, on_text, should_stop, stream=None):
+    def picker(self, settings: GenerationSettings) -> Picker:
+        """The token picker of a request whose settings are not plain (picking.py)."""
+        return Picker(settings, self.grammar_tokenizer, self.token_text, self.eos_ids)
+
+    def grammar_tokenizer(self) -> llguidance.LLTokenizer:
+        """llguidance's view of the tokenizer, made on the first constrained request (0.4 s)."""
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer)
+        return self._grammar_tokenizer
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019: one cache for the engine's life
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    @property
+    def eos_ids(self) -> set[int]:
+        assert self.model is not None
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        return ids | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+
+    def generate(self, prompt: Prompt, settings, max_new_tokens: int, on_text, should_stop, stream=None,
+                 picker: Picker | None = None):
         """Stream text pieces to `on_text` on this thread; return (tokens generated, finish reason).
-        `stream` (engines.text.TextStream) may be given to keep the tokens, for a batch to go on from."""
+        `stream` (engines.text.TextStream) may be given to keep the tokens, for a batch to go on from; a
+        request whose settings are not plain picks its tokens with its `picker` (made here if not given)."""
         stream = stream or TextStream(self.tokenizer)
+        arguments = sampling_arguments(settings)
+        if not settings.plain:
+            picker = picker or self.picker(settings)
+            arguments = {**sampling_arguments(replace(settings, do_sample=False)),
+                         "logits_processor": LogitsProcessorList([PickerProcessor(picker)])}
+            should_stop = _until_done(picker, should_stop)
         reading = _StopWhen(should_stop)
         if FAULT_OOM_MARKER and FAULT_OOM_MARKER in self.tokenizer.decode(prompt.ids):
             should_stop = _injected_oom
@@ -195,10 +238,10 @@ class Engine:  # engines.api.Engine
         with torch.inference_mode(), self._stoppable_read(reading, stream):
             self.model.generate(input_ids=inputs, **self._on_device(prompt.extra),
                                 attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
-                                streamer=Streamer(stream, on_text),
+                                streamer=Streamer(stream, on_text, picker.take_logprobs if picker else tuple),
                                 stopping_criteria=StoppingCriteriaList([stopper]),
                                 pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-                                **sampling_arguments(settings))
+                                **arguments)
         generated = len(stream.ids) - stream.earlier
         return generated, stopper.reason or reading.reason or ("length" if generated >= max_new_tokens else "stop")
 
@@ -292,6 +335,13 @@ def avoid_cudnn_attention() -> None:
     plan (an H200, a first answer of 128 tokens: 11 s against 3 s for the same answer once the plans were
     cached; a first batch of 8: about 100 ms a step)."""
     torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def _until_done(picker: Picker, should_stop):
+    """should_stop, and "stop" once the request's schema is complete (a model may have no end token)."""
+    def check():
+        return "stop" if picker.done else should_stop()
+    return check
 
 
 def _injected_oom():

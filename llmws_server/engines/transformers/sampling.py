@@ -22,10 +22,13 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingLogitsProcessorList,
 )
 
+from llmws_server.engines.transformers.picking import Picker, force
+
 
 def request_kwargs(settings) -> dict:
-    """A request's settings as the sampler reads them (the manager checks their types)."""
-    return {"greedy": not settings.sampled, "temperature": float(settings.temperature),
+    """A request's settings as the sampler reads them (the manager checks their types). A request whose
+    settings are not plain has a Picker (picking.py), which chooses its token: the batch's row is greedy."""
+    return {"greedy": not settings.sampled or not settings.plain, "temperature": float(settings.temperature),
             "top_p": float(settings.top_p), "top_k": int(settings.top_k),
             "repetition_penalty": float(settings.repetition_penalty)}
 
@@ -41,14 +44,18 @@ class Step:
     penalty_rows: torch.Tensor  # (row, token) pairs to penalise, and each pair's penalty
     penalty_tokens: torch.Tensor
     penalties: torch.Tensor
+    picked: list[tuple[int, Picker]]  # rows whose request picks its own token
 
     @classmethod
-    def of(cls, requests) -> "Step":
+    def of(cls, requests, pickers: dict[str, Picker]) -> "Step":
         sampled, temperature, top_k, top_p = [], [], [], []
         tokens: list[int]
+        picked: list[tuple[int, Picker]] = []
         rows, tokens, penalties = [], [], []
         for row, request in enumerate(requests):
             state = request.state
+            if state.request_id in pickers:
+                picked.append((row, pickers[state.request_id]))
             kwargs = state.logit_processor_kwargs
             if not kwargs.get("greedy", True):
                 sampled.append(row)
@@ -64,7 +71,7 @@ class Step:
         return cls(len(requests), torch.tensor(sampled, dtype=torch.long),
                    torch.tensor(temperature, dtype=torch.float32), torch.tensor(top_k, dtype=torch.long),
                    torch.tensor(top_p, dtype=torch.float32), torch.tensor(rows, dtype=torch.long),
-                   torch.tensor(tokens, dtype=torch.long), torch.tensor(penalties, dtype=torch.float32))
+                   torch.tensor(tokens, dtype=torch.long), torch.tensor(penalties, dtype=torch.float32), picked)
 
     def apply(self, scores: torch.Tensor) -> torch.Tensor:
         """scores: [rows, vocabulary] logits, changed in place so that the batch's argmax picks each row's
@@ -78,6 +85,8 @@ class Step:
             rows = self.sampled.to(device)
             drawn = self._draw(scores[rows], device)
             scores[rows] = torch.full_like(scores[rows], float("-inf")).scatter(1, drawn, 0.0)
+        for row, picker in self.picked:
+            scores[row] = force(scores[row], picker.pick(scores[row]))
         return scores
 
     def _draw(self, scores: torch.Tensor, device) -> torch.Tensor:
@@ -100,8 +109,9 @@ class RequestSampler(ContinuousBatchingLogitsProcessor):
                         "repetition_penalty": float}
     ignored_kwargs = ()
 
-    def __init__(self, before_next_step=None):
-        self.step = None
+    def __init__(self, before_next_step=None, pickers: dict[str, Picker] | None = None):
+        self.step: Step | None = None
+        self.pickers = {} if pickers is None else pickers  # the batch's, by request name
         # Run on the manager's thread each time a step's requests are chosen: a request it adds enters the
         # step after this one (batching.py holds a solo run's continuation back that way).
         self.before_next_step = before_next_step
@@ -110,7 +120,7 @@ class RequestSampler(ContinuousBatchingLogitsProcessor):
         int32_tensor.zero_()  # its one number per row is not used: the step holds the settings
 
     def prepare_tensor_args(self, requests_with_new_token) -> torch.Tensor:
-        self.step = Step.of(requests_with_new_token)
+        self.step = Step.of(requests_with_new_token, self.pickers)
         if self.before_next_step is not None:
             self.before_next_step()
         return torch.zeros(len(requests_with_new_token), dtype=torch.int32)
@@ -122,8 +132,10 @@ class RequestSampler(ContinuousBatchingLogitsProcessor):
         return self.step.apply(scores)
 
 
-def request_sampling(before_next_step=None) -> ContinuousBatchingLogitsProcessorList:
+def request_sampling(before_next_step=None, pickers: dict[str, Picker] | None = None
+                     ) -> ContinuousBatchingLogitsProcessorList:
     """The manager's processors: the sampler alone."""
-    processors = ContinuousBatchingLogitsProcessorList(LogitsProcessorList([RequestSampler(before_next_step)]))
+    processors = ContinuousBatchingLogitsProcessorList(
+        LogitsProcessorList([RequestSampler(before_next_step, pickers)]))
     processors.tensors_required = 1  # the row of numbers every per-request processor is given
     return processors
