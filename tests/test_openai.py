@@ -273,3 +273,56 @@ async def test_metrics_count_what_happened(api, http_server):
     for gauge in ("llmws_queue_depth", "llmws_sessions", "llmws_process_resident_bytes", "llmws_device_free_bytes"):
         assert (gauge, ()) in after
     assert after[("llmws_process_resident_bytes", ())] > 10 * 2 ** 20
+
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                          "unit": {"enum": ["c", "f"]}},
+                          "required": ["city", "unit"], "additionalProperties": False}}
+
+
+async def test_a_responses_function_tool_gives_a_function_call_item_streamed_and_stored(api):
+    """tool_choice required on the tiny random model: the call is decoded under the tool's grammar, so its
+    arguments validate; streamed, the arguments come in deltas that make the done event's arguments; the
+    stored response tells the same call again; a later turn takes the call and its output as input."""
+    import json
+
+    import jsonschema
+
+    args = {**response_args(60), "tools": [WEATHER], "tool_choice": "required"}
+    whole = await api.responses.create(**args)
+    calls = [item for item in whole.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather" and calls[0].call_id.startswith("call_")
+    jsonschema.validate(json.loads(calls[0].arguments), WEATHER["parameters"])
+    assert whole.status == "completed" and whole.usage.output_tokens < 60  # the grammar ended it
+    events = [event async for event in await api.responses.create(**args, stream=True)]
+    deltas = [event.delta for event in events if event.type == "response.function_call_arguments.delta"]
+    done = next(event for event in events if event.type == "response.function_call_arguments.done")
+    assert len(deltas) >= 2 and "".join(deltas) == done.arguments == calls[0].arguments  # greedy: the same
+    stored = await api.responses.retrieve(events[0].response.id)
+    assert [(item.name, item.arguments) for item in stored.output if item.type == "function_call"] == [
+        ("get_weather", calls[0].arguments)]
+    follow = await api.responses.create(**{**response_args(8), "input": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather", "arguments": calls[0].arguments},
+        {"type": "function_call_output", "call_id": calls[0].call_id, "output": "18 C"}]})
+    assert follow.usage.output_tokens == 8 and follow.output_text
+
+
+async def test_responses_text_format_gives_json_that_validates_and_odd_tools_are_refused(api):
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    shaped = await api.responses.create(**response_args(60), text={"format": {"type": "json_schema", "name": "p",
+                                                                             "schema": schema}})
+    jsonschema.validate(json.loads(shaped.output_text), schema)
+    with pytest.raises(openai.BadRequestError) as refused:
+        await api.responses.create(**response_args(), tools=[{"type": "web_search"}])
+    assert refused.value.body["param"] == "tools"
+    with pytest.raises(openai.BadRequestError) as refused:
+        await api.responses.create(**response_args(), text={"format": {"type": "json_schema", "name": "p",
+                                                                       "schema": {"type": "strin"}}})
+    assert refused.value.body["param"] == "text.format.schema"

@@ -6,10 +6,21 @@ session's, so the events, and their sequence numbers, can be told again from the
 the same messages in the same order give the same events with the same numbers.
 """
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from llmws_server.core.events import Done, Event, Failed, FinishReason, Queued, Started, Text
+from llmws_server.core.events import (
+    Done,
+    Event,
+    Failed,
+    FinishReason,
+    Queued,
+    Started,
+    Text,
+    ToolCallArguments,
+    ToolCallStarted,
+)
 from llmws_server.core.requests import InferenceRequest, check_turns
+from llmws_server.core.tools import ToolUse, checked_tools, response_schema
 from llmws_server.errors import Refused
 from llmws_server.http.errors import APIError
 from llmws_server.http.openai_shapes import NEUTRAL, request_settings
@@ -17,7 +28,7 @@ from llmws_server.http.openai_shapes import NEUTRAL, request_settings
 PREFIX = "resp_"
 ENDED = {"completed", "incomplete", "failed", "cancelled"}
 STATUS = {FinishReason.STOP: "completed", FinishReason.LENGTH: "incomplete", FinishReason.TIMEOUT: "incomplete",
-          FinishReason.CANCELLED: "cancelled"}
+          FinishReason.CANCELLED: "cancelled", FinishReason.TOOL_CALLS: "completed"}
 # Responses settings -> chat completions' (checked by the same code)
 SETTINGS = {"max_output_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p",
             "top_k": "top_k", "repetition_penalty": "repetition_penalty"}
@@ -51,15 +62,22 @@ def responses_request(body, defaults: dict) -> ResponsesRequest:
     """POST /v1/responses."""
     if not isinstance(body, dict):
         raise APIError("The request body must be a JSON object")
-    for name in ("previous_response_id", "conversation", "tools", "prompt"):
+    for name in ("previous_response_id", "conversation", "prompt"):
         if body.get(name):
             raise APIError(f"{name} is not supported by this server", name)
     turns = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
     turns += _input_turns(body.get("input"))
     try:
         turns = check_turns(turns)
-    except Refused as exc:
-        raise APIError(str(exc), "input") from None
+        tools = _tool_use(body)
+        schema = response_schema(_chat_format((body.get("text") or {}).get("format")), "text.format")
+    except Refused as exc:  # text.format has no json_schema level: its schema is text.format.schema
+        field = (exc.field or "input").replace("format.json_schema.", "format.")
+        raise APIError(str(exc).replace("format.json_schema.", "format."), field) from None
+    if tools is not None and tools.constrained:
+        if schema is not None:
+            raise APIError("text.format and a required tool call cannot both shape the answer", "text.format")
+        schema = tools.schema()
     named = {chat: body[ours] for ours, chat in SETTINGS.items() if body.get(ours) is not None}
     try:
         settings = request_settings({**{k: body[k] for k in NEUTRAL if k in body}, **named}, defaults)
@@ -73,9 +91,32 @@ def responses_request(body, defaults: dict) -> ResponsesRequest:
     if flags["background"] and not flags["store"]:
         raise APIError("background responses must be stored (store: true)", "store")
     shown = {"temperature": settings.temperature, "top_p": settings.top_p,
-             "max_output_tokens": body.get("max_output_tokens")}
-    return ResponsesRequest(InferenceRequest(turns, settings, None), flags["stream"], flags["background"],
+             "max_output_tokens": body.get("max_output_tokens"), "tools": body.get("tools") or [],
+             "tool_choice": body.get("tool_choice") or "auto", "parallel_tool_calls": tools is None or tools.parallel}
+    settings = replace(settings, json_schema=schema)
+    return ResponsesRequest(InferenceRequest(turns, settings, None, tools=tools), flags["stream"], flags["background"],
                             flags["store"], shown)
+
+
+def _tool_use(body: dict) -> ToolUse | None:
+    """The Responses API's function tools ({"type": "function", "name", "parameters"}) in chat's shape."""
+    tools = body.get("tools") or []
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) and tool.get("type") == "function"
+                                              for tool in tools):
+        raise Refused("tools: this server takes function tools only", "tools")
+    functions = [{"type": "function", "function": {key: tool[key] for key in ("name", "description", "parameters")
+                                                   if key in tool}} for tool in tools]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        choice = {"type": "function", "function": {"name": choice.get("name")}}
+    return checked_tools(functions, choice, body.get("parallel_tool_calls", True))
+
+
+def _chat_format(value: object) -> object:
+    """text.format ({"type": "json_schema", "name", "schema", "strict"}) as chat's response_format."""
+    if isinstance(value, dict) and value.get("type") == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": value.get("name"), "schema": value.get("schema")}}
+    return value
 
 
 def _input_turns(value) -> list[dict]:
@@ -84,16 +125,34 @@ def _input_turns(value) -> list[dict]:
         return [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
         raise APIError("input must be a non-empty string or list of messages", "input")
-    turns = []
+    turns: list[dict] = []
     for index, item in enumerate(value):
-        if not isinstance(item, dict) or item.get("type", "message") != "message" or "role" not in item:
-            raise APIError(f"input[{index}] must be a message {{role, content}}", f"input[{index}]")
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind in ("function_call", "function_call_output"):
+            turns.append(_call_turn(item, turns))
+            continue
+        if not isinstance(item, dict) or kind != "message" or "role" not in item:
+            raise APIError(f"input[{index}] must be a message {{role, content}}, a function_call or a "
+                           "function_call_output", f"input[{index}]")
         role = "system" if item["role"] == "developer" else item["role"]
         content = item.get("content")
         if isinstance(content, list):
             content = [_part(part, f"input[{index}].content[{number}]") for number, part in enumerate(content)]
         turns.append({"role": role, "content": content})
     return turns
+
+
+def _call_turn(item: dict, turns: list[dict]) -> dict:
+    """A function_call item as an assistant turn's call (calls in a row share one turn), a
+    function_call_output as the tool turn that answers it."""
+    if item["type"] == "function_call_output":
+        return {"role": "tool", "tool_call_id": item.get("call_id"), "content": item.get("output")}
+    call = {"id": item.get("call_id"), "type": "function",
+            "function": {"name": item.get("name"), "arguments": item.get("arguments", "")}}
+    if turns and turns[-1]["role"] == "assistant" and turns[-1].get("tool_calls"):
+        previous = turns.pop()
+        return {**previous, "tool_calls": [*previous["tool_calls"], call]}
+    return {"role": "assistant", "content": "", "tool_calls": [call]}
 
 
 def _part(part, where: str) -> dict:
@@ -120,6 +179,7 @@ class ResponseState:
         self.model, self.created_at, self.background, self.settings = model, created_at, background, settings
         self.status, self.text, self.tokens_in, self.tokens_out = "queued", [], 0, None
         self.error = self.incomplete = self.position = None
+        self.calls: list[dict] = []  # function_call items, after the message item
         self.number = -1
 
     @property
@@ -142,6 +202,15 @@ class ResponseState:
         if isinstance(event, Text):
             self.text.append(event.text)
             return [self._event("response.output_text.delta", **self._where(), delta=event.text, logprobs=[])]
+        if isinstance(event, ToolCallStarted):
+            self.calls.append({"type": "function_call", "id": "fc_" + event.id.removeprefix("call_"),
+                               "call_id": event.id, "name": event.name, "arguments": "", "status": "in_progress"})
+            return [self._event("response.output_item.added", output_index=len(self.calls), item=dict(self.calls[-1]))]
+        if isinstance(event, ToolCallArguments):
+            call = self.calls[event.index]
+            call["arguments"] += event.text
+            return [self._event("response.function_call_arguments.delta", item_id=call["id"],
+                                output_index=event.index + 1, delta=event.text)]
         if isinstance(event, Done):
             return self._end(event)
         if isinstance(event, Failed):
@@ -160,12 +229,18 @@ class ResponseState:
                       self._event("response.content_part.done", **self._where(), part=self._part(text)),
                       self._event("response.output_item.done", output_index=0,
                                   item=self._item(item_status, [self._part(text)]))]
+        for number, call in enumerate(self.calls, start=1):
+            call["status"] = "completed"
+            events += [self._event("response.function_call_arguments.done", item_id=call["id"], output_index=number,
+                                   arguments=call["arguments"]),
+                       self._event("response.output_item.done", output_index=number, item=dict(call))]
         return events + [self._event(f"response.{self.status}", response=self.object())]
 
     def object(self) -> dict:
         """The response object as it stands."""
         item_status = self.status if self.status in ("completed", "in_progress") else "incomplete"
         output = [self._item(item_status, [self._part("".join(self.text))])] if self.tokens_in else []
+        output += [dict(call) for call in self.calls]
         usage = None if self.tokens_out is None else {
             "input_tokens": self.tokens_in, "output_tokens": self.tokens_out,
             "total_tokens": self.tokens_in + self.tokens_out,
