@@ -6,7 +6,8 @@ settings, in one run. Prints a table, writes bench/results/bench.json and bench/
 
 Targets: raw (model.generate in-process, no streamer: the limit of eager transformers), llmws (the server
 with the shipped config.json: batching on), llmws-mixed (the same, its clients half greedy and half
-sampled, a third with a repetition penalty), llmws-alone (max_batch_size 1), serve and serve-cb
+sampled, a third with a repetition penalty), llmws-json (every other client's answer constrained to a JSON
+schema: the first's, so 1 client is constrained), llmws-alone (max_batch_size 1), serve and serve-cb
 (transformers serve), llamacpp (llama-cpp-python in-process on the default model's GGUF), llmws-gguf (this
 server on that GGUF).
 
@@ -96,7 +97,7 @@ def summarize(name: str, clients: int, runs: list[dict]) -> dict:
                                    for run in runs],
             "ttft_per_run": [round(statistics.median(stream.ttft for stream in run["streams"]), 4) for run in runs],
             "peak_rss_mb": round(max(run["peak"] for run in runs) / 1024 ** 2),
-            "texts": sorted({stream.text for stream in streams}) if "mixed" not in name else []}
+            "texts": sorted({stream.text for stream in streams}) if "mixed" not in name and "json" not in name else []}
 
 
 def chart(rows, path: Path) -> None:
@@ -211,6 +212,13 @@ def report(rows: list[dict], max_tokens: int, out: Path) -> None:
             summary[f"mixed_vs_greedy_{clients}_clients"] = ratio = (mixed["aggregate_tokens_per_s"]
                                                                      / ours["aggregate_tokens_per_s"])
             print(f"llmws mixed settings / all greedy, {clients} clients: aggregate {ratio:.3f}")
+    for clients in sorted({row["clients"] for row in rows}):
+        ours, shaped = by_name.get(("llmws", clients)), by_name.get(("llmws half json schema", clients))
+        if ours and shaped:
+            summary[f"half_json_vs_plain_{clients}_clients"] = ratio = (shaped["aggregate_tokens_per_s"]
+                                                                        / ours["aggregate_tokens_per_s"])
+            print(f"llmws half json schema / all plain, {clients} clients: aggregate {ratio:.3f}"
+                  + (" (the one client is constrained)" if clients == 1 else ""))
     print(f"identical texts across targets: {'yes' if len(texts) == 1 else f'no ({len(texts)} different)'}")
     (out / "bench.json").write_text(json.dumps(summary, indent=2))
     chart(rows, out / "bench.png")

@@ -142,11 +142,18 @@ MIXED = [{"temperature": 0}, {"temperature": 0.7}, {"temperature": 0, "repetitio
          {"temperature": 0.7, "top_p": 0.9}, {"temperature": 0}, {"temperature": 0.7, "repetition_penalty": 1.1}]
 
 
+# llmws-json: every other client (the first included) asks for JSON under this schema (constrained decoding);
+# its one long string lets the answer run to max_new_tokens like a plain one.
+STORY = {"type": "json_schema", "json_schema": {"name": "story", "schema": {
+    "type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}}}
+
+
 class LLMWSTarget:
-    def __init__(self, model_dir, max_tokens, folder, batch=None, mixed=False):
+    def __init__(self, model_dir, max_tokens, folder, batch=None, mixed=False, json_half=False):
         self.name = "llmws" + (" llama.cpp" if "GGUF" in str(model_dir) else "") + (
-            " one at a time" if batch == 1 else "") + (" mixed settings" if mixed else "")
-        self.port, self.max_tokens, self.mixed = free_port(), max_tokens, mixed
+            " one at a time" if batch == 1 else "") + (" mixed settings" if mixed else "") + (
+            " half json schema" if json_half else "")
+        self.port, self.max_tokens, self.mixed, self.json_half = free_port(), max_tokens, mixed, json_half
         # The shipped config.json, but room for 32 clients from one address (it allows 10, 8 per address)
         config = {"limits": {"max_clients": 40, "max_clients_per_ip": 40}}
         if batch:
@@ -170,8 +177,9 @@ class LLMWSTarget:
                 await websocket.send("{}")
                 await websocket.recv()
                 stream = Stream()
+                shape = {"response_format": STORY} if self.json_half and index % 2 == 0 else {}
                 await websocket.send(json.dumps({"type": "inference", "prompt": {"user": PROMPT}, "config": {
-                    "max_new_tokens": self.max_tokens, **self.settings(index)}}))
+                    "max_new_tokens": self.max_tokens, **self.settings(index)}, **shape}))
                 async for raw in websocket:
                     message = json.loads(raw)
                     if message["type"] == "token":
@@ -247,7 +255,7 @@ class ServeTarget:
         self.process.wait(30)
 
 
-TARGETS = ["raw", "llmws", "llmws-mixed", "llmws-alone", "serve", "serve-cb", "llamacpp", "llmws-gguf"]
+TARGETS = ["raw", "llmws", "llmws-mixed", "llmws-json", "llmws-alone", "serve", "serve-cb", "llamacpp", "llmws-gguf"]
 GGUF_MODEL = REPO / "models" / "SmolLM2-135M-Instruct-GGUF"
 
 
@@ -257,6 +265,7 @@ def make_target(kind: str, model: str, max_tokens: int, folder: Path, gguf: Path
             "llmws-gguf": lambda: LLMWSTarget(gguf, max_tokens, folder),
             "llmws": lambda: LLMWSTarget(model, max_tokens, folder),
             "llmws-mixed": lambda: LLMWSTarget(model, max_tokens, folder, mixed=True),
+            "llmws-json": lambda: LLMWSTarget(model, max_tokens, folder, json_half=True),
             "llmws-alone": lambda: LLMWSTarget(model, max_tokens, folder, batch=1),
             "serve": lambda: ServeTarget(model, max_tokens, False),
             "serve-cb": lambda: ServeTarget(model, max_tokens, True)}[kind]()

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from llmws_server.core import resources
+from llmws_server import resources
 from llmws_server.core.events import Done, Event, Failed, ModelLoaded, Started, Text
 from llmws_server.core.jobs import Job, SwitchJob
 

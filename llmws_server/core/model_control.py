@@ -8,10 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llmws_server import resources
 from llmws_server.catalog import folders as catalog
 from llmws_server.catalog.downloads import Downloads
 from llmws_server.config import Config, generation_defaults
-from llmws_server.core import resources
 from llmws_server.core.events import DownloadDone, Event, Failed, Log, ModelLoaded, ModelStatus, Stamped
 from llmws_server.core.jobs import SnapshotJob, SwitchJob, TrainJob
 from llmws_server.core.metrics import Metrics

@@ -14,7 +14,7 @@ from ssl import SSLContext
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from llmws_server.core import resources
+from llmws_server import resources
 from llmws_server.core.requests import parse_json, settings_update
 from llmws_server.core.service import Service
 from llmws_server.core.training import train_request

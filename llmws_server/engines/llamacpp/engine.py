@@ -20,7 +20,7 @@ import psutil
 from llama_cpp import Llama, llama_vocab_is_eog
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from llmws_server.core import resources
+from llmws_server import resources
 from llmws_server.engines.api import Prompt, TokenLogprob
 from llmws_server.engines.llamacpp.batch import Decoding, shared_start
 from llmws_server.errors import Refused

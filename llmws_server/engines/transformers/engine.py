@@ -1,7 +1,7 @@
 """The transformers engine (engines.api.Engine): loading with the right dtype and attention, prompts,
 streamed generation of one request; batches are in batching.py. It knows nothing about sessions, queues,
 sockets or HTTP: it is given token ids and settings, and gives text. This folder's modules are the only
-ones that name transformers (core/resources.py asks torch for device memory)."""
+ones that name transformers (resources.py asks torch for device memory)."""
 import contextlib
 import functools
 import gc
@@ -29,8 +29,8 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
+from llmws_server import resources
 from llmws_server.config import GenerationSettings
-from llmws_server.core import resources
 from llmws_server.engines.api import Prompt
 from llmws_server.engines.text import Streamer, TextStream
 from llmws_server.engines.transformers.batching import SLOT_TOKENS, TransformersBatch
