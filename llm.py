@@ -11,14 +11,15 @@ import asyncio
 import json
 import os
 import sys
+from pathlib import Path
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from llm_repl import Repl
 from llm_view import make_view
-from llmws_client import LLMWSEnhancedClient, LLMWSError, image_data_url
+from llmws_client import Answer, LLMWSEnhancedClient, LLMWSError, image_data_url
 
-__all__ = ["LLMWSEnhancedClient", "LLMWSError", "image_data_url", "main"]  # the API: `from llm import ...`
+__all__ = ["Answer", "LLMWSEnhancedClient", "LLMWSError", "image_data_url", "main"]  # the API: `from llm import ...`
 
 # -- command line --------------------------------------------------------------------------------
 
@@ -29,6 +30,11 @@ EXAMPLES = """examples:
   python llm.py --prompt "What is in it?" --image photo.jpg          a question about an image
   python llm.py --host gpu-box --port 8765 --token "$LLMWS_TOKEN" --temperature 0
   python llm.py --session 3f2c...                  take up an earlier session (its answers resume)
+  python llm.py --prompt "Invent a person" --json-schema person.json    JSON that matches the schema
+      (person.json: {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]})
+  python llm.py --prompt "Weather in Paris?" --tools tools.json --tool-choice get_weather
+      (tools.json: [{"type": "function", "function": {"name": "get_weather", "parameters": {...}}}];
+      each call is printed as a JSON line {"id", "name", "arguments"}, arguments the JSON text)
 
 Unset generation options take the server's values (the model's own recommendations where it has them)."""
 
@@ -59,12 +65,64 @@ def parse_args(argv=None):
                         help="print the answer's text as it streams, without rendering Markdown "
                              "(default: rendered on a terminal, plain into a pipe or file)")
     parser.add_argument("--json", action="store_true", help="one-shot: print the raw protocol messages, one per line")
+    parser.add_argument("--json-schema", metavar="FILE", dest="json_schema",
+                        help="one-shot: the answer is JSON that matches the JSON schema in FILE (default: free text)")
+    parser.add_argument("--tools", metavar="FILE",
+                        help="one-shot: the tools the model may call, a JSON list of OpenAI function tools in FILE "
+                             "(default: none)")
+    parser.add_argument("--tool-choice", dest="tool_choice", metavar="CHOICE",
+                        help="with --tools: auto, none, required, or a tool's name that must be called "
+                             "(default: auto)")
     return parser.parse_args(argv)
 
 
 def generation_config(args) -> dict:
     names = ("temperature", "max_new_tokens", "top_p", "top_k")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+class UsageError(Exception):
+    """A command-line option that cannot be used (a file unreadable or not JSON): one line, exit 1."""
+
+
+def read_json_file(path: str, option: str):
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{option} {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{option} {path}: not JSON ({exc})") from None
+
+
+def request_options(args) -> dict:
+    """The frame fields the command line asks for: response_format from --json-schema, tools and
+    tool_choice from --tools and --tool-choice."""
+    options: dict = {}
+    if args.json_schema:
+        schema = read_json_file(args.json_schema, "--json-schema")
+        if not isinstance(schema, dict):
+            raise UsageError(f"--json-schema {args.json_schema}: not a JSON schema (an object)")
+        name = "".join(c if c.isalnum() or c in "_-" else "_" for c in os.path.basename(args.json_schema))
+        options["response_format"] = {"type": "json_schema", "json_schema": {"name": name[:64], "schema": schema}}
+    if args.tools:
+        tools = read_json_file(args.tools, "--tools")
+        if isinstance(tools, dict):
+            tools = [tools]
+        if not isinstance(tools, list):
+            raise UsageError(f"--tools {args.tools}: not a list of tools")
+        # {"name", "parameters"} alone is taken as the function of a function tool
+        options["tools"] = [tool if not isinstance(tool, dict) or "type" in tool else {"type": "function",
+                                                                                       "function": tool}
+                            for tool in tools]
+    if args.tool_choice:
+        if not args.tools:
+            raise UsageError("--tool-choice needs --tools")
+        choice = args.tool_choice
+        options["tool_choice"] = choice if choice in ("auto", "none", "required") else {
+            "type": "function", "function": {"name": choice}}
+    return options
 
 
 def describe_failure(exc: BaseException, args) -> str:
@@ -79,6 +137,7 @@ def describe_failure(exc: BaseException, args) -> str:
 
 
 async def one_shot(args, prompt: str) -> int:
+    options = request_options(args)  # before connecting: a bad file is the user's to fix first
     if args.json:
         print_json = lambda message: print(json.dumps(message, ensure_ascii=False), flush=True)  # noqa: E731
         client = LLMWSEnhancedClient(args.host, args.port, args.session, args.token, args.tls,
@@ -86,7 +145,8 @@ async def one_shot(args, prompt: str) -> int:
         await client.connect()
         print_json(client.welcome)
         try:
-            await client.inference(prompt, system=args.system, images=args.image, **generation_config(args))
+            await client.inference(prompt, system=args.system, images=args.image, **options,
+                                   **generation_config(args))
         finally:
             await client.disconnect(send_ack=False)
         return 0
@@ -96,12 +156,14 @@ async def one_shot(args, prompt: str) -> int:
     await client.connect()
     views.append(make_view(args.plain))
     try:
-        await client.inference(prompt, system=args.system, on_token=views[0].add, images=args.image,
-                               **generation_config(args))
-        return 0
+        answer = await client.inference(prompt, system=args.system, on_token=views[0].add, images=args.image,
+                                        **options, **generation_config(args))
     finally:
         views[0].finish()
         await client.disconnect(send_ack=False)
+    for call in answer.tool_calls:  # after the text, one JSON line each
+        print(json.dumps(call, ensure_ascii=False), flush=True)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -111,9 +173,11 @@ def main(argv=None) -> int:
         prompt = sys.stdin.read()
     try:
         if prompt is None:
+            if args.json_schema or args.tools:
+                raise UsageError("--json-schema and --tools go with one-shot mode (--prompt)")
             return Repl(args, generation_config(args)).run()
         return asyncio.run(one_shot(args, prompt))
-    except LLMWSError as exc:
+    except (LLMWSError, UsageError) as exc:
         print(f"llm: error: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # stdout closed early (llm.py ... | head): not an error of ours

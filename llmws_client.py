@@ -9,25 +9,92 @@ from pathlib import Path
 
 from llmws_session import LLMWSError, ResumingSession
 
-__all__ = ["LLMWSEnhancedClient", "LLMWSError", "image_data_url"]
+__all__ = ["Answer", "LLMWSEnhancedClient", "LLMWSError", "image_data_url"]
+
+
+class Answer(str):
+    """An answer from `inference()`: its text (a str, as before) and what came beside it.
+
+    - `tool_calls`: the tools the answer called, in order: [{"id": "call_…", "name": "get_weather",
+      "arguments": '{"city": "Paris"}'}] (arguments as the JSON text the model wrote); [] when it called none.
+      `finish_reason` is then "tool_calls" and the text is usually "".
+    - `reasoning`: what a thinking model wrote in its <think> block ("" when none).
+    - `finish_reason`: "stop", "length", "tool_calls", "cancelled" or "timeout".
+    - `logprobs`: with `logprobs=N`, one {"token", "logprob", "top_logprobs": [[token, logprob], …]} per token.
+    """
+
+    tool_calls: list[dict]
+    reasoning: str
+    finish_reason: str | None
+    logprobs: list[dict]
+
+    def __new__(cls, text: str = "", tool_calls=None, reasoning: str = "", finish_reason=None, logprobs=None):
+        answer = super().__new__(cls, text)
+        answer.tool_calls = list(tool_calls or [])
+        answer.reasoning = reasoning
+        answer.finish_reason = finish_reason
+        answer.logprobs = list(logprobs or [])
+        return answer
+
+    def as_message(self) -> dict:
+        """The answer as an assistant turn for the next request's `messages` (OpenAI's shape): follow it
+        with {"role": "tool", "tool_call_id": call["id"], "content": result} for each call."""
+        turn: dict = {"role": "assistant", "content": str(self)}
+        if self.tool_calls:
+            turn["content"] = str(self) or None
+            turn["tool_calls"] = [{"id": call["id"], "type": "function",
+                                   "function": {"name": call["name"], "arguments": call["arguments"]}}
+                                  for call in self.tool_calls]
+        return turn
 
 
 class LLMWSEnhancedClient(ResumingSession):
     """Async client for one session: chat, settings, models, training."""
 
-    async def stream(self, prompt=None, system=None, messages=None, images=None, **config):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.last_tool_calls: list[dict] = []  # the latest answer's tool calls, as Answer.tool_calls
+        self.last_reasoning = ""  # the latest answer's thinking text
+        self.last_logprobs: list[dict] = []  # the latest answer's per-token log probabilities (with logprobs=N)
+
+    async def stream(self, prompt=None, system=None, messages=None, images=None, *, tools=None, tool_choice=None,
+                     response_format=None, logprobs=None, **config):
         """Yield the answer's text pieces as they arrive. Queue positions go to `on_status`. `images` (paths
-        or bytes) go with the prompt, or with the last user turn of `messages`."""
-        request_id = str(uuid.uuid4())
-        message = {"type": "inference", "request_id": request_id}
-        if messages is not None:
-            message["messages"] = messages
-        else:
-            message["prompt"] = {"system": system, "user": prompt} if system else {"user": prompt}
-        if images:
-            message["images"] = [image_data_url(image) for image in images]
-        if config:
-            message["config"] = config
+        or bytes) go with the prompt, or with the last user turn of `messages`.
+
+        `tools` (OpenAI function tools), `tool_choice` ("auto", "none", "required" or {"type": "function",
+        "function": {"name": …}}), `response_format` ({"type": "json_object"} or {"type": "json_schema",
+        "json_schema": {"name", "schema"}}) and `logprobs` (0 to 20) go in the frame; other keywords
+        (temperature, seed, frequency_penalty, …) in its config. What is not text is kept as it comes:
+        `last_tool_calls`, `last_reasoning` and `last_logprobs` (as Answer's) are this stream's from its
+        start, and `last_done` its `done` once it ends."""
+        message = inference_frame(prompt, system, messages, images, tools, tool_choice, response_format, logprobs,
+                                  config)
+        async for piece in self._pieces(message, Answer()):
+            yield piece
+
+    async def inference(self, prompt=None, system=None, messages=None, on_token=None, images=None, *, tools=None,
+                        tool_choice=None, response_format=None, logprobs=None, **config) -> Answer:
+        """The whole answer, an `Answer`: a str of its text, with `.tool_calls` (the calls it made, [] for a
+        plain answer), `.reasoning`, `.finish_reason` and `.logprobs`. `on_token(text)` sees each piece of
+        text as it arrives. The keywords are stream()'s."""
+        message = inference_frame(prompt, system, messages, images, tools, tool_choice, response_format, logprobs,
+                                  config)
+        extras = Answer()
+        pieces = []
+        async for piece in self._pieces(message, extras):
+            pieces.append(piece)
+            if on_token:
+                on_token(piece)
+        return Answer("".join(pieces), extras.tool_calls, extras.reasoning, extras.finish_reason, extras.logprobs)
+
+    async def _pieces(self, message: dict, extras: Answer):
+        """Send an inference frame and yield its text; its tool calls, reasoning, log probabilities and
+        finish reason go into `extras` as they come (and are this client's last_* meanwhile)."""
+        self.last_tool_calls, self.last_logprobs = extras.tool_calls, extras.logprobs
+        self.last_reasoning = ""
+        reasoning: list[str] = []
+        request_id = message["request_id"]
         stream = self._streams[request_id] = asyncio.Queue()
         try:
             item = (await self._send_and_wait(message, stream))[0]
@@ -35,28 +102,28 @@ class LLMWSEnhancedClient(ResumingSession):
                 raise LLMWSError(item)
             while True:
                 if item["type"] == "token":
+                    extras.logprobs.extend(item.get("logprobs", ()))
                     yield item["data"]
+                elif item["type"] == "tool_call":
+                    add_tool_call(extras.tool_calls, item)
+                elif item["type"] == "reasoning":
+                    reasoning.append(item["data"])
+                    extras.reasoning = "".join(reasoning)
+                    if self.last_tool_calls is extras.tool_calls:  # still the latest stream
+                        self.last_reasoning = extras.reasoning
                 elif item["type"] == "queued":
                     self.on_status(f"queued: {item['position']} ahead")
                 elif item["type"] == "error":
                     raise LLMWSError(item)
                 elif item["type"] == "done":
                     self.last_done = item
+                    extras.finish_reason = item.get("finish_reason")
                     break
-                item = await self._next(stream)
+                item = await self._next(stream)  # a type this client does not know (a newer server's) is passed over
         finally:
             del self._streams[request_id]
         if not self._streams:  # nothing else in flight: the server may drop the buffer
             await self.ack()
-
-    async def inference(self, prompt=None, system=None, messages=None, on_token=None, images=None, **config) -> str:
-        """The whole answer; `on_token(text)` sees each piece as it arrives."""
-        pieces = []
-        async for piece in self.stream(prompt, system, messages, images, **config):
-            pieces.append(piece)
-            if on_token:
-                on_token(piece)
-        return "".join(pieces)
 
     async def set_config(self, **settings) -> dict:
         return (await self._ask({"type": "config", "data": settings}, "config_ack"))["config"]
@@ -127,6 +194,37 @@ class LLMWSEnhancedClient(ResumingSession):
                 self.on_status(f"queued: {event['position']} ahead")
             elif on_event:
                 on_event(event)
+
+
+def inference_frame(prompt, system, messages, images, tools, tool_choice, response_format, logprobs,
+                    config: dict) -> dict:
+    """An inference frame with a fresh request_id (a retry after a cut sends the same frame again)."""
+    message: dict = {"type": "inference", "request_id": str(uuid.uuid4())}
+    if messages is not None:
+        message["messages"] = messages
+    else:
+        message["prompt"] = {"system": system, "user": prompt} if system else {"user": prompt}
+    if images:
+        message["images"] = [image_data_url(image) for image in images]
+    for field, value in (("tools", tools), ("tool_choice", tool_choice), ("response_format", response_format),
+                         ("logprobs", logprobs)):
+        if value is not None:
+            message[field] = value
+    if config:
+        message["config"] = config
+    return message
+
+
+def add_tool_call(calls: list[dict], message: dict) -> None:
+    """Fold a `tool_call` message into the calls so far: the first of a call (with id and name) opens it at
+    its index, the others add their piece to its arguments."""
+    index = message["index"]
+    while len(calls) <= index:
+        calls.append({"id": None, "name": None, "arguments": ""})
+    call = calls[index]
+    if "id" in message:
+        call["id"], call["name"] = message["id"], message["name"]
+    call["arguments"] += message.get("arguments", "")
 
 
 def logs_to(on_log):
