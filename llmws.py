@@ -67,10 +67,11 @@ def choose_model(config, override) -> Path:
     """--model, else model.path, else the seed's auto-selection, else the default model (installed once)."""
     chosen = override or config.model["path"]
     if chosen:
-        path = config.resolve(chosen)
+        path = catalog.model_path(config, chosen)  # a symlink into a cache keeps its name, as in a switch
         if not catalog.is_model_folder(path):
             known = ", ".join(entry["path"] for entry in catalog.scan(config)) or "none yet"
-            raise SystemExit(f"Model not found: {path} has no config.json and no .gguf file (models here: {known})")
+            raise SystemExit(f"Model not found: {path} has no config.json and no .gguf file; relative paths are "
+                             f"read from {config.root}, the config file's folder (models here: {known})")
         return path
     from llmws_server.catalog.default_model import install_default_model
     return catalog.auto_select(config) or install_default_model(config.paths["models_dir"])

@@ -62,12 +62,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 INTEGER_KEYS = {"port", "http_port", "max_message_size", "max_clients", "max_clients_per_ip", "max_sessions",
                 "queue_size_per_client", "max_queued_requests", "max_context_length", "max_new_tokens", "top_k",
                 "max_image_bytes", "max_image_pixels", "max_images_per_request", "seed"}
-POSITIVE_KEYS = {"port", "http_port", "max_message_size", "max_clients", "max_clients_per_ip", "max_sessions",
+POSITIVE_KEYS = {"port", "max_message_size", "max_clients", "max_clients_per_ip", "max_sessions",
                  "hello_timeout_s",
                  "idle_timeout_s", "queue_size_per_client", "max_queued_requests", "detached_queue_timeout_s",
                  "max_session_buffer_mb", "max_image_bytes", "max_image_pixels", "max_images_per_request",
                  "max_context_length", "timeout_token_generation", "timeout_s"}
-NULLABLE_KEYS = {"http_port"}
+NULLABLE_KEYS = {"http_port"}  # null or 0 (as --http-port 0): no HTTP API
 # Keys the original LLMWS writes into config.json after each load (what it loaded, how it went) and where
 # it keeps training datasets: accepted and read past, so its config.json works here unchanged.
 ORIGINAL_KEYS = {"model": {"name", "params", "max_context", "last_loaded", "status", "error"},
@@ -212,9 +212,12 @@ def load_config(path) -> Config:
     except Refused as exc:
         key = str(exc).split()[0]
         raise ConfigError(f"{file}, line {_line_of(text, key)}, key 'generation_defaults.{key}': {exc}") from None
+    if data["server"]["http_port"] == 0:  # as --http-port 0: the HTTP API is off
+        data["server"]["http_port"] = None
     for key in ("port", "http_port"):
         if data["server"][key] is not None and not 1 <= data["server"][key] <= 65535:
-            raise ConfigError(f"{file}, line {_line_of(text, key)}, key 'server.{key}': must be 1 to 65535")
+            off = " (or 0 or null for no HTTP API)" if key == "http_port" else ""
+            raise ConfigError(f"{file}, line {_line_of(text, key)}, key 'server.{key}': must be 1 to 65535{off}")
     if data["model"]["engine"] not in ENGINES:
         raise ConfigError(f"{file}, line {_line_of(text, 'engine')}, key 'model.engine': "
                           f"must be one of {', '.join(ENGINES)}")

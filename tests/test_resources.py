@@ -9,8 +9,8 @@ import torch
 from conftest import ONE_AT_A_TIME, Client, inference
 from transformers import Gemma2Config, LlamaConfig, Qwen2Config
 
+from llmws_server import resources
 from llmws_server.config import DEFAULTS
-from llmws_server.core import resources
 from llmws_server.engines.api import Prompt
 from llmws_server.engines.transformers.batching import GREEDY
 from llmws_server.engines.transformers.engine import Engine, choose_attention, choose_dtype
@@ -171,7 +171,7 @@ def test_generating_on_cuda_runs_no_cudnn_attention(tiny_model):
 
     engine = Engine(tiny_model, DEFAULTS["model"], DEFAULTS["optimization"], 4096)
     with profile(activities=[ProfilerActivity.CUDA]) as profiled:
-        tokens, _ = engine.generate(Prompt([1, 2, 3, 4]), GREEDY, 8, lambda text: None, lambda: None)
+        tokens, _ = engine.generate(Prompt([1, 2, 3, 4]), GREEDY, 8, lambda text, logprobs: None, lambda: None)
     kernels = {event.name for event in profiled.events() if event.device_type == torch.autograd.DeviceType.CUDA}
     assert tokens == 8 and kernels
     assert not torch.backends.cuda.cudnn_sdp_enabled()

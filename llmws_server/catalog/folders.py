@@ -86,7 +86,7 @@ def auto_select(config) -> Path | None:
     """The seed's rule: models/ first, then var/models/; the first complete one in that order."""
     for entry in scan(config):
         if entry["complete"]:
-            return config.resolve(entry["path"])
+            return model_path(config, entry["path"])
     return None
 
 
@@ -119,23 +119,40 @@ def deletable(config, name, loaded: Path) -> Path:
 
 
 def find_model(config, given) -> tuple[str, Path]:
-    """(source, folder) for 'models/X', 'var/models/X' or a bare name X. Whatever is given must resolve,
-    symlinks followed, to a folder directly inside models/ or var/models/."""
+    """(source, folder) for 'models/NAME', 'var/models/NAME' or a bare NAME. What is checked is the name the
+    client gives: one plain folder name (check_name), directly under models/ or var/models/ and written no
+    other way (no '..', no folders of its own). A folder of that name that is a symlink the operator put
+    there (into a cache elsewhere on disk, say) is followed; the folder returned is the link's own path, so
+    that the model keeps its name."""
     if not isinstance(given, str) or not given or "\x00" in given or Path(given).is_absolute():
         raise Refused(f"Model not found: {given!r} (give models/NAME, var/models/NAME or NAME)")
-    parts = Path(given).parts
-    if len(parts) == 1:
-        check_name(given)
-        candidates = [(source, directory / given) for source, directory in model_dirs(config)]
-    else:
-        check_name(parts[-1])
-        candidates = [(source, config.root / given) for source, _ in model_dirs(config)][:1]
-    for source, candidate in candidates:
-        resolved = candidate.resolve()
-        for allowed_source, directory in model_dirs(config):
-            if resolved.parent == directory.resolve() and is_model_folder(resolved):
-                return allowed_source, resolved
+    where, name = Path(given).parent, Path(given).name
+    if ".." in Path(given).parts:
+        raise Refused(f"Model not found: {given} (give models/NAME, var/models/NAME or NAME)")
+    check_name(name)
+    for source, directory in model_dirs(config):
+        if where != Path(".") and where not in written_forms(config, source, directory):
+            continue
+        candidate = directory / name
+        if candidate.is_dir() and is_model_folder(candidate):
+            return source, candidate
     raise Refused(f"Model not found: {given}")
+
+
+def written_forms(config, source: str, directory: Path) -> set[Path]:
+    """How a client may write the folder of models/ (source "models") or var/models/ (source "var"): as
+    config.json gives it and as the catalogue lists it, relative to the config's folder, without '..'."""
+    written = config.data["paths"]["models_dir"] if source == "models" else f"{config.data['paths']['var_dir']}/models"
+    forms = {Path(written), Path(relative_path(directory, config.root))}
+    return {form for form in forms if not form.is_absolute() and ".." not in form.parts}
+
+
+def model_path(config, written: str) -> Path:
+    """A model folder given on the command line, in model.path or as a catalogue path, made absolute against
+    the config's folder and resolved, except for a symlink at its end (an operator's link into a cache, say),
+    which is kept, so that the model keeps its name."""
+    path = config.root / written
+    return path.parent.resolve() / path.name if path.is_symlink() else path.resolve()
 
 
 def fingerprint(folder: Path) -> tuple:
