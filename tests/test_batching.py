@@ -393,7 +393,7 @@ def holding_the_solo_run(engine, after_first_token: bool):
 
     gate, first, generate = threading.Event(), threading.Event(), engine.generate
 
-    def held(prompt, settings, max_tokens, on_text, should_stop, stream):
+    def held(prompt, settings, max_tokens, on_text, should_stop, stream, picker=None):
         def asking():
             if stream.ids and not first.is_set():
                 first.set()
@@ -401,7 +401,8 @@ def holding_the_solo_run(engine, after_first_token: bool):
             return should_stop()
         if not after_first_token:
             gate.wait(30)
-        return generate(prompt, settings, max_tokens, on_text, asking if after_first_token else should_stop, stream)
+        return generate(prompt, settings, max_tokens, on_text, asking if after_first_token else should_stop, stream,
+                        picker)
     engine.generate = held
     return gate, first
 
@@ -533,13 +534,16 @@ def test_a_stop_while_a_prompt_is_read_takes_effect_within_a_layer(tiny_model):
     engine = Engine.for_config(tiny_model, config)
     assert len(engine.layers) >= 2
     ran, texts, asks = [], [], iter([None])
+
+    def keep(text, logprobs):
+        texts.append(text)
     hooks = [layer.register_forward_hook(lambda module, args, output: ran.append(module)) for layer in engine.layers]
     try:
         greedy = GenerationSettings(**GREEDY_12)
-        result = engine.generate(engine.encode_text(PROMPTS[1]), greedy, 12, texts.append,
+        result = engine.generate(engine.encode_text(PROMPTS[1]), greedy, 12, keep,
                                  lambda: next(asks, "cancelled"))
         assert (result, texts, ran) == ((0, "cancelled"), [], engine.layers[:1])
-        assert engine.generate(engine.encode_text(PROMPTS[1]), greedy, 12, texts.append, lambda: None) == (12, "length")
+        assert engine.generate(engine.encode_text(PROMPTS[1]), greedy, 12, keep, lambda: None) == (12, "length")
     finally:
         for hook in hooks:
             hook.remove()
