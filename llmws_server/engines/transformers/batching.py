@@ -126,10 +126,28 @@ class Solo:
         return found
 
 
+def one_forward_at_a_time(model) -> list:
+    """Hooks that let the batch's thread and a solo run's run the model one at a time. While a forward runs,
+    transformers sets `is_causal` on the model's one config (utils.generic.merge_with_config_defaults), and
+    the batch's steps pass is_causal=False (they bring their own masks): a solo step that ran meanwhile
+    took it for its own and put it back after the batch's step had removed it, so every later solo answer
+    was computed with a bidirectional mask, to the end of the process. They overlap when a request leaves
+    the batch while the manager is still in a step (its schema complete) and the next starts alone at once."""
+    lock = threading.Lock()
+
+    def enter(module, args) -> None:
+        lock.acquire()
+
+    def leave(module, args, output) -> None:
+        lock.release()
+    return [model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True)]
+
+
 class TransformersBatch:
     def __init__(self, engine, slots: int):
         self.engine = engine
         self.model = engine.model
+        self.hooks = one_forward_at_a_time(self.model)
         tokenizer = engine.tokenizer
         eos = self.model.generation_config.eos_token_id
         # The batch decodes greedily; a sampled request's token is drawn by the sampler, which needs the
@@ -350,5 +368,7 @@ class TransformersBatch:
         self.manager.stop(block=True, timeout=30, hard_stop=True)  # what still runs is cancelled
         if hasattr(self.model, "destroy_cached_continuous_batching_manager"):
             self.model.destroy_cached_continuous_batching_manager()
+        for hook in self.hooks:
+            hook.remove()
         self.streams.clear()
 

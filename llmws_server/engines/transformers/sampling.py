@@ -47,14 +47,14 @@ class Step:
     picked: list[tuple[int, Picker]]  # rows whose request picks its own token
 
     @classmethod
-    def of(cls, requests, pickers: dict[str, Picker]) -> "Step":
+    def of(cls, requests, pickers: dict[str, Picker] | None = None) -> "Step":
         sampled, temperature, top_k, top_p = [], [], [], []
         tokens: list[int]
         picked: list[tuple[int, Picker]] = []
         rows, tokens, penalties = [], [], []
         for row, request in enumerate(requests):
             state = request.state
-            if state.request_id in pickers:
+            if pickers and state.request_id in pickers:
                 picked.append((row, pickers[state.request_id]))
             kwargs = state.logit_processor_kwargs
             if not kwargs.get("greedy", True):
