@@ -215,6 +215,7 @@ class Reply:
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
+        self.offsets: dict[int, int] = {}  # a streamed completion's text_offset goes on from chunk to chunk
 
     def _shape(self, object_name: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model,
@@ -244,7 +245,10 @@ class Reply:
         tool_calls, or the role in the first); the last says the finish reason."""
         finish = FINISH[reason] if reason else None
         if not self.chat:
-            shown = completion_logprobs(logprobs) if self.logprobs and logprobs else None
+            shown = None
+            if self.logprobs and logprobs:
+                shown = completion_logprobs(logprobs, self.offsets.get(index, 0))
+                self.offsets[index] = self.offsets.get(index, 0) + sum(len(each.token) for each in logprobs)
             return self._shape(self.object, [{"index": index, "text": (delta or {}).get("content", ""),
                                               "logprobs": shown, "finish_reason": finish}])
         shown = chat_logprobs(logprobs) if self.logprobs and logprobs else None

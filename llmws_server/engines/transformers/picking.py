@@ -4,6 +4,7 @@ matcher masks the tokens the grammar does not allow). The batch's sampler (sampl
 Picker for its row, and generate() runs one as a logits processor, so a request picks its tokens the same
 way alone and in a batch. A request whose settings are plain has no Picker and costs nothing here."""
 import math
+import threading
 from collections.abc import Callable
 
 import llguidance
@@ -27,6 +28,11 @@ class Picker:
         self.logprobs: list[TokenLogprob] = []  # not yet handed on
         self.picked = 0  # tokens of the answer picked so far (an end token aside)
         self.matcher: llguidance.LLMatcher | None = None
+        # The batch's thread picks while the scheduler's reads `done` and takes the logprobs: the matcher is
+        # touched on the picking thread only (another thread's is_stopped() during its consume_token raised
+        # "Already mutably borrowed" and ended the scheduler), and the logprobs change hands under a lock.
+        self.complete = False  # the schema is complete, as the matcher said after the last token
+        self.lock = threading.Lock()
         if settings.json_schema is not None:
             tokenizer = grammar_tokenizer()
             self.matcher = llguidance.LLMatcher(tokenizer, grammar(settings.json_schema))
@@ -37,7 +43,7 @@ class Picker:
         scores = scores.float().clone()
         self._penalise(scores)
         if self.matcher is not None:
-            if self.matcher.is_stopped():  # the schema is complete: the answer ends (`done` stops a model
+            if self.complete:  # the schema is complete: the answer ends (`done` stops a model
                 return min(self.eos, default=0)  # without an end token)
             self._mask(self.matcher, scores)
         if self.settings.sampled:
@@ -52,10 +58,11 @@ class Picker:
     @property
     def done(self) -> bool:
         """The schema is complete: nothing may follow."""
-        return self.matcher is not None and self.matcher.is_stopped()
+        return self.complete
 
     def take_logprobs(self) -> tuple[TokenLogprob, ...]:
-        taken, self.logprobs = tuple(self.logprobs), []
+        with self.lock:
+            taken, self.logprobs = tuple(self.logprobs), []
         return taken
 
     def _penalise(self, scores: torch.Tensor) -> None:
@@ -94,13 +101,15 @@ class Picker:
         self.counts[token] = self.counts.get(token, 0) + 1
         if self.matcher is not None:
             self.matcher.consume_token(token)
+            self.complete = self.matcher.is_stopped()
         wanted = self.settings.logprobs
         if wanted is None:
             return
         top = distribution.topk(min(wanted, MAX_LOGPROBS)) if wanted else None
         best = () if top is None else tuple(
             (self.token_text(int(index)), _finite(float(value))) for value, index in zip(top.values, top.indices))
-        self.logprobs.append(TokenLogprob(self.token_text(token), _finite(float(distribution[token])), best))
+        with self.lock:
+            self.logprobs.append(TokenLogprob(self.token_text(token), _finite(float(distribution[token])), best))
 
 
 def _finite(value: float) -> float:
