@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from llmws_server.config import DEFAULTS, GenerationSettings
-from llmws_server.core.output_parsers import choose_style
+from llmws_server.core.tool_templates import choose_style
 from llmws_server.errors import Refused
 
 pytest.importorskip("llama_cpp")

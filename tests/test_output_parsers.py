@@ -15,10 +15,8 @@ from llmws_server.core.output_parsers import (
     Reasoning,
     ToolCallArguments,
     ToolCallStarted,
-    choose_style,
-    generic_tool_prompt,
-    generic_tool_turns,
 )
+from llmws_server.core.tool_templates import choose_style, generic_tool_prompt, generic_tool_turns
 
 WEATHER = '{"city": "Paris", "unit": "celsius"}'
 TRICKY = '{"query": {"text": "a } b \\" c {", "tags": ["x", {"y": "]"}]}, "n": -1.5e3, "ok": true}'

@@ -7,7 +7,8 @@ import re
 from dataclasses import dataclass
 
 from llmws_server.core.constraints import ANY_JSON_OBJECT, checked_schema, tool_call_schema
-from llmws_server.core.output_parsers import OutputParser, choose_style, generic_tool_prompt, generic_tool_turns
+from llmws_server.core.output_parsers import OutputParser
+from llmws_server.core.tool_templates import choose_style, generic_tool_prompt, generic_tool_turns
 from llmws_server.errors import Refused
 
 NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")  # OpenAI's function names, and MCP's dotted ones
