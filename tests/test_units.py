@@ -18,7 +18,7 @@ from llmws_server.core.requests import MAX_DEPTH, parse_json
 from llmws_server.core.worker import Worker
 from llmws_server.engines.api import Progress, Prompt
 from llmws_server.errors import ContextTooLong, Refused
-from llmws_server.http import openai_shapes
+from llmws_server.http import openai_shapes, runs
 from llmws_server.http.errors import APIError
 from llmws_server.ws import protocol, wire
 
@@ -256,7 +256,7 @@ def test_stop_strings_cut_the_text_at_the_first_complete_one_however_it_streams(
     where two end together), or all of it."""
     found = [(index + len(stop), index) for stop in stops if (index := text.find(stop)) >= 0]
     expected = text[:min(found)[1]] if found else text
-    watch, sent = openai_shapes.StopText(tuple(stops)), []
+    watch, sent = runs.StopText(tuple(stops)), []
     bounds = sorted({0, len(text), *(cut for cut in cuts if cut <= len(text))})
     for start, end in zip(bounds, bounds[1:]):
         if not watch.stopped:
@@ -269,7 +269,7 @@ def test_stop_strings_cut_the_text_at_the_first_complete_one_however_it_streams(
 def test_a_stop_string_complete_first_wins_over_a_longer_one_that_began_earlier():
     """"ba" streams before "b  ": the model stops at "a", the text after it is never generated."""
     for pieces in (["bab  "], ["ba", "b  "], ["b", "a", "b", "  "]):
-        watch = openai_shapes.StopText(("bab", "a"))
+        watch = runs.StopText(("bab", "a"))
         assert "".join(watch.feed(piece) for piece in pieces if not watch.stopped) == "b" and watch.stopped
 
 

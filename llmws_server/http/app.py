@@ -30,6 +30,7 @@ from llmws_server.http.errors import APIError
 log = logging.getLogger("llmws.http")
 APIS = [openai, responses]  # each gives its routes: routes(api) -> [Route]
 Endpoint = Callable[[Request], Awaitable[Response]]
+ErrorShape = Callable[[APIError], dict]  # an API's error body
 
 
 class HTTPApi:
@@ -44,25 +45,17 @@ class HTTPApi:
             *(route for api in APIS for route in api.routes(self)),
         ])
 
-    def endpoint(self, handler: Endpoint, guarded: bool = True) -> Endpoint:
-        """The handler behind the origin and token checks, with every refusal in OpenAI's error shape."""
+    def endpoint(self, handler: Endpoint, guarded: bool = True, shape: ErrorShape = APIError.body) -> Endpoint:
+        """The handler behind the origin and token checks, with every refusal in its API's error shape
+        (OpenAI's unless told)."""
         async def run(request: Request) -> Response:
             try:
                 if guarded:
                     self.check_access(request)
                 return await handler(request)
-            except APIError as exc:
-                return JSONResponse(exc.body(), exc.status)
-            except Busy as exc:
-                return JSONResponse(APIError(str(exc), status=429, kind="rate_limit_error").body(), 429)
-            except Refused as exc:  # the core's checks (a prompt too long, a bad image, ...)
-                return JSONResponse(APIError(str(exc), exc.field, **exc.fields).body(), 400)
-            except Exception:  # a bug: logged whole, answered 500 with what the log names it by
-                incident = uuid.uuid4().hex[:12]
-                log.exception("internal error %s on %s %s", incident, request.method, request.url.path)
-                error = APIError(f"Internal error (incident {incident}): the server's log has the details",
-                                 status=500, kind="server_error")
-                return JSONResponse(error.body(), 500)
+            except Exception as exc:
+                error = api_error(exc, request)
+                return JSONResponse(shape(error), error.status, headers=error.headers)
         return run
 
     def check_access(self, request: Request) -> None:
@@ -71,9 +64,10 @@ class HTTPApi:
         if origin is not None and not origin_allowed(origin, self.settings["allowed_origins"]):
             raise APIError(f"Origin {origin} is not allowed", status=403, kind="permission_error")
         tokens = [token for token in (self.settings["auth_token"], self.settings["admin_token"]) if token]
-        presented = request.headers.get("authorization", "").removeprefix("Bearer ")
+        presented = request.headers.get("authorization", "").removeprefix("Bearer ") or request.headers.get(
+            "x-api-key", "")  # Anthropic's clients send the key so
         if tokens and not any(same_secret(presented, token) for token in tokens):
-            raise APIError("Missing or wrong API key: send Authorization: Bearer <server.auth_token>",
+            raise APIError("Missing or wrong API key: send Authorization: Bearer <server.auth_token> or x-api-key",
                            status=401, kind="authentication_error")
 
     async def body(self, request: Request) -> dict:
@@ -102,6 +96,21 @@ class HTTPApi:
 
     async def metrics(self, request: Request) -> Response:
         return Response(self.service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+def api_error(exc: Exception, request: Request) -> APIError:
+    """What any exception of a handler answers: a refusal its status, a bug a 500 with the incident the log
+    names it by (logged whole)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, Busy):
+        return APIError(str(exc), status=429, kind="rate_limit_error")
+    if isinstance(exc, Refused):  # the core's checks (a prompt too long, a bad image, ...)
+        return APIError(str(exc), exc.field, **exc.fields)
+    incident = uuid.uuid4().hex[:12]
+    log.error("internal error %s on %s %s", incident, request.method, request.url.path, exc_info=exc)
+    return APIError(f"Internal error (incident {incident}): the server's log has the details",
+                    status=500, kind="server_error")
 
 
 class EmbeddedServer(uvicorn.Server):

@@ -9,6 +9,7 @@ class APIError(Refused):
                  kind: str = "invalid_request_error", **fields: object):
         super().__init__(message, param, **fields)
         self.param, self.status, self.kind = param, status, kind
+        self.headers: dict[str, str] = {}
 
     def body(self) -> dict:
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": None, **self.fields}}

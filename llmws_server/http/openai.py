@@ -1,40 +1,21 @@
-"""OpenAI's chat completions and completions (http/openai_shapes.py has their request checks and shapes):
-a request goes to the core as a StreamSession of its own, and its events come back as chunks or whole."""
-import asyncio
+"""OpenAI's chat completions and completions (http/openai_shapes.py has their request checks and shapes,
+http/runs.py the running): each choice's events come back as chunks or whole."""
 import json
-import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from llmws_server.core.events import (
-    Done,
-    Failed,
-    FinishReason,
-    Queued,
-    Reasoning,
-    Stamped,
-    Started,
-    Text,
-    ToolCallArguments,
-    ToolCallStarted,
-)
-from llmws_server.core.jobs import InferenceJob
-from llmws_server.http import openai_shapes
-from llmws_server.http.errors import APIError
-from llmws_server.http.openai_shapes import APIRequest, Reply, StopText
-from llmws_server.sessions.store import StreamSession
+from llmws_server.core.events import Failed, Queued, Reasoning, Text, ToolCallArguments, ToolCallStarted
+from llmws_server.http import openai_shapes, runs
+from llmws_server.http.openai_shapes import APIRequest, Reply
+from llmws_server.http.runs import Finished, Told, merged, refusal
 
 if TYPE_CHECKING:
     from llmws_server.http.app import HTTPApi
-
-log = logging.getLogger("llmws.http")
-QUEUE_HEADER = "x-llmws-queue-position"  # requests ahead when this one had to wait
 
 
 def routes(api: "HTTPApi") -> list[Route]:
@@ -42,24 +23,6 @@ def routes(api: "HTTPApi") -> list[Route]:
     return [Route("/v1/models", api.endpoint(endpoints.models)),
             Route("/v1/chat/completions", api.endpoint(endpoints.chat), methods=["POST"]),
             Route("/v1/completions", api.endpoint(endpoints.completions), methods=["POST"])]
-
-
-@dataclass(frozen=True)
-class Finished:
-    """The end of a choice as OpenAI tells it: a stop string's cut is a stop; the usage."""
-    reason: FinishReason
-    tokens_in: int
-    tokens_out: int
-
-
-Told = Union[Queued, Text, Reasoning, ToolCallStarted, ToolCallArguments, Finished, Failed]  # in order
-
-
-def refusal(failed: Failed) -> APIError:
-    """A job's failure as an API error: too long a prompt is the client's (400), the rest the server's."""
-    if "max_context" in failed.fields:
-        return APIError(failed.message, "messages", **failed.fields)
-    return APIError(failed.message, status=500, kind="server_error")
 
 
 class OpenAIEndpoints:
@@ -81,65 +44,12 @@ class OpenAIEndpoints:
 
     async def answer(self, wanted: APIRequest, chat: bool) -> Response:
         """Queue a job per choice (they decode together); answer with a stream or the whole answer."""
-        runs: list[tuple[InferenceJob, StreamSession]] = []
-        try:
-            for inference in wanted.choices():
-                session = StreamSession()
-                runs.append((await self.service.submit(session, inference), session))
-            firsts = [await session.events.get() for _, session in runs]
-        except BaseException:
-            for job, session in runs:
-                self.service.cancel(session, job)
-            raise
-        failed = next((first.event for first in firsts if isinstance(first.event, Failed)), None)
-        if failed is not None:  # refused before it started: a proper status, not a stream
-            for job, session in runs:
-                self.service.cancel(session, job)
-            raise refusal(failed)
-        headers = {QUEUE_HEADER: str(firsts[0].event.position)} if isinstance(firsts[0].event, Queued) else {}
+        run = await runs.start(self.service, wanted.choices(), wanted.stop)
         reply = Reply(chat, self.service.engine.name, wanted.inference.settings.logprobs is not None)
-        streams = [self.events(job, session, first, wanted.stop) for (job, session), first in zip(runs, firsts)]
         if wanted.stream:
-            return EventSourceResponse(self.chunks(streams, reply, wanted.include_usage), headers=headers,
+            return EventSourceResponse(self.chunks(run.streams, reply, wanted.include_usage), headers=run.headers,
                                        ping=15, sep="\n")
-        return await self.whole(streams, reply, headers)
-
-    async def events(self, job: InferenceJob, session: StreamSession, stamped: Stamped,
-                     stops: tuple[str, ...]) -> AsyncIterator[Told]:
-        """A choice's events as OpenAI tells them: queue positions, text, reasoning and tool calls, then
-        finished or failed. A stop string ends the text there and cancels the rest; a client that leaves
-        cancels it all."""
-        stop, tokens_in, finished = StopText(stops), 0, False
-        try:
-            while True:
-                event = stamped.event
-                if isinstance(event, Started):
-                    tokens_in = event.tokens_in
-                elif isinstance(event, Text):
-                    if not stop.stopped:
-                        text = stop.feed(event.text)
-                        if stop.stopped:
-                            job.cancelled.set()
-                        if text or event.logprobs:
-                            yield Text(text, event.logprobs)
-                elif isinstance(event, Done):
-                    finished = True
-                    rest = stop.rest()
-                    if rest:
-                        yield Text(rest)
-                    reason = FinishReason.STOP if stop.stopped else event.reason
-                    yield Finished(reason, tokens_in, event.tokens)
-                    return
-                elif isinstance(event, (Queued, Reasoning, ToolCallStarted, ToolCallArguments, Failed)):
-                    finished = isinstance(event, Failed)
-                    yield event
-                    if finished:
-                        return
-                stamped = await session.events.get()
-        finally:
-            if not finished:
-                log.info("request %s cancelled: its HTTP client left", job.request_id)
-                self.service.cancel(session, job)
+        return await self.whole(run.streams, reply, run.headers)
 
     async def whole(self, streams: list[AsyncIterator[Told]], reply: Reply, headers: dict) -> Response:
         choices = [openai_shapes.Choice.empty() for _ in streams]
@@ -195,35 +105,6 @@ class OpenAIEndpoints:
         if include_usage:
             yield _data(reply.usage_chunk(openai_shapes.usage(tokens_in, tokens_out)))
         yield ServerSentEvent(data="[DONE]")
-
-
-async def merged(streams: list[AsyncIterator[Told]]) -> AsyncIterator[tuple[int, Told]]:
-    """(choice index, what it told), from every choice as it comes; one stream alone goes straight."""
-    if len(streams) == 1:
-        async for told in streams[0]:
-            yield 0, told
-        return
-    queue: asyncio.Queue[tuple[int, Told | None]] = asyncio.Queue()
-
-    async def pump(index: int, stream: AsyncIterator[Told]) -> None:
-        try:
-            async for told in stream:
-                await queue.put((index, told))
-        finally:
-            await queue.put((index, None))
-
-    pumps = [asyncio.create_task(pump(index, stream)) for index, stream in enumerate(streams)]
-    try:
-        running = len(pumps)
-        while running:
-            index, item = await queue.get()
-            if item is None:
-                running -= 1
-            else:
-                yield index, item
-    finally:
-        for task in pumps:
-            task.cancel()
 
 
 def _data(shape: dict) -> ServerSentEvent:

@@ -146,33 +146,6 @@ def _stops(value) -> tuple[str, ...]:
     return tuple(stops)
 
 
-class StopText:
-    """Text as it streams, cut at the first stop string: the one that is complete first (the text after it
-    would never be generated), the longer one where two end together; so the cut is the same however the
-    text is split into pieces. What could be the start of a stop string is held back until the next piece
-    shows it is not."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops, self.held, self.stopped = stops, "", False
-
-    def feed(self, text: str) -> str:
-        """The part of the text so far that may be sent now."""
-        self.held += text
-        found = [(index + len(stop), index) for stop in self.stops if (index := self.held.find(stop)) >= 0]
-        if found:
-            ready, self.held, self.stopped = self.held[:min(found)[1]], "", True
-            return ready
-        keep = max((size for stop in self.stops for size in range(1, len(stop))
-                    if self.held.endswith(stop[:size])), default=0)
-        ready, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
-        return ready
-
-    def rest(self) -> str:
-        """At the end: what was held back (no stop string came)."""
-        rest, self.held = self.held, ""
-        return rest
-
-
 # -- shapes -----------------------------------------------------------------------------------------------
 
 @dataclass
