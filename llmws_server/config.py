@@ -52,6 +52,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_image_bytes": 4194304,
         "max_image_pixels": 40000000,
         "max_images_per_request": 8,
+        "max_embedding_inputs": 256,
         "max_context_length": 128000,
         "timeout_token_generation": 300,
     },
@@ -61,12 +62,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 # Keys whose value must be a whole number (the others of numeric default accept any finite number).
 INTEGER_KEYS = {"port", "http_port", "max_message_size", "max_clients", "max_clients_per_ip", "max_sessions",
                 "queue_size_per_client", "max_queued_requests", "max_context_length", "max_new_tokens", "top_k",
-                "max_image_bytes", "max_image_pixels", "max_images_per_request", "seed"}
+                "max_image_bytes", "max_image_pixels", "max_images_per_request", "max_embedding_inputs", "seed"}
 POSITIVE_KEYS = {"port", "max_message_size", "max_clients", "max_clients_per_ip", "max_sessions",
                  "hello_timeout_s",
                  "idle_timeout_s", "queue_size_per_client", "max_queued_requests", "detached_queue_timeout_s",
                  "max_session_buffer_mb", "max_image_bytes", "max_image_pixels", "max_images_per_request",
-                 "max_context_length", "timeout_token_generation", "timeout_s"}
+                 "max_embedding_inputs", "max_context_length", "timeout_token_generation", "timeout_s"}
 NULLABLE_KEYS = {"http_port"}  # null or 0 (as --http-port 0): no HTTP API
 # Keys the original LLMWS writes into config.json after each load (what it loaded, how it went) and where
 # it keeps training datasets: accepted and read past, so its config.json works here unchanged.

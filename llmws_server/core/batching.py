@@ -4,8 +4,9 @@ batch the engine runs (engines.api.Batch).
 Requests are admitted in arrival order, each as soon as a slot frees, whatever their settings. The engine
 says which requests may not share the batch (for transformers: one with images); they and the jobs that
 are not requests (a model switch, training, a snapshot) run alone: such a job waits, in order, until the
-batch drains, and nothing is admitted past it. The batch is opened (and warmed up) when the worker starts
-and again after a model switch, and kept open between requests.
+batch drains, and nothing is admitted past it. A short job (an embedding) runs beside the batch. The batch
+is opened (and warmed up) when the worker starts and again after a model switch, and kept open between
+requests.
 """
 import logging
 import time
@@ -104,6 +105,9 @@ class BatchingWorker(Worker):
             self.running = None
             if self.engine is not engine:  # a switch: the new model's batch, warm before its first request
                 self._open_batch()
+            return
+        if job.runs_beside_batch:  # the engine takes its turn on the model between the batch's steps
+            self._run(job)
             return
         assert isinstance(job, InferenceJob)  # only requests batch
         job.state = JobState.RUNNING

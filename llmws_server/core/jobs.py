@@ -31,6 +31,7 @@ log = logging.getLogger("llmws.jobs")
 class Job:
     request_id: str | None = None  # a job without one (a model switch asked without one) emits without one
     failure = "Generation"  # what "… failed: <reason>" names when it raises
+    runs_beside_batch = False  # a short job that takes no slot: run on the worker thread while the batch goes on
 
     def __init__(self, session: Any, loop: AbstractEventLoop):
         self.session = session  # a sessions.store.Session or StreamSession: whoever is told its events

@@ -14,11 +14,12 @@ from llmws_server.core.images import decode_images
 from llmws_server.core.jobs import InferenceJob
 from llmws_server.core.metrics import Metrics
 from llmws_server.core.model_control import ModelControl
+from llmws_server.core.reply_jobs import CountJob, Embedded, EmbedJob, ReplyJob, checked_inputs
 from llmws_server.core.requests import InferenceRequest, images_of
 from llmws_server.core.worker import Worker
 from llmws_server.engines.api import Engine
 from llmws_server.errors import Busy, ContextTooLong, Refused
-from llmws_server.sessions.store import Codec, SessionStore
+from llmws_server.sessions.store import Codec, SessionStore, StreamSession
 
 log = logging.getLogger("llmws.server")
 SESSION_IDLE_S = 24 * 3600  # a session nobody takes up for a day is forgotten, buffer and all
@@ -123,6 +124,29 @@ class Service:
         for turn in turns:
             if "images" in turn:
                 turn["images"] = [next(decoded) for _ in turn["images"]]
+
+    async def embed(self, inputs: object, session=None, field: str = "input") -> Embedded:
+        """The inputs' vectors (core.reply_jobs), queued in the session's lane (without one, a lane of its
+        own); errors.Refused for inputs over the limits."""
+        checked = checked_inputs(inputs, self.limits["max_embedding_inputs"], field)
+        return await self._reply(EmbedJob(session or StreamSession(), asyncio.get_running_loop(), checked))
+
+    async def count_tokens(self, request: InferenceRequest, session=None) -> int:
+        """The request's prompt tokens, as the model would read it."""
+        if images_of(request.turns):
+            await self._decode_images(request.turns)
+        return await self._reply(CountJob(session or StreamSession(), asyncio.get_running_loop(), request))
+
+    async def _reply(self, job: ReplyJob):
+        if self.worker.waiting() >= self.limits["max_queued_requests"]:
+            raise Busy(f"Server queue full ({self.limits['max_queued_requests']} requests waiting): try again later")
+        self.worker.submit(job)
+        try:
+            return await job.result
+        finally:
+            if not job.result.done():  # the client left: it need not run
+                self.worker.remove(job)
+                job.cancelled.set()
 
     def cancel(self, session, job: InferenceJob) -> None:
         """A queued job leaves the queue; a running one ends at its next token with done, cancelled."""

@@ -106,6 +106,12 @@ class Engine(Protocol):
         frequency and presence penalties, logprobs, and json_schema (decoding constrained by the grammar
         of the schema: the answer parses and validates whatever the model)."""
 
+    def embed(self, inputs: list[str] | list[list[int]]) -> tuple[list[list[float]], int]:
+        """(one unit-length vector per input, the inputs' tokens): the model's pooling where its folder
+        names one (sentence-transformers' modules), else the mean of the last hidden states. Inputs are
+        embedded together where they fit; errors.Refused for an input over max_context. Called beside a
+        running batch: the engine takes its turn on the model."""
+
     def batchable(self, images: int) -> bool:
         """Whether a request (with this many images) may share the batch; one that may not runs alone."""
 

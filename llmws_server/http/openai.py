@@ -13,6 +13,7 @@ from llmws_server.core.events import Failed, Queued, Reasoning, Text, ToolCallAr
 from llmws_server.http import openai_shapes, runs
 from llmws_server.http.openai_shapes import APIRequest, Reply
 from llmws_server.http.runs import Finished, Told, merged, refusal
+from llmws_server.sessions.store import StreamSession
 
 if TYPE_CHECKING:
     from llmws_server.http.app import HTTPApi
@@ -22,7 +23,8 @@ def routes(api: "HTTPApi") -> list[Route]:
     endpoints = OpenAIEndpoints(api)
     return [Route("/v1/models", api.endpoint(endpoints.models)),
             Route("/v1/chat/completions", api.endpoint(endpoints.chat), methods=["POST"]),
-            Route("/v1/completions", api.endpoint(endpoints.completions), methods=["POST"])]
+            Route("/v1/completions", api.endpoint(endpoints.completions), methods=["POST"]),
+            Route("/v1/embeddings", api.endpoint(endpoints.embeddings), methods=["POST"])]
 
 
 class OpenAIEndpoints:
@@ -41,6 +43,11 @@ class OpenAIEndpoints:
         wanted = openai_shapes.completion_request(await self.api.body(request), self.service.generation_defaults,
                                                   self.service.max_batch_size)
         return await self.answer(wanted, chat=False)
+
+    async def embeddings(self, request: Request) -> Response:
+        body = openai_shapes.embeddings_request(await self.api.body(request))
+        embedded = await self.service.embed(body.get("input"), StreamSession())
+        return JSONResponse(openai_shapes.embeddings(embedded, self.service.engine.name, body))
 
     async def answer(self, wanted: APIRequest, chat: bool) -> Response:
         """Queue a job per choice (they decode together); answer with a stream or the whole answer."""

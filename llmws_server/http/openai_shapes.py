@@ -4,12 +4,15 @@ typed requests, and the response, chunk and error shapes of chat completions and
 A field the API defines and this server cannot honour (echo, best_of, suffix) is refused naming it; fields
 it does not define are ignored, as other OpenAI-compatible servers do, since tools send their own extras.
 """
+import array
+import base64
 import time
 import uuid
 from dataclasses import dataclass, replace
 
 from llmws_server.config import GenerationSettings, validate_generation
 from llmws_server.core.events import FinishReason
+from llmws_server.core.reply_jobs import Embedded
 from llmws_server.core.requests import InferenceRequest, check_turns
 from llmws_server.core.tools import checked_tools, response_schema
 from llmws_server.engines.api import TokenLogprob
@@ -240,3 +243,28 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def models_list(names: list[str], created: int) -> dict:
     return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "llmws"}
                                        for name in names]}
+
+
+def embeddings_request(body: object) -> dict:
+    """POST /v1/embeddings: input as it came (the core checks it), encoding_format float or base64, and
+    dimensions only at the model's own size (checked once the vectors show it)."""
+    body = _object(body)
+    if body.get("encoding_format", "float") not in ("float", "base64", None):
+        raise APIError("encoding_format must be float or base64", "encoding_format")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1):
+        raise APIError("dimensions must be a positive whole number", "dimensions")
+    return body
+
+
+def embeddings(embedded: Embedded, model: str, body: dict) -> dict:
+    size = len(embedded.vectors[0])
+    if body.get("dimensions") not in (None, size):
+        raise APIError(f"dimensions: this model's embeddings have {size} dimensions and cannot be shortened",
+                       "dimensions")
+    as_base64 = body.get("encoding_format") == "base64"
+    data = [{"object": "embedding", "index": index,
+             "embedding": base64.b64encode(array.array("f", vector).tobytes()).decode() if as_base64 else vector}
+            for index, vector in enumerate(embedded.vectors)]
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": embedded.tokens, "total_tokens": embedded.tokens}}

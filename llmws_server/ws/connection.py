@@ -41,6 +41,7 @@ class Connection:
         self.allowance, self.checked_at = MESSAGE_BURST, time.monotonic()
         self.dropped = False
         self.admin_problem: str | None = None  # why it may not manage models, or None
+        self.embedding: set[asyncio.Task] = set()  # its embed requests being answered
 
     @property
     def address(self) -> str:

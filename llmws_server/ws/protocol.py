@@ -22,6 +22,7 @@ FIELDS = {
     "switch_model": {"model_path", "request_id"},
     "download_model": {"repo", "target_dir", "file", "request_id"},
     "delete_model": {"model_name"},
+    "embed": {"input", "request_id"},
     # the original LLMWS's
     "ping": set(),
     "get_status": set(),
@@ -223,6 +224,11 @@ def model_switched(name: str, status: dict) -> dict:
 def recheck_complete(success: bool, status: dict, outcome: str) -> dict:
     """outcome (added): "unchanged", or "reloaded" when the folder's files had changed."""
     return {"type": "recheck_complete", "success": success, "status": status, "outcome": outcome}
+
+
+def embeddings(vectors: list[list[float]], tokens: int, model: str, request_id: str | None) -> dict:
+    tag = {"request_id": request_id} if request_id else {}
+    return {"type": "embeddings", **tag, "model": model, "data": vectors, "tokens": tokens}
 
 
 def pong() -> dict:

@@ -18,7 +18,7 @@ from llmws_server import resources
 from llmws_server.core.requests import parse_json, settings_update
 from llmws_server.core.service import Service
 from llmws_server.core.training import train_request
-from llmws_server.errors import LLMWSError, Refused, SessionsFull
+from llmws_server.errors import Busy, LLMWSError, Refused, SessionsFull
 from llmws_server.sessions.store import Session
 from llmws_server.ws import protocol
 from llmws_server.ws.connection import MESSAGES_PER_SECOND, Connection, remote_address
@@ -26,6 +26,8 @@ from llmws_server.ws.handshake import Handshake
 from llmws_server.ws.protocol import ADMIN_TYPES, check_message, error, inference_request, is_hello, parse_hello
 
 log = logging.getLogger("llmws.server")
+MAX_EMBEDDINGS_IN_FLIGHT = 8  # embed requests of one connection waiting for their vectors
+REPLIED_AGAIN = {"cancel", "embed"}  # sent again with its request_id, it is answered again (nothing buffered)
 SEND_BUFFER_BYTES = 64 * 1024  # the kernel's share of a client's unread output: token streams need little
 
 Handler = Callable[[Session, Connection, dict], Awaitable[None]]
@@ -166,7 +168,7 @@ class WebSocketServer:
         """Act on a frame. One with a request_id runs once however often it comes: a client sends it again
         when a cut may have lost it."""
         handle: Handler = getattr(self, f"on_{kind}")
-        request_id = message.get("request_id") if kind != "cancel" else None
+        request_id = message.get("request_id") if kind not in REPLIED_AGAIN else None
         if not request_id:
             return await handle(session, connection, message)
         fingerprint = protocol.fingerprint(message)
@@ -204,6 +206,24 @@ class WebSocketServer:
         assert request_id is not None  # the job was found by it
         self.service.cancel(session, job)
         connection.send(protocol.cancelled(request_id))
+
+    async def on_embed(self, session: Session, connection: Connection, message: dict) -> None:
+        """Answered when the vectors come, while the connection reads on (a cancel, more requests); a reply,
+        not a stream: one lost to a cut is asked again."""
+        if len(connection.embedding) >= MAX_EMBEDDINGS_IN_FLIGHT:
+            raise Busy(f"Too many embed requests at once: at most {MAX_EMBEDDINGS_IN_FLIGHT} per connection")
+
+        async def reply() -> None:
+            try:
+                embedded = await self.service.embed(message.get("input"), session)
+                connection.send(protocol.embeddings(embedded.vectors, embedded.tokens, self.service.engine.name,
+                                                    message.get("request_id")))
+            except LLMWSError as exc:
+                tag = {"request_id": message["request_id"]} if message.get("request_id") else {}
+                connection.send({**error(str(exc), **getattr(exc, "fields", {})), **tag})
+        task = asyncio.create_task(reply())
+        connection.embedding.add(task)
+        task.add_done_callback(connection.embedding.discard)
 
     # -- model control ---------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, cast
 
+import llama_cpp
 import psutil
 from llama_cpp import Llama, llama_vocab_is_eog
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -77,6 +78,7 @@ class LlamaCppEngine:  # engines.api.Engine
         self.pieces: dict[int, str] = {}  # token id -> its text, for logprobs
         # llguidance's view of the vocabulary, made at the first json_schema
         self.guidance_tokenizer: "LLTokenizer | None" = None
+        self.embedder: Llama | None = None  # the same file in llama.cpp's embedding mode, made at the first embed
         log.info("loaded %s (%s, %s) in %.1f s on llama.cpp: %.1fM parameters, max context %d", self.name,
                  self.file.name, self.dtype_name, time.monotonic() - started, self.params / 1e6, self.max_context)
 
@@ -86,7 +88,7 @@ class LlamaCppEngine:  # engines.api.Engine
 
     def _context_that_fits(self, cap: int) -> int:
         """n_ctx: the KV cache for it must fit in free memory, like the transformers engine's max context."""
-        architecture = self.metadata.get("general.architecture", "llama")
+        architecture = self.shape_name = self.metadata.get("general.architecture", "llama")
 
         def number(key):
             value = self.metadata.get(f"{architecture}.{key}")
@@ -259,9 +261,32 @@ class LlamaCppEngine:  # engines.api.Engine
     def lower_max_context(self, failed_at: int) -> None:
         self.max_context = max(1, min(self.max_context, failed_at * 3 // 4))
 
+    def embed(self, inputs: list[str] | list[list[int]]) -> tuple[list[list[float]], int]:
+        """llama.cpp's own embeddings: the GGUF's pooling (mean where it names none), normalised. Token ids
+        are read back as their text. A second context of the same mapped file: the weights are not copied."""
+        if self.embedder is None:
+            self.embedder = Llama(str(self.file), embedding=True, n_ctx=self.max_context, n_batch=self.max_context,
+                                  n_ubatch=self.max_context, n_threads=self.threads, n_threads_batch=self.threads,
+                                  pooling_type=int(self.metadata.get(f"{self.shape_name}.pooling_type",
+                                                                     llama_cpp.LLAMA_POOLING_TYPE_MEAN)),
+                                  verbose=False)
+        embedder = self.embedder
+        texts = [text if isinstance(text, str) else embedder.detokenize(text).decode("utf-8", errors="replace")
+                 for text in inputs]
+        for index, text in enumerate(texts):
+            tokens = len(embedder.tokenize(text.encode("utf-8")))
+            if tokens > self.max_context:
+                raise Refused(f"input[{index}] has {tokens} tokens; the model takes at most {self.max_context}",
+                              "input", tokens=tokens, max_context=self.max_context)
+        vectors, tokens = embedder.embed(texts, normalize=True, truncate=False, return_count=True)
+        return vectors, tokens
+
     def unload(self) -> None:
         assert self.llama is not None  # not unloaded before
         self.guidance_tokenizer = None  # it points into the model's vocabulary
         self.llama.close()
         self.llama = None
+        if self.embedder is not None:
+            self.embedder.close()
+            self.embedder = None
         gc.collect()

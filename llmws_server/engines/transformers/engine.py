@@ -33,6 +33,7 @@ from llmws_server import resources
 from llmws_server.config import GenerationSettings
 from llmws_server.engines.api import Prompt
 from llmws_server.engines.text import Streamer, TextStream
+from llmws_server.engines.transformers import embedding
 from llmws_server.engines.transformers.batching import SLOT_TOKENS, TransformersBatch
 from llmws_server.engines.transformers.picking import Picker, PickerProcessor
 from llmws_server.engines.transformers.training import LoRATrainer, save_model
@@ -275,6 +276,10 @@ class Engine:  # engines.api.Engine
     def device_kind(self) -> str:
         """What the per-device choices (BATCH_SIZE, batching.STEP_TOKENS and threads) go by."""
         return "cuda" if self.device.startswith("cuda") else "cpu"
+
+    def embed(self, inputs: list[str] | list[list[int]]) -> tuple[list[list[float]], int]:
+        assert self.model is not None
+        return embedding.embed(self.model, self.tokenizer, embedding.pooling_of(self.path), inputs, self.max_context)
 
     def batchable(self, images: int) -> bool:
         """Every text request shares the batch, whatever its settings (sampling.py); continuous

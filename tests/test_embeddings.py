@@ -1,0 +1,148 @@
+"""Embeddings through the real `openai` package (/v1/embeddings) and the WebSocket `embed` message, on the
+default model under transformers and, from its GGUF, under llama.cpp; the pooling a sentence-transformers
+folder names, on a tiny model."""
+import array
+import base64
+import json
+import math
+import shutil
+
+import openai
+import pytest
+import torch
+from conftest import BLOCKER, Client, free_port
+
+from llmws_server.config import DEFAULTS
+from llmws_server.engines.transformers import embedding
+from llmws_server.engines.transformers.engine import Engine
+
+MAX_INPUTS = 4
+CONFIG = {"limits": {"max_context_length": 512, "max_embedding_inputs": MAX_INPUTS}}
+TEXTS = ["The cat sat on the mat.", "Quarterly revenue rose by four percent.", "A kitten rested on the rug."]
+
+
+@pytest.fixture(scope="module", params=["transformers", "llama.cpp"])
+def server(request, start_server, default_model):
+    if request.param == "transformers":
+        return start_server(default_model, server={"http_port": free_port()}, **CONFIG)
+    pytest.importorskip("llama_cpp")
+    gguf = default_model.parent / "SmolLM2-135M-Instruct-GGUF"
+    return start_server(None, lambda root: shutil.copytree(gguf, root / "models" / "gguf"),
+                        server={"http_port": free_port()}, model={"path": "models/gguf"}, **CONFIG)
+
+
+@pytest.fixture()
+def api(server):
+    return openai.AsyncOpenAI(base_url=server.http_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b))  # the vectors are unit length
+
+
+async def test_vectors_are_unit_length_the_same_for_the_same_text_and_closer_for_closer_meaning(api):
+    answer = await api.embeddings.create(model="any", input=[*TEXTS, TEXTS[0]])
+    vectors = [item.embedding for item in answer.data]
+    assert [item.index for item in answer.data] == [0, 1, 2, 3]
+    assert len({len(vector) for vector in vectors}) == 1 and len(vectors[0]) == 576  # the model's hidden size
+    assert all(math.isclose(math.hypot(*vector), 1, abs_tol=1e-4) for vector in vectors)
+    assert vectors[3] == pytest.approx(vectors[0], abs=1e-6)  # one batch (llama.cpp: float error)
+    again = (await api.embeddings.create(model="any", input=TEXTS[0])).data[0].embedding
+    assert again == (await api.embeddings.create(model="any", input=TEXTS[0])).data[0].embedding  # exactly, alone
+    assert vectors[1] != vectors[0]
+    assert cosine(vectors[0], vectors[2]) > cosine(vectors[0], vectors[1])  # cat and kitten, not revenue
+    assert answer.usage.prompt_tokens == answer.usage.total_tokens > 4 * 4
+
+
+async def test_a_batch_gives_each_input_what_it_gets_alone(api):
+    together = await api.embeddings.create(model="any", input=TEXTS)
+    for text, item in zip(TEXTS, together.data):
+        alone = (await api.embeddings.create(model="any", input=text)).data[0].embedding
+        assert max(abs(x - y) for x, y in zip(alone, item.embedding)) < 1e-4
+
+
+async def test_base64_holds_the_same_little_endian_floats_and_token_ids_are_taken(api):
+    floats = (await api.embeddings.create(model="any", input=TEXTS[0])).data[0].embedding
+    raw = await api.embeddings.with_raw_response.create(model="any", input=TEXTS[0], encoding_format="base64")
+    encoded = json.loads(raw.http_response.text)["data"][0]["embedding"]
+    assert isinstance(encoded, str)
+    assert list(array.array("f", base64.b64decode(encoded))) == pytest.approx(floats, abs=1e-6)
+    by_ids = await api.embeddings.create(model="any", input=[[504, 2470, 2102, 335, 260, 9281, 30]])
+    assert len(by_ids.data[0].embedding) == len(floats)
+
+
+@pytest.mark.parametrize("body, named", [
+    ({"input": []}, "input"),
+    ({"input": [""]}, "empty"),
+    ({"input": ["a"] * (MAX_INPUTS + 1)}, "max_embedding_inputs"),
+    ({"input": ["a", [1, 2]]}, "not a mix"),
+    ({"input": "word " * 800}, "at most 512"),
+    ({"input": "a", "dimensions": 8}, "cannot be shortened"),
+    ({"input": "a", "encoding_format": "int8"}, "encoding_format"),
+])
+async def test_refusals_are_400s_that_name_the_limit(api, body, named):
+    with pytest.raises(openai.BadRequestError, match=named):
+        await api.embeddings.create(model="any", **body)
+    assert (await api.embeddings.create(model="any", input="still served")).data  # nothing else changed
+
+
+async def test_the_websocket_embed_message_answers_beside_a_running_generation(server):
+    client = await Client.open(server.url)
+    try:
+        await client.send(BLOCKER)  # thousands of tokens: the embedding must not wait for them
+        assert (await client.until("start"))[-1]["request_id"] == "blocker"
+        await client.send({"type": "embed", "input": TEXTS[:2], "request_id": "e1"})
+        got = await client.until("embeddings", "error")
+        assert got[-1]["type"] == "embeddings" and got[-1]["request_id"] == "e1", got[-1]
+        assert len(got[-1]["data"]) == 2 and got[-1]["tokens"] > 0
+        assert not any(m["type"] == "done" for m in got)  # the long answer was still generating
+        await client.send({"type": "embed", "input": TEXTS[:2], "request_id": "e1"})  # asked again: answered again
+        again = (await client.until("embeddings"))[-1]
+        assert again["data"] == got[-1]["data"]
+        await client.send({"type": "embed", "input": ["a"] * (MAX_INPUTS + 1), "request_id": "e2"})
+        refused = (await client.until("error"))[-1]
+        assert refused["request_id"] == "e2" and "max_embedding_inputs" in refused["message"]
+        await client.send({"type": "cancel", "request_id": "blocker"})
+        assert (await client.until("done"))[-1]["finish_reason"] == "cancelled"
+    finally:
+        await client.close()
+
+
+def test_a_sentence_transformers_folder_names_its_pooling(tiny_model, tmp_path):
+    folder = tmp_path / "tiny-st"
+    shutil.copytree(tiny_model, folder)
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_lasttoken": True}))
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    assert embedding.pooling_of(folder) == embedding.Pooling("last", False)
+    assert embedding.pooling_of(tiny_model) == embedding.Pooling("mean", True)
+    engine = Engine(folder, DEFAULTS["model"], DEFAULTS["optimization"], 512)
+    vectors, _ = engine.embed(["one two three", "four"])
+    ids = engine.tokenizer("one two three")["input_ids"]
+    with torch.inference_mode():
+        hidden = engine.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+    assert vectors[0] == pytest.approx(hidden[-1].float().tolist(), abs=1e-4)  # the last token's, not normalised
+    assert not math.isclose(math.hypot(*vectors[0]), 1, abs_tol=1e-3)
+
+
+def test_groups_keep_each_forward_pass_within_its_token_budget():
+    ids = [[1] * length for length in (5, 4000, 3, 4000, 4000, 10)]
+    found = embedding.groups(ids)
+    assert sorted(index for group in found for index in group) == list(range(len(ids)))
+    assert all(max(len(ids[i]) for i in group) * len(group) <= embedding.FORWARD_TOKENS for group in found)
+    assert found[0] == [2, 0, 5]  # the short ones together
+
+
+async def test_embed_requests_in_flight_together_are_each_answered(server):
+    client = await Client.open(server.url)
+    try:
+        for index in range(3):
+            await client.send({"type": "embed", "input": TEXTS[index], "request_id": f"e{index}"})
+        replies = [(await client.until("embeddings", "error"))[-1] for _ in range(3)]
+        assert sorted(reply.get("request_id") for reply in replies) == ["e0", "e1", "e2"], replies
+        vectors = {reply["request_id"]: reply["data"][0] for reply in replies}
+        assert len({json.dumps(vector) for vector in vectors.values()}) == 3
+    finally:
+        await client.close()
