@@ -20,6 +20,8 @@ MAX_DEPTH = 16  # no valid message nests deeper than 4
 # build and walk. The check is a C-speed regex, so a refused frame costs milliseconds.
 MAX_STRUCTURE_CHARS = 65536
 JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+SURROGATE = re.compile("[\ud800-\udfff]")
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \ud800 to \udfff in JSON text
 
 
 @dataclass(frozen=True)
@@ -49,21 +51,47 @@ def parse_json(raw: str | bytes) -> dict:
         raise Refused(f"JSON nested too deeply (more than {MAX_DEPTH} levels)") from None
     if not isinstance(message, dict):
         raise Refused("A message must be a JSON object")
-    if _depth(message) > MAX_DEPTH:
-        raise Refused(f"JSON nested too deeply (more than {MAX_DEPTH} levels)")
+    _check_values(message, SURROGATE_ESCAPE.search(raw) is not None)
     return message
 
 
-def _depth(value: object) -> int:
-    """How deeply containers nest, without recursion."""
-    deepest, stack = 0, [(value, 1)]
+def _check_values(message: dict, escaped: bool) -> None:
+    """Refuse nesting deeper than MAX_DEPTH and any key or string that is not Unicode text (a JSON escape
+    such as \\ud800 gives a lone surrogate, which no encoder, tokenizer or socket takes), naming where.
+    Without recursion. Text read as UTF-8 holds no surrogate: only an escape makes one, so strings are
+    searched only when the frame has one (`escaped`)."""
+    stack: list[tuple[dict | list, int, tuple]] = [(message, 1, ())]
     while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            deepest = max(deepest, depth)
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return deepest
+        item, depth, path = stack.pop()
+        if depth > MAX_DEPTH:
+            raise Refused(f"JSON nested too deeply (more than {MAX_DEPTH} levels)")
+        pairs = item.items() if isinstance(item, dict) else enumerate(item)
+        for key, child in pairs:
+            if escaped and isinstance(key, str) and not is_text(key):
+                raise Refused(f"A field name in {_where(path)} is not valid Unicode text ({_shown(key)}: a lone "
+                              "surrogate): send UTF-8 text", _where(path))
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1, (*path, key)))
+            elif escaped and isinstance(child, str) and not is_text(child):
+                where = _where((*path, key))
+                raise Refused(f"{where} is not valid Unicode text (it holds a lone surrogate): send UTF-8 text",
+                              where)
+
+
+def is_text(value: str) -> bool:
+    """Whether a string is Unicode text: it encodes as UTF-8 (a lone surrogate does not)."""
+    return SURROGATE.search(value) is None
+
+
+def _where(path: tuple) -> str:
+    """A field's place, as `messages[0].content`; "the message" for the top level."""
+    shown = "".join(f"[{key}]" if isinstance(key, int) else f".{_shown(key)}" for key in path).lstrip(".")
+    return shown or "the message"
+
+
+def _shown(key: str) -> str:
+    """A key safe to echo: a surrogate written as its escape."""
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _reject_constant(name: str) -> None:

@@ -81,8 +81,8 @@ class HTTPApi:
             return parse_json(read.decode("utf-8"))
         except UnicodeDecodeError:
             raise APIError("The request body must be UTF-8 JSON") from None
-        except Refused as exc:
-            raise APIError(str(exc)) from None
+        except Refused as exc:  # malformed, too deep, or not Unicode text (naming the field)
+            raise APIError(str(exc), exc.field) from None
 
     # -- the server's own endpoints ------------------------------------------------------------------------
 

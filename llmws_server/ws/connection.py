@@ -15,11 +15,19 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from llmws_server.core.events import Event, Stamped
+from llmws_server.core.requests import is_text
 from llmws_server.ws import wire
 
 log = logging.getLogger("llmws.connection")
 MESSAGES_PER_SECOND, MESSAGE_BURST = 50, 100
 REPLAY_CHUNK = 256  # buffered messages read from disk at a time
+
+
+def wire_text(message: dict) -> str:
+    """A message as the JSON text a socket can always take: UTF-8 as it is, unless some string in it is
+    not Unicode text (a lone surrogate), when the whole is written in ASCII escapes instead."""
+    text = json.dumps(message, ensure_ascii=False)
+    return text if is_text(text) else json.dumps(message)
 
 
 def remote_address(websocket: ServerConnection) -> str:
@@ -58,10 +66,16 @@ class Connection:
         self.close(4000, "session taken over by another connection")
 
     def send(self, message: dict) -> None:
-        """Queue a live message."""
+        """Queue a live message. One that cannot be written as JSON is a bug: logged, and the client is told
+        instead, so no message can break the connection."""
         if self.dropped:
             return
-        text = json.dumps(message, ensure_ascii=False)
+        try:
+            text = wire_text(message)
+        except (TypeError, ValueError):
+            log.exception("cannot send a %s message", message.get("type"))
+            text = wire_text({"type": "error", "message": "Internal error: a reply could not be encoded (the "
+                                                          "server's log has the details)"})
         if self.outbox_bytes + len(text) > self.outbox_limit:  # it does not read: let it go
             self.dropped = True
             log.warning("dropping a client that does not read (%d bytes waiting)", self.outbox_bytes)
@@ -88,21 +102,28 @@ class Connection:
         asyncio.create_task(self.websocket.close(code, reason))
 
     async def _send_all(self) -> None:
+        """Send the outbox in order until the connection closes; a message that fails otherwise is logged
+        and skipped, and the rest go on."""
         try:
             while True:
                 item = await self.outbox.get()
-                if isinstance(item, str):
-                    await self.websocket.send(item)
-                    self.outbox_bytes -= len(item)
-                else:
-                    await self._send_replay(item)
+                try:
+                    if isinstance(item, str):
+                        await self.websocket.send(item)
+                        self.outbox_bytes -= len(item)
+                    else:
+                        await self._send_replay(item)
+                except ConnectionClosed:
+                    raise
+                except Exception:
+                    log.exception("a message could not be sent: skipped")
         except ConnectionClosed:
             pass  # what was not sent is in the session buffer
 
     async def _send_replay(self, messages: Iterator[dict]) -> None:
         while chunk := await asyncio.to_thread(lambda: list(itertools.islice(messages, REPLAY_CHUNK))):
             for message in chunk:
-                await self.websocket.send(json.dumps(message, ensure_ascii=False))  # waits while the socket is full
+                await self.websocket.send(wire_text(message))  # waits while the socket is full
 
     def stop(self) -> None:
         self.sender.cancel()

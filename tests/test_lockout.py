@@ -1,0 +1,97 @@
+"""Issue #43: no client locks the others out. Text that is not Unicode, HTTP clients that hang up, one
+client's many requests against the shared queue: each attack beside a polite client, on a real server."""
+import asyncio
+import json
+
+import httpx
+import pytest
+from conftest import Client, free_port, inference
+
+from llmws_server.ws.connection import Connection
+
+
+@pytest.fixture(scope="module")
+def server(start_server, tiny_model):
+    return start_server(tiny_model, server={"http_port": free_port()})
+
+
+# -- #43.6: lone surrogates ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("frame, field", [
+    ('{"type": "ping", "\\udfff": 1}', "A field name in the message"),
+    ('{"type": "config", "data": {"\\ud800": 1}}', "A field name in data"),
+    ('{"type": "inference", "prompt": {"user": "hi \\ud800"}}', "prompt.user is not valid Unicode"),
+    ('{"type": "inference", "messages": [{"role": "user", "content": "\\udc00"}]}', "messages[0].content is not"),
+])
+async def test_a_lone_surrogate_is_refused_naming_the_field_and_the_connection_stays(server, frame, field):
+    client = await Client.open(server.url)
+    await client.ws.send(frame)
+    reply = await client.recv(timeout=10)
+    assert reply["type"] == "error" and reply["message"].startswith(field), reply
+    assert (await client.request({"type": "ping"}, timeout=10))["type"] == "pong"
+    await client.close()
+
+
+async def test_a_surrogate_pair_is_text_and_is_taken(server):
+    client = await Client.open(server.url)
+    await client.ws.send('{"type": "config", "data": {"seed": 1}, "\\ud83d\\ude00": 1}')
+    reply = await client.recv(timeout=10)
+    assert reply["type"] == "error" and "Unknown field(s) for config: \U0001F600" in reply["message"]
+    await client.close()
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", '{"model": "m", "messages": [{"role": "user", "content": "a\\ud800"}]}',
+     "messages[0].content"),
+    ("/v1/completions", '{"model": "m", "prompt": "\\udfff", "max_tokens": 2}', "prompt"),
+    ("/v1/chat/completions", '{"model": "m", "\\udfff": 1, "messages": []}', "the message"),
+])
+async def test_http_refuses_a_lone_surrogate_with_400_naming_the_field(server, path, body, param):
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=30) as http:
+        response = await http.post(path, content=body.encode(), headers={"content-type": "application/json"})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param
+        assert "not valid Unicode" in response.json()["error"]["message"]
+        polite = {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+        assert (await http.post("/v1/chat/completions", json=polite)).status_code == 200
+
+
+class FakeSocket:
+    """What Connection needs of a websocket: send, close and the address."""
+
+    remote_address = ("127.0.0.1", 1)
+
+    def __init__(self):
+        self.sent: list[str] = []
+        self.got = asyncio.Event()
+
+    async def send(self, text: str) -> None:
+        text.encode("utf-8")  # as the real one does: a str it cannot encode raises
+        self.sent.append(text)
+        self.got.set()
+
+    async def close(self, code: int, reason: str) -> None:
+        pass
+
+
+async def test_no_outgoing_message_can_break_a_connection():
+    websocket = FakeSocket()
+    connection = Connection(websocket, 1 << 20)  # type: ignore[arg-type]
+    connection.send({"type": "error", "message": "Unknown field(s): \udfff"})  # escaped, not dropped
+    connection.send({"type": "log", "message": object()})  # cannot be JSON: an error is sent instead
+    connection.send({"type": "pong"})
+    while len(websocket.sent) < 3:
+        websocket.got.clear()
+        await asyncio.wait_for(websocket.got.wait(), 5)
+    assert json.loads(websocket.sent[0])["message"] == "Unknown field(s): \udfff"
+    assert json.loads(websocket.sent[1])["message"].startswith("Internal error: a reply could not be encoded")
+    assert json.loads(websocket.sent[2]) == {"type": "pong"}
+    assert not connection.sender.done()
+    connection.stop()
+
+
+async def test_the_server_answers_on_after_the_bad_text(server):
+    client = await Client.open(server.url)
+    messages = await client.until_done(inference("still here", max_new_tokens=3))
+    assert messages[-1]["type"] == "done"
+    await client.close()
