@@ -3,11 +3,16 @@ client's many requests against the shared queue: each attack beside a polite cli
 import asyncio
 import json
 
+import time
+
 import httpx
 import pytest
 from conftest import Client, free_port, inference
+from prometheus_client.parser import text_string_to_metric_families
 
 from llmws_server.ws.connection import Connection
+
+ATTACKER = "127.0.0.2"  # loopback too, but another address than the polite client's
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +100,58 @@ async def test_the_server_answers_on_after_the_bad_text(server):
     messages = await client.until_done(inference("still here", max_new_tokens=3))
     assert messages[-1]["type"] == "done"
     await client.close()
+
+
+# -- #43.4: a client that hangs up on a whole answer ------------------------------------------------------
+
+async def metric(server, name: str, **labels: str) -> float:
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=30) as http:
+        text = (await http.get("/metrics")).text
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+
+async def until_metric(server, name: str, above: float, timeout: float = 20, **labels: str) -> float:
+    """The metric's value once it passes `above`, polled to a deadline."""
+    deadline = time.monotonic() + timeout
+    while (value := await metric(server, name, **labels)) <= above:
+        assert time.monotonic() < deadline, f"{name}{labels} stayed at {value} for {timeout} s"
+        await asyncio.sleep(0.05)
+    return value
+
+
+async def post_raw(server, path: str, body: dict) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A POST on a socket of its own from the attacker's address, its answer left unread."""
+    port = server.config["server"]["http_port"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(ATTACKER, 0))
+    data = json.dumps(body).encode()
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    await writer.drain()
+    return reader, writer
+
+
+LONG = 3000  # tokens: far longer than the test waits
+HANG_UPS = [
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "go"}], "max_tokens": LONG}, 1),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "go"}], "max_tokens": LONG,
+                              "n": 2}, 2),
+    ("/v1/completions", {"model": "m", "prompt": "go", "max_tokens": LONG}, 1),
+    ("/v1/responses", {"model": "m", "input": "go", "store": False, "max_output_tokens": LONG}, 1),
+    ("/v1/responses", {"model": "m", "input": "go", "max_output_tokens": LONG}, 1),  # stored, not background
+]
+
+
+@pytest.mark.parametrize("path, body, choices", HANG_UPS)
+async def test_a_whole_answer_whose_client_hangs_up_is_cancelled(server, path, body, choices):
+    cancelled = await metric(server, "llmws_requests_total", outcome="cancelled")
+    started = await metric(server, "llmws_prompt_tokens_total")
+    _, writer = await post_raw(server, path, body)
+    await until_metric(server, "llmws_prompt_tokens_total", started)  # it runs
+    writer.close()
+    await until_metric(server, "llmws_requests_total", cancelled + choices - 1, timeout=10, outcome="cancelled")
+    polite = await Client.open(server.url)
+    begun = time.monotonic()
+    messages = await polite.until_done(inference("polite", max_new_tokens=3))
+    assert messages[-1]["type"] == "done" and time.monotonic() - begun < 10
+    await polite.close()

@@ -2,6 +2,7 @@
 http/runs.py the running): each choice's events come back as chunks or whole."""
 import json
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import TYPE_CHECKING
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -37,32 +38,34 @@ class OpenAIEndpoints:
     async def chat(self, request: Request) -> Response:
         wanted = openai_shapes.chat_request(await self.api.body(request), self.service.generation_defaults,
                                             self.service.max_batch_size)
-        return await self.answer(wanted, chat=True)
+        return await self.answer(request, wanted, chat=True)
 
     async def completions(self, request: Request) -> Response:
         wanted = openai_shapes.completion_request(await self.api.body(request), self.service.generation_defaults,
                                                   self.service.max_batch_size)
-        return await self.answer(wanted, chat=False)
+        return await self.answer(request, wanted, chat=False)
 
     async def embeddings(self, request: Request) -> Response:
         body = openai_shapes.embeddings_request(await self.api.body(request))
         embedded = await self.service.embed(body.get("input"), StreamSession())
         return JSONResponse(openai_shapes.embeddings(embedded, self.service.engine.name, body))
 
-    async def answer(self, wanted: APIRequest, chat: bool) -> Response:
-        """Queue a job per choice (they decode together); answer with a stream or the whole answer."""
+    async def answer(self, request: Request, wanted: APIRequest, chat: bool) -> Response:
+        """Queue a job per choice (they decode together); answer with a stream or the whole answer (whose
+        client, should it hang up meanwhile, cancels it as a stream's does)."""
         run = await runs.start(self.service, wanted.choices(), wanted.stop)
         reply = Reply(chat, self.service.engine.name, wanted.inference.settings.logprobs is not None)
         if wanted.stream:
             return EventSourceResponse(self.chunks(run.streams, reply, wanted.include_usage), headers=run.headers,
                                        ping=15, sep="\n")
-        return await self.whole(run.streams, reply, run.headers)
+        return await runs.until_disconnect(request, self.whole(run.streams, reply, run.headers))
 
     async def whole(self, streams: list[AsyncIterator[Told]], reply: Reply, headers: dict) -> Response:
         choices = [openai_shapes.Choice.empty() for _ in streams]
         tokens_in = tokens_out = 0
-        for choice, stream in zip(choices, streams):
-            async for told in stream:
+        async with aclosing(merged(streams)) as told_all:  # all at once: a return or a leave ends each
+            async for index, told in told_all:
+                choice = choices[index]
                 if isinstance(told, Text):
                     choice.text.append(told.text)
                     choice.logprobs.extend(told.logprobs)

@@ -21,6 +21,7 @@ from starlette.routing import Route
 from llmws_server.core.events import Event, FinishReason, Stamped, done
 from llmws_server.core.jobs import InferenceJob
 from llmws_server.errors import SessionsFull
+from llmws_server.http import runs
 from llmws_server.http.errors import APIError
 from llmws_server.http.responses_state import ResponseState, response_id, responses_request, session_id_of
 from llmws_server.sessions.store import Session, StreamSession
@@ -74,7 +75,7 @@ class ResponsesEndpoints:
         server = self.service
         wanted = responses_request(await self.api.body(request), server.generation_defaults)
         if not wanted.store:  # a plain request, told as events
-            return await self._answer_unstored(wanted)
+            return await self._answer_unstored(request, wanted)
         try:
             session, _ = server.sessions.open()
         except SessionsFull as exc:
@@ -92,9 +93,10 @@ class ResponsesEndpoints:
         if wanted.stream:
             return EventSourceResponse(_sse(self.events(session, -1, job if not wanted.background else None)),
                                        ping=15, sep="\n")
-        return JSONResponse(await _whole(self.events(session, -1, job)))
+        # Not background: a client that hangs up before the whole response cancels it, as a stream's does
+        return JSONResponse(await runs.until_disconnect(request, _whole(self.events(session, -1, job))))
 
-    async def _answer_unstored(self, wanted) -> Response:
+    async def _answer_unstored(self, request: Request, wanted) -> Response:
         """store: false: the request runs as a chat completion would, told as events, with nothing kept."""
         session = StreamSession()
         job = await self.service.submit(session, wanted.inference)
@@ -102,7 +104,7 @@ class ResponsesEndpoints:
         events = self._unstored_events(session, job, state)
         if wanted.stream:
             return EventSourceResponse(_sse(events), ping=15, sep="\n")
-        return JSONResponse(await _whole(events))
+        return JSONResponse(await runs.until_disconnect(request, _whole(events)))
 
     async def _unstored_events(self, session: StreamSession, job: InferenceJob,
                                state: ResponseState) -> AsyncIterator[dict]:

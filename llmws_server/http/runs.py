@@ -4,9 +4,11 @@ events told in a dialect-neutral order, with stop strings cut and the rest cance
 Each API module (openai.py, anthropic.py, ollama.py) only shapes what it is told."""
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Union
+from typing import TypeVar, Union
+
+from starlette.requests import Request
 
 from llmws_server.core.events import (
     Done,
@@ -27,6 +29,7 @@ from llmws_server.http.errors import APIError
 from llmws_server.sessions.store import StreamSession
 
 log = logging.getLogger("llmws.http")
+T = TypeVar("T")
 QUEUE_HEADER = "x-llmws-queue-position"  # requests ahead when this one had to wait
 
 
@@ -145,7 +148,7 @@ async def told(service: Service, job: InferenceJob, session: StreamSession, stam
             service.cancel(session, job)
 
 
-async def merged(streams: list[AsyncIterator[Told]]) -> AsyncIterator[tuple[int, Told]]:
+async def merged(streams: list[AsyncIterator[Told]]) -> AsyncGenerator[tuple[int, Told], None]:
     """(choice index, what it told), from every choice as it comes; one stream alone goes straight."""
     if len(streams) == 1:
         async for item in streams[0]:
@@ -172,3 +175,39 @@ async def merged(streams: list[AsyncIterator[Told]]) -> AsyncIterator[tuple[int,
     finally:
         for task in pumps:
             task.cancel()
+
+
+class ClientLeft(APIError):
+    """The client hung up before its whole answer was ready: what is sent now reaches nobody."""
+
+    def __init__(self) -> None:
+        super().__init__("The client closed the connection before the answer was whole", status=499,
+                         kind="client_closed_request")
+
+
+async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
+    """What `awaitable` gives, unless the client hangs up first: then it is cancelled, so the streams it
+    reads run their cancel paths (their jobs end), and ClientLeft is raised. Every answer that is collected
+    whole before it is sent goes through here, after the body was read: a client that leaves cancels its
+    request whether it streams or not."""
+    work = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+    if not work.cancelled() and work.done():
+        return work.result()
+    try:
+        await work  # its cancel paths run now
+    except asyncio.CancelledError:
+        pass
+    raise ClientLeft()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the ASGI server says the client is gone (its body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
