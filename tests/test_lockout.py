@@ -2,12 +2,11 @@
 client's many requests against the shared queue: each attack beside a polite client, on a real server."""
 import asyncio
 import json
-
 import time
 
 import httpx
 import pytest
-from conftest import Client, free_port, inference
+from conftest import BLOCKER, ONE_AT_A_TIME, Client, free_port, inference
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmws_server.ws.connection import Connection
@@ -155,3 +154,55 @@ async def test_a_whole_answer_whose_client_hangs_up_is_cancelled(server, path, b
     messages = await polite.until_done(inference("polite", max_new_tokens=3))
     assert messages[-1]["type"] == "done" and time.monotonic() - begun < 10
     await polite.close()
+
+
+# -- #43.2: one client against the server-wide queue ------------------------------------------------------
+
+QUEUE_CAP = 8
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(start_server, tiny_model):
+    return start_server(tiny_model, server={"http_port": free_port()}, optimization=ONE_AT_A_TIME,
+                        limits={"max_queued_requests": QUEUE_CAP})
+
+
+async def first_replies(client: Client, count: int) -> list[dict]:
+    """The immediate answer to each of `count` requests sent: queued (by request_id) or an error."""
+    seen: dict[str, dict] = {}
+    errors: list[dict] = []
+    while len(seen) + len(errors) < count:
+        message = await client.recv(timeout=20)
+        if message["type"] == "error" and "request_id" not in message:
+            errors.append(message)
+        elif message["type"] == "queued":
+            seen.setdefault(message["request_id"], message)
+    return list(seen.values()) + errors
+
+
+async def test_one_session_cannot_fill_the_queue_for_the_others(one_at_a_time):
+    server = one_at_a_time
+    runner = await Client.open(server.url)
+    await runner.send(BLOCKER)
+    await runner.until("start")
+    spammer = await Client.open(server.url, local_addr=(ATTACKER, 0))
+    for index in range(QUEUE_CAP + 4):
+        await spammer.send(inference("spam", max_new_tokens=30, request_id=f"s{index}"))
+    replies = await first_replies(spammer, QUEUE_CAP + 4)
+    refused = [reply for reply in replies if reply["type"] == "error"]
+    assert len(refused) == 4 and all("yours hold the most places" in r["message"] for r in refused), refused
+    polite = await Client.open(server.url)
+    first = await polite.request(inference("polite", max_new_tokens=3, request_id="p"))
+    assert first["type"] == "queued" and first["position"] == 2, first  # the blocker and one of the spammer's
+    taken = await spammer.until("error")
+    assert taken[-1]["request_id"] == f"s{QUEUE_CAP - 1}" and taken[-1]["max_queued_requests"] == QUEUE_CAP
+    await spammer.close()  # detached, its queued requests still count as its own
+    second = await Client.open(server.url)
+    assert (await second.request(inference("second", max_new_tokens=3)))["type"] == "queued"
+    await runner.send({"type": "cancel", "request_id": "blocker"})
+    begun = time.monotonic()
+    for client in (polite, second):
+        assert (await client.until("done", "error", timeout=10))[-1]["type"] == "done"
+    assert time.monotonic() - begun < 10
+    for client in (runner, polite, second):
+        await client.close()

@@ -1,14 +1,20 @@
-"""The waiting line: round-robin between sessions, first come first served within each.
+"""The waiting line: round-robin between lanes, first come first served within each.
 
-One client's hundred queued requests do not put a newcomer at position 101: the newcomer's first request
-goes after at most one request of every session already waiting.
+A lane is one client's: a WebSocket session, or an HTTP client (its key and address: the `lane` of its
+requests' StreamSessions). One client's hundred queued requests do not put a newcomer at position 101:
+the newcomer's first request goes after at most one request of every lane already waiting.
 """
 import collections
 
 
+def lane_of(session: object) -> object:
+    """The lane a session's jobs wait in: its `lane` key where it has one, else the session itself."""
+    return getattr(session, "lane", None) or session
+
+
 class FairQueue:
     def __init__(self):
-        self.lanes: dict[object, collections.deque] = {}  # session -> its waiting jobs; dict order is the turn
+        self.lanes: dict[object, collections.deque] = {}  # lane -> its waiting jobs; dict order is the turn
         self.count = 0
 
     def __len__(self) -> int:
@@ -23,7 +29,7 @@ class FairQueue:
                     yield lane[depth]
 
     def append(self, job) -> None:
-        self.lanes.setdefault(job.session, collections.deque()).append(job)
+        self.lanes.setdefault(lane_of(job.session), collections.deque()).append(job)
         self.count += 1
 
     def head(self):
@@ -31,27 +37,38 @@ class FairQueue:
         return next(iter(self.lanes.values()))[0]
 
     def popleft(self):
-        """Take the next job; its session's turn goes to the back of the line."""
-        session, lane = next(iter(self.lanes.items()))
+        """Take the next job; its lane's turn goes to the back of the line."""
+        key, lane = next(iter(self.lanes.items()))
         job = lane.popleft()
-        del self.lanes[session]
+        del self.lanes[key]
         if lane:
-            self.lanes[session] = lane
+            self.lanes[key] = lane
         self.count -= 1
         return job
 
     def remove(self, job) -> None:
         """Take out a job that has not started; ValueError when it is not waiting."""
-        lane = self.lanes.get(job.session)
+        key = lane_of(job.session)
+        lane = self.lanes.get(key)
         if lane is None:
             raise ValueError("not queued")
         lane.remove(job)
         if not lane:
-            del self.lanes[job.session]
+            del self.lanes[key]
         self.count -= 1
 
     def of_session(self, session) -> list:
-        return list(self.lanes.get(session, ()))
+        return [job for job in self.lanes.get(lane_of(session), ()) if job.session is session]
+
+    def waiting_in(self, lane: object) -> int:
+        """How many jobs wait in a lane."""
+        return len(self.lanes.get(lane, ()))
+
+    def fullest(self):
+        """The newest job of the lane holding the most (the first such in turn), or None when empty: the
+        one a newcomer's request takes the place of when the queue is full."""
+        lane = max(self.lanes.values(), key=len, default=None)
+        return lane[-1] if lane else None
 
     def clear(self) -> None:
         self.lanes.clear()

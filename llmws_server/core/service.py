@@ -97,8 +97,7 @@ class Service:
         if characters > PROMPT_CHARS_PER_TOKEN * max_context:  # refused untokenized: a lower bound will do
             raise ContextTooLong(characters // PROMPT_CHARS_PER_TOKEN, max_context, estimated=True,
                                  characters=characters)
-        if self.worker.waiting() >= self.limits["max_queued_requests"]:
-            raise Busy(f"Server queue full ({self.limits['max_queued_requests']} requests waiting): try again later")
+        self._make_room(session)
         most = self.limits["max_session_buffer_mb"] * 1024 ** 2
         if session.buffer_bytes > most:
             raise Busy(f"Session buffer full ({session.buffer_bytes // 1024 ** 2} MB not acknowledged): "
@@ -115,6 +114,22 @@ class Service:
                 raise
         self.worker.submit(job)
         return job
+
+    def _make_room(self, session) -> None:
+        """A place in the server queue (max_queued_requests) for the session's request, or Busy: when it is
+        full, the client holding the most waiting requests gives its newest one up (worker.make_room) and is
+        told so; a detached session's requests count as its own."""
+        most = self.limits["max_queued_requests"]
+        taken = self.worker.make_room(session, most)
+        if taken is None:
+            return
+        text = (f"Cancelled to make room: the server queue is full ({most} requests waiting, "
+                "limits.max_queued_requests) and this client held the most of them; send it again later")
+        log.info("request %s gave its place in the full queue to another client's", taken.request_id)
+        if isinstance(taken, ReplyJob):
+            taken.settle(exception=Busy(text))
+        else:
+            taken.fail(text, max_queued_requests=most)
 
     async def _decode_images(self, turns: list[dict]) -> None:
         """Replace each turn's encoded images with decoded ones (off the event loop), or refuse them all."""
@@ -138,8 +153,7 @@ class Service:
         return await self._reply(CountJob(session or StreamSession(), asyncio.get_running_loop(), request))
 
     async def _reply(self, job: ReplyJob):
-        if self.worker.waiting() >= self.limits["max_queued_requests"]:
-            raise Busy(f"Server queue full ({self.limits['max_queued_requests']} requests waiting): try again later")
+        self._make_room(job.session)
         self.worker.submit(job)
         try:
             return await job.result

@@ -9,10 +9,10 @@ import time
 from asyncio import AbstractEventLoop
 
 from llmws_server.core.events import JobState, Queued
-from llmws_server.core.fairqueue import FairQueue
+from llmws_server.core.fairqueue import FairQueue, lane_of
 from llmws_server.core.jobs import Job
 from llmws_server.engines.api import Engine
-from llmws_server.errors import OUT_OF_MEMORY, Refused
+from llmws_server.errors import OUT_OF_MEMORY, Busy, Refused
 
 log = logging.getLogger("llmws.worker")
 
@@ -64,6 +64,24 @@ class Worker:
     def waiting_of(self, session: object) -> list[Job]:
         with self.lock:
             return self.queue.of_session(session)
+
+    def make_room(self, session: object, most: int) -> Job | None:
+        """A place for a request of `session` in a queue of at most `most` waiting. While there is room,
+        None. When it is full, a lane holding fewer than the fullest takes the place of that lane's newest
+        job, which leaves the queue and is returned (its client must be told); the fullest lane itself (a
+        client over its fair share) is refused with Busy. So no client is refused for another's requests."""
+        with self.lock:
+            if len(self.queue) < most:
+                return None
+            taken = self.queue.fullest()
+            mine = self.queue.waiting_in(lane_of(session))
+            if taken is None or mine >= self.queue.waiting_in(lane_of(taken.session)):
+                raise Busy(f"Server queue full ({most} requests waiting, limits.max_queued_requests) and yours hold "
+                           "the most places: try again once one of them has started")
+            self.queue.remove(taken)
+            taken.state = JobState.ENDED
+            self._positions_changed()
+            return taken
 
     def remove(self, job: Job) -> bool:
         """Take a job out of the queue if it has not started yet."""

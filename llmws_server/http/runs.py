@@ -45,9 +45,12 @@ Told = Union[Queued, Text, Reasoning, ToolCallStarted, ToolCallArguments, Finish
 
 
 def refusal(failed: Failed) -> APIError:
-    """A job's failure as an API error: too long a prompt is the client's (400), the rest the server's."""
+    """A job's failure as an API error: too long a prompt is the client's (400), a place given up in the full
+    queue is for now (429), the rest the server's (500)."""
     if "max_context" in failed.fields:
         return APIError(failed.message, "messages", **failed.fields)
+    if "max_queued_requests" in failed.fields:  # its place went to another client's request: retry later
+        return APIError(failed.message, status=429, kind="rate_limit_error", **failed.fields)
     return APIError(failed.message, status=500, kind="server_error")
 
 
