@@ -110,10 +110,11 @@ async def metric(server, name: str, **labels: str) -> float:
                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
 
 
-async def until_metric(server, name: str, above: float, timeout: float = 20, **labels: str) -> float:
-    """The metric's value once it passes `above`, polled to a deadline."""
+async def until_metric(server, name: str, above: float, timeout: float = 20, below: float = float("inf"),
+                       **labels: str) -> float:
+    """The metric's value once it is over `above` and under `below`, polled to a deadline."""
     deadline = time.monotonic() + timeout
-    while (value := await metric(server, name, **labels)) <= above:
+    while not above < (value := await metric(server, name, **labels)) < below:
         assert time.monotonic() < deadline, f"{name}{labels} stayed at {value} for {timeout} s"
         await asyncio.sleep(0.05)
     return value
@@ -159,12 +160,13 @@ async def test_a_whole_answer_whose_client_hangs_up_is_cancelled(server, path, b
 # -- #43.2: one client against the server-wide queue ------------------------------------------------------
 
 QUEUE_CAP = 8
+HTTP_CAP = 6
 
 
 @pytest.fixture(scope="module")
 def one_at_a_time(start_server, tiny_model):
     return start_server(tiny_model, server={"http_port": free_port()}, optimization=ONE_AT_A_TIME,
-                        limits={"max_queued_requests": QUEUE_CAP})
+                        limits={"max_queued_requests": QUEUE_CAP, "max_http_requests_per_ip": HTTP_CAP})
 
 
 async def first_replies(client: Client, count: int) -> list[dict]:
@@ -205,4 +207,40 @@ async def test_one_session_cannot_fill_the_queue_for_the_others(one_at_a_time):
         assert (await client.until("done", "error", timeout=10))[-1]["type"] == "done"
     assert time.monotonic() - begun < 10
     for client in (runner, polite, second):
+        await client.close()
+    await until_metric(server, "llmws_queue_depth", -1, below=1)  # the spammer's requests have all started
+
+
+# -- #43.3: an HTTP client's parallel requests share one lane ---------------------------------------------
+
+async def status_of(reader: asyncio.StreamReader) -> tuple[int, str]:
+    """An HTTP answer's status and its headers' text."""
+    head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)).decode("latin-1")
+    return int(head.split()[1]), head.lower()
+
+
+async def test_an_http_clients_parallel_requests_share_one_lane_and_are_capped(one_at_a_time):
+    server = one_at_a_time
+    runner = await Client.open(server.url)
+    await runner.send(BLOCKER)
+    await runner.until("start")
+    waiting = await metric(server, "llmws_queue_depth")
+    chat = {"model": "m", "messages": [{"role": "user", "content": "go"}], "max_tokens": 5}
+    attacks = [await post_raw(server, "/v1/chat/completions", chat) for _ in range(HTTP_CAP)]
+    await until_metric(server, "llmws_queue_depth", waiting + HTTP_CAP - 1)
+    polite = await Client.open(server.url)
+    first = await polite.request(inference("polite", max_new_tokens=3))
+    assert first["type"] == "queued" and first["position"] == 2, first  # the blocker and one of the client's
+    reader, writer = await post_raw(server, "/v1/chat/completions", chat)  # one more at once: refused
+    status, head = await status_of(reader)
+    assert status == 429 and "retry-after: 1" in head and "max_http_requests_per_ip" in (await reader.read()).decode()
+    writer.close()
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=30) as http:  # another address is not
+        assert (await http.get("/v1/models")).status_code == 200
+    await runner.send({"type": "cancel", "request_id": "blocker"})
+    assert (await polite.until("done", "error", timeout=10))[-1]["type"] == "done"
+    for reader, writer in attacks:
+        assert (await status_of(reader))[0] == 200
+        writer.close()
+    for client in (runner, polite):
         await client.close()

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -25,6 +26,7 @@ from llmws_server.core.requests import parse_json
 from llmws_server.core.service import Service
 from llmws_server.errors import Busy, Refused
 from llmws_server.http import openai, responses
+from llmws_server.http.doors import Doors
 from llmws_server.http.errors import APIError
 
 log = logging.getLogger("llmws.http")
@@ -43,7 +45,7 @@ class HTTPApi:
             Route("/ready", self.endpoint(self.ready, guarded=False)),
             Route("/metrics", self.endpoint(self.metrics)),
             *(route for api in APIS for route in api.routes(self)),
-        ])
+        ], middleware=[Middleware(Doors, server=self.settings, limits=service.config.limits)])
 
     def endpoint(self, handler: Endpoint, guarded: bool = True, shape: ErrorShape = APIError.body) -> Endpoint:
         """The handler behind the origin and token checks, with every refusal in its API's error shape

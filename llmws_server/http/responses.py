@@ -24,7 +24,7 @@ from llmws_server.errors import SessionsFull
 from llmws_server.http import runs
 from llmws_server.http.errors import APIError
 from llmws_server.http.responses_state import ResponseState, response_id, responses_request, session_id_of
-from llmws_server.sessions.store import Session, StreamSession
+from llmws_server.sessions.store import CLIENT_LANE, Session, StreamSession
 
 if TYPE_CHECKING:
     from llmws_server.http.app import HTTPApi
@@ -80,6 +80,7 @@ class ResponsesEndpoints:
             session, _ = server.sessions.open()
         except SessionsFull as exc:
             raise APIError(f"Server full: {exc}", status=429, kind="rate_limit_error") from None
+        session.lane = CLIENT_LANE.get()  # its request waits in its client's lane
         session.attach(Feed(session))
         session.response = ResponseState(session.id, server.engine.name, time.time(), wanted.background,
                                          wanted.settings)

@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +23,9 @@ from llmws_server.sessions.file_buffer import FileBuffer, clear_all
 
 log = logging.getLogger("llmws.sessions")
 
+# The fair-queue lane of the client whose request is being handled, for a front end whose clients have no
+# session of their own (the HTTP one sets it per request: http/doors.py); None: each request its own lane.
+CLIENT_LANE: ContextVar[object] = ContextVar("llmws_client_lane", default=None)
 UNUSED_IDLE_S = 300  # a session that never ran anything is forgotten this long after its client left
 TAKEN_KEPT = 256  # request_ids a session remembers, to run a frame sent again after a cut only once
 
@@ -79,6 +83,7 @@ class Session:
         self.buffer_bytes = 0  # written since the last ack
         self.detached_at: float | None = None  # when the last listener left, while none is live
         self.response: Any = None  # for a stored response of the HTTP API: what its events are told with
+        self.lane: object = None  # the fair queue's lane its jobs wait in (core/fairqueue.lane_of); None: its own
 
     @property
     def config(self) -> dict:
@@ -228,14 +233,16 @@ class SessionStore:
 
 
 class StreamSession:
-    """An HTTP request's stand-in for a session: its events, queued on the event loop. Each request is its
-    own lane in the fair queue; nothing is buffered, the connection is the stream."""
+    """An HTTP request's stand-in for a session: its events, queued on the event loop. Its jobs wait in its
+    client's lane of the fair queue (`lane`: given, else the client whose request is being handled, else a
+    lane of its own); nothing is buffered, the connection is the stream."""
 
     buffer_bytes = 0
 
-    def __init__(self) -> None:
+    def __init__(self, lane: object = None) -> None:
         self.events: asyncio.Queue[Stamped] = asyncio.Queue()
         self.jobs: dict[str, Any] = {}
+        self.lane = lane if lane is not None else CLIENT_LANE.get()
 
     def add_job(self, job: Any, most: int) -> None:
         self.jobs[job.request_id] = job
