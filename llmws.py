@@ -14,10 +14,14 @@ import socket
 import ssl
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmws_server.catalog import folders as catalog
 from llmws_server.config import DEFAULTS, load_config
 from llmws_server.errors import ConfigError
+
+if TYPE_CHECKING:
+    from llmws_server.listeners import ConnectionPolicy
 
 # The server's modules (torch, transformers, uvicorn) are imported in main(), after the arguments are read:
 # --help and argument errors answer at once.
@@ -103,8 +107,21 @@ def cannot_listen(host: str, port: int, exc: OSError, option: str = "--port") ->
     return f"llmws: cannot listen on {host}:{port}: {exc.strerror or exc}"
 
 
+def connection_policy(limits: dict) -> "ConnectionPolicy":
+    """Both ports' caps at accept, under the open-files limit (raised to the hard one first)."""
+    from llmws_server.listeners import RESERVED_FILES, ConnectionPolicy, raise_open_files_limit
+
+    before, now = raise_open_files_limit()
+    policy = ConnectionPolicy.from_limits(limits, now)
+    log.info("connections: at most %d at once over both ports, %d per address (limits.max_connections, "
+             "max_connections_per_ip); open-files limit %d%s, %d kept for files and models", policy.total,
+             policy.per_address, now, f" (raised from {before})" if now > before else "", RESERVED_FILES)
+    return policy
+
+
 async def serve(service, host: str, port: int, http_port: int | None) -> None:
     """The two front ends over one Service: the WebSocket on `port`, the HTTP APIs on `http_port`."""
+    from llmws_server.listeners import RepeatedLog
     from llmws_server.ws.server import WebSocketServer
 
     stop = asyncio.Event()
@@ -112,9 +129,11 @@ async def serve(service, host: str, port: int, http_port: int | None) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     settings = service.config.server
+    policy = connection_policy(service.config.limits)
+    loop.set_exception_handler(RepeatedLog(logging.getLogger("asyncio")).loop_errors)
     websocket = WebSocketServer(service)
     try:
-        listening = await websocket.serve(host, port, ssl=tls_context(settings))
+        listening = await websocket.serve(host, port, ssl=tls_context(settings), policy=policy)
     except OSError as exc:  # taken since check_port looked
         raise SystemExit(cannot_listen(host, port, exc))
     # This start owns the port: earlier sessions and half-done downloads end here (no client is read
@@ -124,7 +143,7 @@ async def serve(service, host: str, port: int, http_port: int | None) -> None:
     http, http_task = None, None
     if http_port:
         from llmws_server.http.app import http_server
-        http = http_server(service, host, http_port, (settings["tls_cert"], settings["tls_key"]))
+        http = http_server(service, host, http_port, (settings["tls_cert"], settings["tls_key"]), policy)
         http_task = asyncio.create_task(http.serve())
         while not http.started:  # uvicorn binds in its first steps
             if http_task.done():

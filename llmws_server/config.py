@@ -43,6 +43,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_clients": 10,
         "max_clients_per_ip": 8,
         "max_http_requests_per_ip": 32,
+        "max_connections": 1024,
+        "max_connections_per_ip": 64,
         "max_sessions": 1000,
         "hello_timeout_s": 10,
         "idle_timeout_s": 900,
@@ -62,11 +64,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 # Keys whose value must be a whole number (the others of numeric default accept any finite number).
 INTEGER_KEYS = {"port", "http_port", "max_message_size", "max_clients", "max_clients_per_ip", "max_sessions",
-                "max_http_requests_per_ip",
+                "max_http_requests_per_ip", "max_connections", "max_connections_per_ip",
                 "queue_size_per_client", "max_queued_requests", "max_context_length", "max_new_tokens", "top_k",
                 "max_image_bytes", "max_image_pixels", "max_images_per_request", "max_embedding_inputs", "seed"}
 POSITIVE_KEYS = {"port", "max_message_size", "max_clients", "max_clients_per_ip", "max_sessions",
-                 "max_http_requests_per_ip",
+                 "max_http_requests_per_ip", "max_connections", "max_connections_per_ip",
                  "hello_timeout_s",
                  "idle_timeout_s", "queue_size_per_client", "max_queued_requests", "detached_queue_timeout_s",
                  "max_session_buffer_mb", "max_image_bytes", "max_image_pixels", "max_images_per_request",

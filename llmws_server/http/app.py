@@ -28,6 +28,7 @@ from llmws_server.errors import Busy, Refused
 from llmws_server.http import openai, responses
 from llmws_server.http.doors import Doors
 from llmws_server.http.errors import APIError
+from llmws_server.listeners import ConnectionPolicy, guarded_http, raise_open_files_limit
 
 log = logging.getLogger("llmws.http")
 APIS = [openai, responses]  # each gives its routes: routes(api) -> [Route]
@@ -123,11 +124,17 @@ class EmbeddedServer(uvicorn.Server):
         yield
 
 
-def http_server(service: Service, host: str, port: int,
-                ssl_files: tuple[str | None, str | None] = (None, None)) -> EmbeddedServer:
+def http_server(service: Service, host: str, port: int, ssl_files: tuple[str | None, str | None] = (None, None),
+                policy: ConnectionPolicy | None = None) -> EmbeddedServer:
+    """uvicorn serving the APIs; its connections counted and capped at accept under `policy` (the one the
+    WebSocket port shares; without one, a policy of this port's own), each request's headers and body due
+    within limits.hello_timeout_s."""
     certificate, key = ssl_files
+    limits = service.config.limits
+    policy = policy or ConnectionPolicy.from_limits(limits, raise_open_files_limit()[1])
     config = uvicorn.Config(HTTPApi(service).app, host=host, port=port, lifespan="off", log_config=None,
-                            access_log=False, ssl_certfile=certificate, ssl_keyfile=key)
+                            access_log=False, ssl_certfile=certificate, ssl_keyfile=key, ws="none",
+                            http=guarded_http(policy, limits["hello_timeout_s"]))
     return EmbeddedServer(config)
 
 

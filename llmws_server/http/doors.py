@@ -1,5 +1,6 @@
-"""What every HTTP request passes before any API sees it (an ASGI middleware around the whole app): a cap
-on one address's requests at once, and the fair-queue lane its requests share.
+"""What every HTTP request passes before any API sees it (an ASGI middleware around the whole app): a body
+declared over max_message_size refused with 413 before it is read, a cap on one address's requests at
+once, and the fair-queue lane its requests share. (Connections are capped at accept: listeners.py.)
 
 Lanes: every request of one HTTP client waits in one lane of the fair queue (core/fairqueue.py), as a
 WebSocket session's requests do. A client is the token that authenticated it (auth_token or admin_token)
@@ -22,6 +23,13 @@ RETRY_AFTER_S = 1  # what a request refused for its address's requests at once i
 def client_address(scope: Scope) -> str:
     client = scope.get("client")
     return client[0] if client else "?"
+
+
+def declared_length(scope: Scope) -> int | None:
+    """The Content-Length a request declares, or None (none, or not a number: the server reads the body
+    no further than its limit then)."""
+    value = dict(scope["headers"]).get(b"content-length", b"")
+    return int(value) if value.isdigit() else None
 
 
 def presented_key(headers: dict[bytes, bytes]) -> str:
@@ -48,6 +56,10 @@ class Doors:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        length = declared_length(scope)
+        if length is not None and length > self.server["max_message_size"]:  # refused unread, and let go
+            return await refuse(send, 413, f"Request body of {length} bytes is over {self.server['max_message_size']} "
+                                "(server.max_message_size)", "invalid_request_error", {"connection": "close"})
         address = client_address(scope)
         most = self.limits["max_http_requests_per_ip"]
         if self.in_flight[address] >= most:

@@ -19,6 +19,7 @@ from llmws_server.core.requests import parse_json, settings_update
 from llmws_server.core.service import Service
 from llmws_server.core.training import train_request
 from llmws_server.errors import Busy, LLMWSError, Refused, SessionsFull
+from llmws_server.listeners import ConnectionPolicy, guarded_websocket
 from llmws_server.sessions.store import Session
 from llmws_server.ws import protocol
 from llmws_server.ws.connection import MESSAGES_PER_SECOND, Connection, remote_address
@@ -42,11 +43,14 @@ class WebSocketServer:
         self.handshake = Handshake(self.server_settings)
         service.metrics.connections = lambda: len(self.connections)
 
-    def serve(self, host: str, port: int, ssl: SSLContext | None = None) -> Awaitable[Server]:
+    def serve(self, host: str, port: int, ssl: SSLContext | None = None,
+              policy: ConnectionPolicy | None = None) -> Awaitable[Server]:
+        """Listen; with `policy`, connections are counted and capped at accept (llmws_server/listeners.py)."""
         server = self.server_settings
         return serve(self.handler, host, port, ssl=ssl, process_request=self.handshake.check,
                      max_size=server["max_message_size"], ping_interval=server["ping_interval"],
-                     ping_timeout=server["ping_timeout"])
+                     ping_timeout=server["ping_timeout"], open_timeout=self.limits["hello_timeout_s"],
+                     create_connection=guarded_websocket(policy) if policy else None)
 
     async def close_all(self) -> None:
         for connection in list(self.connections):

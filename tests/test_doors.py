@@ -1,0 +1,164 @@
+"""Issue #43.1: both ports obey one connection policy at accept (per address, in total), the HTTP port closes
+a connection that does not send a whole request in time, refuses an impossible body unread, and a flood of
+refusals is a line in the log, not a line per connection. The attackers come from 127.0.0.2 and up."""
+import asyncio
+import logging
+import re
+import resource
+import time
+
+import httpx
+import pytest
+from conftest import Client, free_port
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from llmws_server.listeners import RESERVED_FILES, ConnectionPolicy, RepeatedLog
+
+PER_ADDRESS, TOTAL, DEADLINE_S = 8, 20, 2
+
+
+@pytest.fixture(scope="module")
+def server(start_server, tiny_model):
+    return start_server(tiny_model, server={"http_port": free_port()},
+                        limits={"max_connections_per_ip": PER_ADDRESS, "max_connections": TOTAL,
+                                "hello_timeout_s": DEADLINE_S})
+
+
+def http_port(server) -> int:
+    return server.config["server"]["http_port"]
+
+
+async def open_from(address: str, port: int, count: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    return [await asyncio.open_connection("127.0.0.1", port, local_addr=(address, 0)) for _ in range(count)]
+
+
+async def answer(reader: asyncio.StreamReader, timeout: float) -> bytes:
+    """What the server sends before it closes, or b"" when it says nothing within `timeout`."""
+    try:
+        return await asyncio.wait_for(reader.read(4096), timeout)
+    except asyncio.TimeoutError:
+        return b""
+
+
+async def closed_within(reader: asyncio.StreamReader, timeout: float) -> bool:
+    try:
+        while await asyncio.wait_for(reader.read(4096), timeout):
+            pass
+        return True
+    except asyncio.TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
+def close_all(connections) -> None:
+    for _, writer in connections:
+        writer.close()
+
+
+async def polite_gets_in(server) -> None:
+    """From 127.0.0.1, within 2 s: the HTTP API answers and a WebSocket session is welcomed."""
+    begun = time.monotonic()
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=2) as http:
+        assert (await http.get("/health")).status_code == 200
+    client = await asyncio.wait_for(Client.open(server.url), 2)
+    await client.close()
+    assert time.monotonic() - begun < 2
+
+
+async def test_idle_connections_are_capped_per_address_across_both_ports_and_closed_in_time(server):
+    held = await open_from("127.0.0.2", http_port(server), PER_ADDRESS)
+    extra = await open_from("127.0.0.2", http_port(server), 30)
+    refusals = await asyncio.gather(*(answer(reader, 5) for reader, _ in extra))
+    assert all(text.startswith(b"HTTP/1.1 503") and b"limits.max_connections_per_ip" in text for text in refusals)
+    with pytest.raises(InvalidStatus) as refused:  # the other port counts them too
+        await connect(server.url, local_addr=("127.0.0.2", 0), open_timeout=5)
+    assert refused.value.response.status_code == 503
+    await polite_gets_in(server)
+    begun = time.monotonic()
+    assert all(await asyncio.gather(*(closed_within(reader, DEADLINE_S + 3) for reader, _ in held)))
+    assert time.monotonic() - begun < DEADLINE_S + 3
+    close_all(held + extra)
+    output = await server.wait_for_output("refused a connection: Too many connections from 127.0.0.2")
+    assert len(re.findall("refused a connection: Too many connections", output)) == 1  # 31 refusals, one line
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=5,
+                                 transport=httpx.AsyncHTTPTransport(local_address="127.0.0.2")) as http:
+        assert (await http.get("/health")).status_code == 200  # its places came back
+
+
+@pytest.mark.parametrize("sent", [
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n",  # half its headers
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 500\r\n\r\n{",  # part of its body
+])
+async def test_a_request_sent_too_slowly_is_closed_at_the_deadline(server, sent):
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_port(server), local_addr=("127.0.0.2", 0))
+    writer.write(sent)
+    await writer.drain()
+
+    async def dribble() -> None:
+        for _ in range(40):
+            await asyncio.sleep(0.25)
+            writer.write(b"x" if sent.endswith(b"{") else b"X-Slow: 1\r\n")
+            await writer.drain()
+    dribbling = asyncio.create_task(dribble())
+    begun = time.monotonic()
+    assert await closed_within(reader, DEADLINE_S + 3)
+    assert time.monotonic() - begun < DEADLINE_S + 3
+    dribbling.cancel()
+    writer.close()
+
+
+async def test_an_impossible_content_length_is_refused_before_the_body_is_read(server):
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_port(server), local_addr=("127.0.0.2", 0))
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 99999999999\r\n\r\n")
+    await writer.drain()
+    text = await answer(reader, 2)
+    assert text.startswith(b"HTTP/1.1 413") and b"server.max_message_size" in text
+    assert await closed_within(reader, 2)
+    writer.close()
+
+
+async def test_the_total_cap_counts_both_ports(server):
+    first = await open_from("127.0.0.2", http_port(server), PER_ADDRESS)
+    second = await open_from("127.0.0.3", server.port, PER_ADDRESS)  # WebSocket port, no handshake yet
+    third = await open_from("127.0.0.4", http_port(server), PER_ADDRESS)
+    answers = await asyncio.gather(*(answer(reader, 1) for reader, _ in third))
+    refused = [text for text in answers if text.startswith(b"HTTP/1.1 503")]
+    assert len(refused) == 2 * PER_ADDRESS + PER_ADDRESS - TOTAL and b"limits.max_connections)" in refused[0]
+    close_all(first + second + third)
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_one_and_the_cap_logged(start_server, tiny_model):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))  # the server inherits it
+    try:
+        server = start_server(tiny_model)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    line = next(line for line in open(f"/proc/{server.process.pid}/limits") if line.startswith("Max open files"))
+    assert line.split()[3:5] == [str(hard), str(hard)]
+    assert (f"connections: at most {min(1024, hard - RESERVED_FILES)} at once over both ports, 64 per address "
+            f"(limits.max_connections, max_connections_per_ip); open-files limit {hard} (raised from 512)"
+            in server.output())
+    assert ConnectionPolicy.from_limits({"max_connections": 1024, "max_connections_per_ip": 64}, 300).total == 44
+
+
+def test_an_event_loop_error_that_repeats_is_logged_once_with_a_count(caplog):
+    class Loop:
+        def __init__(self):
+            self.reported: list[str] = []
+
+        def default_exception_handler(self, context):
+            self.reported.append(context["message"])
+
+    loop, repeated = Loop(), RepeatedLog(logging.getLogger("test"), window_s=0.5)
+    for _ in range(1000):
+        repeated.loop_errors(loop, {"message": "socket.accept() out of system resource",  # type: ignore[arg-type]
+                                    "exception": OSError(24, "Too many open files")})
+    assert loop.reported == ["socket.accept() out of system resource"]
+    time.sleep(0.6)
+    repeated.loop_errors(loop, {"message": "socket.accept() out of system resource",  # type: ignore[arg-type]
+                                "exception": OSError(24, "Too many open files")})
+    assert loop.reported[1] == "socket.accept() out of system resource (and 999 more times in the last 0.5 s)"
