@@ -1,0 +1,207 @@
+"""Anthropic's Messages API: POST /v1/messages (whole or streamed as Anthropic's server-sent events) and
+POST /v1/messages/count_tokens, over http/runs.py; http/anthropic_shapes.py has the request checks and the
+shapes. Refusals come in Anthropic's error shape, a stream's failure as its `error` event.
+
+A stream goes: message_start (empty content, usage.input_tokens), ping, then for each content block
+content_block_start, content_block_delta* (text_delta, thinking_delta, input_json_delta), content_block_stop,
+then message_delta (stop_reason, stop_sequence, usage.output_tokens) and message_stop; pings while it waits.
+"""
+import json
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, cast
+
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from llmws_server.core.events import FinishReason, Queued, Reasoning, Text, ToolCallArguments, ToolCallStarted
+from llmws_server.http import anthropic_shapes as shapes
+from llmws_server.http import runs
+from llmws_server.http.anthropic_shapes import MessagesRequest
+from llmws_server.http.runs import Failed, Finished, StopText, Told, refusal
+
+if TYPE_CHECKING:
+    from llmws_server.http.app import HTTPApi
+
+PING_S = 15
+Stream = AsyncGenerator[Told, None]  # one answer's events (runs.told's generator, or one over it)
+
+
+def routes(api: "HTTPApi") -> list[Route]:
+    endpoints = AnthropicEndpoints(api)
+    return [Route("/v1/messages", api.endpoint(endpoints.messages, shape=shapes.error_body), methods=["POST"]),
+            Route("/v1/messages/count_tokens", api.endpoint(endpoints.count_tokens, shape=shapes.error_body),
+                  methods=["POST"])]
+
+
+@dataclass(frozen=True)
+class SequenceStop(Finished):
+    """The end of an answer cut at one of its stop_sequences: which one."""
+    stop: str
+
+
+class Content:
+    """One answer's content blocks as its events build them, one block open at a time: take() gives the
+    stream events each piece makes, content() the whole message's blocks."""
+
+    def __init__(self) -> None:
+        self.blocks: list[dict] = []
+        self.open = False  # the last block takes more deltas
+        self.calls: dict[int, int] = {}  # a tool call's index -> its block's
+        self.arguments: dict[int, list[str]] = {}  # a tool_use block's input JSON, as it came
+
+    def take(self, told: Told) -> list[dict]:
+        if isinstance(told, Text) and told.text:
+            return self._add("text", told.text)
+        if isinstance(told, Reasoning) and told.text:
+            return self._add("thinking", told.text)
+        if isinstance(told, ToolCallStarted):
+            events = self.close()
+            self.calls[told.index] = len(self.blocks)
+            self.arguments[len(self.blocks)] = []
+            return events + self._start({"type": "tool_use", "id": shapes.tool_use_id(told.id), "name": told.name,
+                                         "input": {}})
+        if isinstance(told, ToolCallArguments) and told.text:
+            index = self.calls[told.index]
+            self.arguments[index].append(told.text)
+            return [_delta(index, {"type": "input_json_delta", "partial_json": told.text})]
+        return []
+
+    def _add(self, kind: str, text: str) -> list[dict]:
+        """Text or thinking, in the open block of its kind or a new one."""
+        events = []
+        if not (self.open and self.blocks[-1]["type"] == kind):
+            events = self.close() + self._start({"type": "text", "text": ""} if kind == "text" else
+                                                {"type": "thinking", "thinking": "", "signature": ""})
+        self.blocks[-1][kind] += text
+        return [*events, _delta(len(self.blocks) - 1, {"type": f"{kind}_delta", kind: text})]
+
+    def _start(self, block: dict) -> list[dict]:
+        self.blocks.append(dict(block))
+        self.open = True
+        return [{"type": "content_block_start", "index": len(self.blocks) - 1, "content_block": block}]
+
+    def close(self) -> list[dict]:
+        if not self.open:
+            return []
+        self.open = False
+        return [{"type": "content_block_stop", "index": len(self.blocks) - 1}]
+
+    def content(self) -> list[dict]:
+        return [{**block, "input": shapes.tool_input("".join(self.arguments[index]))}
+                if block["type"] == "tool_use" else block for index, block in enumerate(self.blocks)]
+
+
+def _delta(index: int, delta: dict) -> dict:
+    return {"type": "content_block_delta", "index": index, "delta": delta}
+
+
+class AnthropicEndpoints:
+    def __init__(self, api: "HTTPApi"):
+        self.api, self.service = api, api.service
+
+    async def count_tokens(self, request: Request) -> Response:
+        wanted = shapes.messages_request(await self.api.body(request), self.service.generation_defaults,
+                                         counting=True)
+        return JSONResponse({"input_tokens": await self.counted(wanted)})
+
+    async def counted(self, wanted: MessagesRequest) -> int:
+        """The prompt's tokens as the model reads it (the turns are copied: counting decodes their images)."""
+        inference = wanted.inference
+        return await self.service.count_tokens(replace(inference, turns=[dict(turn) for turn in inference.turns]))
+
+    async def messages(self, request: Request) -> Response:
+        wanted = shapes.messages_request(await self.api.body(request), self.service.generation_defaults)
+        # message_start tells the prompt's tokens before any is generated; so does an answer cut at a stop
+        # sequence, whose own count never comes (see cut_at_stops)
+        tokens_in = await self.counted(wanted) if wanted.stream or wanted.stops else None
+        run = await runs.start(self.service, [wanted.inference])
+        told = cast(Stream, run.streams[0])  # runs.told's generator, closed when cut
+        stream = cut_at_stops(told, wanted.stops, tokens_in or 0)
+        message_id, model = shapes.message_id(), self.service.engine.name
+        if wanted.stream:
+            events = self.events(stream, message_id, model, tokens_in or 0)
+            return EventSourceResponse(events, headers=run.headers, ping=PING_S, sep="\n",
+                                       ping_message_factory=lambda: _sse({"type": "ping"}))
+        return await runs.until_disconnect(request, self.whole(stream, message_id, model, run.headers))
+
+    async def whole(self, stream: Stream, message_id: str, model: str, headers: dict) -> Response:
+        content = Content()
+        async with aclosing(stream):
+            async for told in stream:
+                if isinstance(told, Finished):
+                    stop = told.stop if isinstance(told, SequenceStop) else None
+                    shown = shapes.message(message_id, model, content.content(), shapes.stop_reason(told.reason, stop),
+                                           stop, told.tokens_in, told.tokens_out)
+                    return JSONResponse(shown, headers=headers)
+                if isinstance(told, Failed):
+                    error = refusal(told)
+                    return JSONResponse(shapes.error_body(error), error.status, headers=headers)
+                content.take(told)
+        raise RuntimeError("an answer's events ended without finished or failed")
+
+    async def events(self, stream: Stream, message_id: str, model: str,
+                     tokens_in: int) -> AsyncGenerator[ServerSentEvent, None]:
+        yield _sse({"type": "message_start", "message": shapes.message(message_id, model, [], None, None,
+                                                                        tokens_in, 0)})
+        yield _sse({"type": "ping"})
+        content = Content()
+        async with aclosing(stream):
+            async for told in stream:
+                if isinstance(told, Queued):
+                    yield _sse({"type": "ping"})
+                elif isinstance(told, Finished):
+                    stop = told.stop if isinstance(told, SequenceStop) else None
+                    for event in content.close():
+                        yield _sse(event)
+                    yield _sse({"type": "message_delta", "usage": {"output_tokens": told.tokens_out},
+                                "delta": {"stop_reason": shapes.stop_reason(told.reason, stop), "stop_sequence": stop}})
+                    yield _sse({"type": "message_stop"})
+                    return
+                elif isinstance(told, Failed):
+                    yield _sse(shapes.error_body(refusal(told)))
+                    return
+                else:
+                    for event in content.take(told):
+                        yield _sse(event)
+
+
+async def cut_at_stops(stream: Stream, stops: tuple[str, ...], tokens_in: int) -> Stream:
+    """The answer ended at the first of its stop sequences (runs.StopText's rule), told as SequenceStop.
+
+    runs.start cuts stop strings too, but its Finished says neither that one cut the answer (the model's own
+    end is a stop as well) nor which; so the stream runs without them and is cut here: the stream is closed,
+    which cancels the job, and the output tokens are the pieces of text the engine sent (as a rule one a
+    token), the input tokens those counted before it started."""
+    if not stops:
+        async with aclosing(stream):
+            async for told in stream:
+                yield told
+        return
+    cut, fed, pieces = StopText(stops), [], 0
+    async with aclosing(stream):
+        async for told in stream:
+            if not isinstance(told, (Text, Finished)):
+                yield told
+                continue
+            if isinstance(told, Finished):
+                if rest := cut.rest():
+                    yield Text(rest)
+                yield told
+                return
+            fed.append(told.text)
+            pieces += 1
+            if ready := cut.feed(told.text):
+                yield Text(ready)
+            if cut.stopped:
+                text = "".join(fed)
+                stop = min((text.find(stop) + len(stop), -len(stop), stop) for stop in stops if stop in text)[2]
+                yield SequenceStop(FinishReason.STOP, tokens_in, pieces, stop)
+                return
+
+
+def _sse(event: dict) -> ServerSentEvent:
+    return ServerSentEvent(event=event["type"], data=json.dumps(event, ensure_ascii=False))
