@@ -130,6 +130,9 @@ async def serve(service, host: str, port: int, http_port: int | None) -> None:
         loop.add_signal_handler(signum, stop.set)
     settings = service.config.server
     policy = connection_policy(service.config.limits)
+    if not settings["admin_token"]:
+        log.info("model management and training only from this machine (loopback addresses): set "
+                 "server.admin_token to allow it from elsewhere")
     loop.set_exception_handler(RepeatedLog(logging.getLogger("asyncio")).loop_errors)
     websocket = WebSocketServer(service)
     try:

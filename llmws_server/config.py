@@ -18,6 +18,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "ping_interval": 30,
         "ping_timeout": 10,
         "allowed_origins": ["http://localhost", "http://127.0.0.1"],
+        "allowed_hosts": [],
         "auth_token": None,
         "admin_token": None,
         "admin_origins": [],

@@ -5,15 +5,20 @@ import asyncio
 import logging
 import re
 import resource
+import socket
 import time
 
 import httpx
 import pytest
 from conftest import Client, free_port
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.http11 import Request
 
+from llmws_server.config import DEFAULTS
 from llmws_server.listeners import RESERVED_FILES, ConnectionPolicy, RepeatedLog
+from llmws_server.ws.handshake import Handshake
 
 PER_ADDRESS, TOTAL, DEADLINE_S = 8, 20, 2
 
@@ -162,3 +167,84 @@ def test_an_event_loop_error_that_repeats_is_logged_once_with_a_count(caplog):
     repeated.loop_errors(loop, {"message": "socket.accept() out of system resource",  # type: ignore[arg-type]
                                 "exception": OSError(24, "Too many open files")})
     assert loop.reported[1] == "socket.accept() out of system resource (and 999 more times in the last 0.5 s)"
+
+
+# -- the smaller doors: doubled headers, rebinding, CORS, idle WebSocket connections, admin off loopback ----
+
+def raw_request(port: int, head: bytes) -> bytes:
+    """A request as written, from the attacker's address; the answer's status line and headers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.0.0.2", 0)) as sock:
+        sock.sendall(head)
+        answer = b""
+        while b"\r\n\r\n" not in answer and (piece := sock.recv(4096)):
+            answer += piece
+    return answer
+
+
+UPGRADE = b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" \
+          b"Sec-WebSocket-Version: 13\r\n"
+
+
+@pytest.mark.parametrize("doubled", [b"Origin: http://localhost\r\nOrigin: http://localhost\r\n",
+                                     b"Authorization: Bearer a\r\nAuthorization: Bearer b\r\n",
+                                     b"Host: 127.0.0.1\r\nOrigin: http://localhost\r\n"])
+@pytest.mark.parametrize("port_of", ["ws", "http"])
+def test_a_doubled_header_is_refused_with_400(server, doubled, port_of):
+    port = server.port if port_of == "ws" else http_port(server)
+    upgrade = UPGRADE if port_of == "ws" else b""
+    answer = raw_request(port, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n" + upgrade + doubled + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+
+
+@pytest.mark.parametrize("host, allowed", [("evil.example", False), ("evil.example:8000", False),
+                                           ("localhost", True), ("127.0.0.1", True), ("[::1]:9", True),
+                                           ("llmws.lan", True), ("app.localhost", True)])
+@pytest.mark.parametrize("port_of", ["ws", "http"])
+def test_a_host_that_is_not_this_servers_is_refused_against_dns_rebinding(rebinding, host, allowed, port_of):
+    port = rebinding.port if port_of == "ws" else http_port(rebinding)
+    path = b"/" if port_of == "ws" else b"/v1/models"
+    answer = raw_request(port, b"GET " + path + b" HTTP/1.1\r\nHost: " + host.encode() + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200" if allowed else b"HTTP/1.1 403"), answer
+
+
+@pytest.fixture(scope="module")
+def rebinding(start_server, tiny_model):
+    return start_server(tiny_model, server={"http_port": free_port(), "allowed_hosts": ["llmws.lan"]},
+                        limits={"max_clients": 2, "max_clients_per_ip": 2})
+
+
+@pytest.mark.parametrize("origin, allowed", [("http://localhost:3000", True), ("https://evil.example", False)])
+async def test_cors_preflights_are_answered_for_allowed_origins_only(server, origin, allowed):
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+        preflight = await http.options("/v1/chat/completions", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        assert preflight.status_code == (204 if allowed else 403)
+        assert preflight.headers.get("access-control-allow-origin") == (origin if allowed else None)
+        if allowed:
+            assert preflight.headers["access-control-allow-headers"] == "authorization, content-type"
+            models = await http.get("/v1/models", headers={"Origin": origin})
+            assert models.status_code == 200 and models.headers["access-control-allow-origin"] == origin
+
+
+async def test_when_full_the_longest_idle_websocket_makes_room_for_a_newcomer(rebinding):
+    idle = [await Client.open(rebinding.url, local_addr=("127.0.0.2", 0)) for _ in range(2)]
+    newcomer = await asyncio.wait_for(Client.open(rebinding.url), 2)  # the server holds 2: one idle goes
+    with pytest.raises(ConnectionClosed) as closed:
+        await idle[0].recv(timeout=5)
+    assert closed.value.rcvd.code == 4001 and "longest idle" in closed.value.rcvd.reason
+    assert (await idle[1].request({"type": "ping"}))["type"] == "pong"
+    await newcomer.close()
+    await idle[1].close()
+
+
+@pytest.mark.parametrize("address, admin_token, may", [
+    ("127.0.0.1", None, True), ("127.0.0.2", None, True), ("::1", None, True), ("::ffff:127.0.0.1", None, True),
+    ("10.0.0.5", None, False), ("192.168.1.20", None, False), ("10.0.0.5", "admin", True)])
+def test_without_an_admin_token_models_are_managed_from_loopback_only(address, admin_token, may):
+    settings = {**DEFAULTS["server"], "admin_token": admin_token}
+    request = Request("/", Headers({"Host": "x", **({"Authorization": "Bearer admin"} if admin_token else {})}))
+    problem = Handshake(settings).admin_problem(request, address)
+    assert (problem is None) == may, problem
+    if not may:
+        assert "server.admin_token" in problem and "loopback" in problem

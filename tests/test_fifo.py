@@ -78,9 +78,15 @@ async def open_when_room(url, timeout=30) -> Client:
 
 async def test_client_beyond_max_clients_is_closed_with_1013(limited_server):
     clients = [await open_when_room(limited_server.url) for _ in range(5)]
+    for client in clients:  # each with a request queued or running: none is closed to make room
+        assert (await client.request(inference("busy", max_new_tokens=4000, request_id="busy")))["type"] in (
+            "start", "queued")
     with pytest.raises(ConnectionClosed) as closed:
         await Client.open(limited_server.url)
     assert closed.value.rcvd.code == 1013 and "too many clients" in closed.value.rcvd.reason
+    for client in clients:
+        await client.send({"type": "cancel", "request_id": "busy"})
+        await client.until("cancelled")
     await clients[0].close()
     replacement = await open_when_room(limited_server.url)  # a freed place can be taken again
     for client in clients[1:] + [replacement]:

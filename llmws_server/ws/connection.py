@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -46,7 +47,8 @@ class Connection:
         self.outbox: asyncio.Queue[str | Iterator[dict]] = asyncio.Queue()
         self.outbox_bytes, self.outbox_limit = 0, outbox_limit
         self.sender = asyncio.create_task(self._send_all())
-        self.allowance, self.checked_at = MESSAGE_BURST, time.monotonic()
+        self.allowance, self.checked_at = MESSAGE_BURST, time.monotonic()  # checked_at: its last frame's time
+        self.session: Any = None  # the session it serves, once its hello is read
         self.dropped = False
         self.admin_problem: str | None = None  # why it may not manage models, or None
         self.embedding: set[asyncio.Task] = set()  # its embed requests being answered
@@ -54,6 +56,12 @@ class Connection:
     @property
     def address(self) -> str:
         return remote_address(self.websocket)
+
+    def idle_for(self, now: float) -> float | None:
+        """How long it has sent nothing while its session has nothing queued or running; None when busy."""
+        if self.session is not None and self.session.jobs:
+            return None
+        return now - self.checked_at
 
     def deliver(self, stamped: Stamped, record: dict) -> None:
         """A session's numbered event, as it was buffered."""

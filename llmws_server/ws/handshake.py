@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
-from llmws_server.access import origin_allowed, same_secret
+from llmws_server.access import doubled_header, host_allowed, is_loopback, origin_allowed, same_secret
 
 log = logging.getLogger("llmws.handshake")
 # The page runs its own inline script and talks to WebSocket servers only; no other site may frame it.
@@ -29,8 +29,17 @@ class Handshake:
         self.settings = server_settings  # config.json's "server" section
 
     def check(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Serve the web client to a plain GET of /; refuse browsers from other origins (403) and, with
-        auth_token set, wrong tokens (401)."""
+        """Refuse a doubled Host, Origin or Authorization (400) and a Host that is not this server's (403,
+        against DNS rebinding); serve the web client to a plain GET of /; refuse browsers from other origins
+        (403) and, with auth_token set, wrong tokens (401)."""
+        doubled = doubled_header(name for name, _ in request.headers.raw_items())
+        if doubled:
+            return connection.respond(HTTPStatus.BAD_REQUEST, f"The {doubled} header must come once\n")
+        host = request.headers.get("Host")
+        if not host_allowed(host, self.settings["allowed_hosts"]):
+            log.warning("refused a request for host %s", host[:80] if host else host)
+            return connection.respond(HTTPStatus.FORBIDDEN, f"Host {host} is not served here: use an IP address or "
+                                                            "localhost, or list the name in server.allowed_hosts\n")
         if "upgrade" not in request.headers.get("Connection", "").lower():
             return self.page(connection, request)
         origin = request.headers.get("Origin")
@@ -43,12 +52,16 @@ class Handshake:
             return connection.respond(HTTPStatus.UNAUTHORIZED, "Missing or wrong token\n")
         return None
 
-    def admin_problem(self, request: Request) -> str | None:
-        """Why this connection may not manage models, or None when it may. Management needs the admin token
-        when one is set, and from a browser it needs the server's own page (or a listed admin origin)."""
+    def admin_problem(self, request: Request, address: str) -> str | None:
+        """Why this connection (from `address`) may not manage models, or None when it may. Management needs
+        the admin token when one is set, and without one a loopback address (this machine); from a browser
+        it needs the server's own page (or a listed admin origin)."""
         admin = self.settings["admin_token"]
         if admin and not same_secret(presented_token(request), admin):
             return "connect with the admin token (server.admin_token) to manage models"
+        if not admin and not is_loopback(address):
+            return ("without server.admin_token, models are managed only from this machine (a loopback address): "
+                    "set an admin token to manage them from elsewhere")
         origin = request.headers.get("Origin")
         if origin is None or origin in self.settings["admin_origins"]:
             return None

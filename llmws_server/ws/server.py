@@ -7,6 +7,7 @@ thread -> job.emit -> Session.emit (seq, buffer) -> Connection.deliver -> the so
 import asyncio
 import logging
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from ssl import SSLContext
@@ -29,6 +30,7 @@ from llmws_server.ws.protocol import ADMIN_TYPES, check_message, error, inferenc
 log = logging.getLogger("llmws.server")
 MAX_EMBEDDINGS_IN_FLIGHT = 8  # embed requests of one connection waiting for their vectors
 REPLIED_AGAIN = {"cancel", "embed"}  # sent again with its request_id, it is answered again (nothing buffered)
+ROOM_MADE = 4001  # the close code of an idle connection closed to let a newcomer in when the server is full
 SEND_BUFFER_BYTES = 64 * 1024  # the kernel's share of a client's unread output: token streams need little
 
 Handler = Callable[[Session, Connection, dict], Awaitable[None]]
@@ -57,7 +59,7 @@ class WebSocketServer:
             await connection.websocket.close(1001, "Server shutting down")
 
     async def handler(self, websocket: ServerConnection) -> None:
-        if len(self.connections) >= self.limits["max_clients"]:
+        if len(self.connections) >= self.limits["max_clients"] and not self._make_room():
             await websocket.close(1013, "Server full: too many clients, try again later")
             return
         address = remote_address(websocket)
@@ -70,13 +72,14 @@ class WebSocketServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         connection = Connection(websocket, self.server_settings["max_message_size"])
         assert websocket.request is not None  # the handler runs after the handshake
-        connection.admin_problem = self.handshake.admin_problem(websocket.request)
+        connection.admin_problem = self.handshake.admin_problem(websocket.request, address)
         self.connections.add(connection)
         session = None
         try:
             session, pending = await self._open_session(websocket, connection)
             if session is None:
                 return
+            connection.session = session
             if pending is not None:
                 await self.dispatch(session, connection, pending)
             while (raw := await self._next_frame(websocket, session)) is not None:
@@ -92,6 +95,21 @@ class WebSocketServer:
                 session.detach(connection)
             await asyncio.sleep(0)  # let the outbox drain what it can before it is dropped
             connection.stop()
+
+    def _make_room(self) -> bool:
+        """With max_clients connections open, close the one idle longest with nothing queued or running (its
+        session resumes any time) to let a newcomer in; False when every one is busy. So only clients with
+        work can fill the server."""
+        now = time.monotonic()
+        idle = [(idle_for, connection) for connection in self.connections
+                if (idle_for := connection.idle_for(now)) is not None]
+        if not idle:
+            return False
+        idle_for, idlest = max(idle, key=lambda pair: pair[0])
+        self.connections.discard(idlest)
+        idlest.close(ROOM_MADE, "Server full: closed as the longest idle, to let a client in; resume any time")
+        log.info("closed a connection idle for %.0f s with nothing to run, to let a newcomer in", idle_for)
+        return True
 
     async def _next_frame(self, websocket: ServerConnection, session: Session) -> str | bytes | None:
         """The next frame; None once the connection has been quiet for idle_timeout_s with nothing running."""
