@@ -25,13 +25,13 @@ from llmws_server.access import origin_allowed, same_secret
 from llmws_server.core.requests import parse_json
 from llmws_server.core.service import Service
 from llmws_server.errors import Busy, Refused
-from llmws_server.http import anthropic, openai, responses
+from llmws_server.http import anthropic, ollama, openai, responses
 from llmws_server.http.doors import Doors
 from llmws_server.http.errors import APIError
 from llmws_server.listeners import ConnectionPolicy, guarded_http, raise_open_files_limit
 
 log = logging.getLogger("llmws.http")
-APIS = [openai, responses, anthropic]  # each gives its routes: routes(api) -> [Route]
+APIS = [openai, responses, anthropic, ollama]  # each gives its routes: routes(api) -> [Route]
 Endpoint = Callable[[Request], Awaitable[Response]]
 ErrorShape = Callable[[APIError], dict]  # an API's error body
 
