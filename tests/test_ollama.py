@@ -230,6 +230,8 @@ async def test_a_required_tool_call_comes_back_in_ollamas_shape(api):
     ({"format": "yaml"}, 400, 'format must be "json" or a JSON schema object'),
     ({"template": "{{ .Prompt }}"}, 400, "template is not supported by this server"),
     ({"context": [1, 2]}, 400, "context is not supported by this server"),
+    ({"suffix": "end"}, 400, "suffix is not supported by this server"),
+    ({"raw": True, "images": ["aGVsbG8="]}, 400, "images need the chat template"),
     ({"images": ["aGVsbG8="]}, 400, "This model does not take images"),
     ({"model": "spare"}, 404, "model 'spare' is installed but not loaded"),
     ({"model": "llama3.2"}, 404, "model 'llama3.2' not found"),

@@ -49,7 +49,7 @@ from llmws_server.sessions.store import Session, StreamSession
 
 if TYPE_CHECKING:
     from llmws_server.engines.api import Engine
-    from llmws_server.http.app import HTTPApi
+    from llmws_server.http.app import Endpoint, HTTPApi
 
 VERSION = "0.12.0"  # the Ollama API whose fields these endpoints follow (clients read it to pick features)
 NDJSON = "application/x-ndjson"
@@ -60,7 +60,7 @@ Stream = AsyncGenerator[Told, None]
 def routes(api: "HTTPApi") -> list[Route]:
     endpoints = OllamaEndpoints(api)
 
-    def route(path: str, handler, method: str) -> Route:
+    def route(path: str, handler: "Endpoint", method: str) -> Route:
         return Route(path, api.endpoint(handler, shape=shapes.error_body), methods=[method])
     return [Route("/", api.endpoint(endpoints.running, guarded=False, shape=shapes.error_body), methods=["GET"]),
             route("/api/version", endpoints.version, "GET"), route("/api/tags", endpoints.tags, "GET"),
@@ -75,9 +75,10 @@ def thinks(engine: "Engine", split_reasoning: bool) -> bool:
     return split_reasoning and "<think>" in (engine.chat_template or "")
 
 
-def ndjson(shapes_: AsyncIterator[dict]) -> StreamingResponse:
+def ndjson(pieces: AsyncIterator[dict]) -> StreamingResponse:
+    """One JSON object a line, each sent as it comes."""
     async def lines() -> AsyncIterator[bytes]:
-        async for shape in shapes_:
+        async for shape in pieces:
             yield (json.dumps(shape, ensure_ascii=False) + "\n").encode()
     return StreamingResponse(lines(), media_type=NDJSON)
 
@@ -233,8 +234,9 @@ class OllamaEndpoints:
         prompt = body.get("prompt")
         if prompt in (None, ""):
             return JSONResponse({"embedding": []})
-        embedded = await self.service.embed([prompt] if isinstance(prompt, str) else prompt, StreamSession(),
-                                            "prompt")
+        if not isinstance(prompt, str):
+            raise APIError("prompt must be a string", "prompt")
+        embedded = await self.service.embed(prompt, StreamSession(), "prompt")
         return JSONResponse({"embedding": embedded.vectors[0]})
 
     # -- models --------------------------------------------------------------------------------------------

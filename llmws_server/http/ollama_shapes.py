@@ -140,24 +140,24 @@ def _call_in(call: object, where: str, calls: list[tuple[str, str]]) -> dict:
 def generate_request(body: dict, defaults: dict, max_context: int, thinks: bool) -> OllamaRequest:
     """POST /api/generate: prompt (through the chat template, after `system`; with raw: true continued as
     it is), images, format, think, options."""
-    for name in ("template", "suffix"):
+    unsupported = {"template": "the model's own chat template is used", "suffix": "no fill-in-the-middle",
+                   "context": "send the conversation to /api/chat"}
+    for name, instead in unsupported.items():
         if body.get(name):
-            raise APIError(f"{name} is not supported by this server: the model's own chat template is used", name)
-    if body.get("context"):
-        raise APIError("context is not supported by this server: send the conversation to /api/chat", "context")
+            raise APIError(f"{name} is not supported by this server: {instead}", name)
     prompt, system, raw = body.get("prompt") or "", body.get("system") or "", body.get("raw", False)
     if not isinstance(prompt, str) or not isinstance(system, str) or not isinstance(raw, bool):
         raise APIError("prompt and system must be strings, raw true or false", "prompt")
     images = body.get("images") or []
     if not prompt and not images:
         return _load_only(body, defaults)
+    if raw and images:
+        raise APIError("images need the chat template: they cannot go with raw: true", "raw")
     try:
         turns = ([{"role": "system", "content": system}] if system and not raw else []) + [
             {"role": "user", "content": prompt, **({"images": image_list(images, "images")} if images else {})}]
     except Refused as exc:
         raise APIError(str(exc), "images") from None
-    if raw and images:
-        raise APIError("images need the chat template: they cannot go with raw: true", "raw")
     settings = _settings(body, defaults, max_context)
     return _request(body, InferenceRequest(turns, settings, None, prompt if raw else None), thinks)
 
