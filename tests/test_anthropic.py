@@ -14,6 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 CONFIG = {"limits": {"max_context_length": 2048}}
 TOKEN = "anthropic-secret"
+CONTEXT = 512  # the guarded server's max_context_length
+TOO_LONG = "river " * 600  # over CONTEXT tokens, under the characters refused unread (8 a token)
 QUESTION = "What is the weather in Paris?"
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
                                             "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
@@ -40,7 +42,7 @@ def server(request, start_server, default_model):
 def guarded(start_server, tiny_model):
     """The tiny model behind a token, one request at a time (a later one waits for the one before to end)."""
     return start_server(tiny_model, server={"http_port": free_port(), "auth_token": TOKEN},
-                        optimization=ONE_AT_A_TIME)
+                        optimization=ONE_AT_A_TIME, limits={"max_context_length": CONTEXT})
 
 
 @pytest.fixture()
@@ -270,7 +272,7 @@ async def scrape(server) -> dict:
 async def test_a_client_that_leaves_mid_stream_cancels_its_message(guarded, keyed):
     api = keyed
     before = await scrape(guarded)
-    async with api.messages.stream(**ask(max_tokens=1500)) as stream:
+    async with api.messages.stream(**ask(max_tokens=400)) as stream:
         async for text in stream.text_stream:
             if text:
                 break
@@ -281,4 +283,64 @@ async def test_a_client_that_leaves_mid_stream_cancels_its_message(guarded, keye
     cancelled = ("llmws_requests_total", (("outcome", "cancelled"),))
     assert after[cancelled] - before.get(cancelled, 0) == 1
     generated = ("llmws_generated_tokens_total", ())
-    assert after[generated] - before.get(generated, 0) < 1500 + 4
+    assert after[generated] - before.get(generated, 0) < 400 + 4
+
+
+async def test_too_long_a_prompt_is_refused_with_the_figures_whole_or_streamed(keyed):
+    """Whole, a 400; streamed, a 400 too, or the stream's error event with the same body where the request
+    was queued (behind the count before it, say) when the worker tokenized it."""
+    for stream in (False, True):
+        with pytest.raises(anthropic.BadRequestError if not stream else anthropic.APIStatusError) as refused:
+            if stream:
+                async with keyed.messages.stream(**ask(TOO_LONG)) as events:
+                    await events.get_final_message()
+            else:
+                await keyed.messages.create(**ask(TOO_LONG))
+        error = refused.value
+        refused_with(error, error.status_code if stream else 400, "invalid_request_error", "Context too long")
+        assert error.status_code in (200, 400) and error.body["error"]["max_context"] == CONTEXT
+
+
+async def test_a_failure_after_the_stream_began_is_its_error_event():
+    """A request queued behind a full batch whose prompt proves too long once tokenized fails after its
+    stream began: that is told as Anthropic's error event, and the stream ends. (Told here by the core's
+    events: on a server the count before the stream waits for the same room as the request, so the request
+    does not queue after it.)"""
+    from llmws_server.core.events import Failed, Queued, Text
+    from llmws_server.http.anthropic import message_events
+
+    async def told():
+        for item in (Queued(2), Text("Rivers"), Failed("Context too long (631 tokens). Max: 512.",
+                                                       {"max_context": 512, "input_length": 631})):
+            yield item
+
+    events = [(event.event, json.loads(event.data)) async for event in message_events(told(), "msg_1", "m", 30)]
+    assert [name for name, _ in events] == ["message_start", "ping", "ping", "content_block_start",
+                                            "content_block_delta", "error"]
+    assert all(name == data["type"] for name, data in events)
+    assert events[-1][1] == {"type": "error", "error": {"type": "invalid_request_error", "max_context": 512,
+                                                        "input_length": 631,
+                                                        "message": "Context too long (631 tokens). Max: 512."}}
+
+
+def test_content_blocks_open_one_at_a_time_and_make_the_whole_message():
+    """Thinking, text and a tool call as the core tells them: the stream's block events in order, and the
+    whole message's blocks (the call's input parsed from its pieces)."""
+    from llmws_server.core.events import Reasoning, Text, ToolCallArguments, ToolCallStarted
+    from llmws_server.http.anthropic import Content
+
+    content = Content()
+    told = [Reasoning("Paris, "), Reasoning("so weather."), Text("Let me look."), ToolCallStarted(0, "call_7", "w"),
+            ToolCallArguments(0, '{"city": '), ToolCallArguments(0, '"Paris"}')]
+    events = [event for item in told for event in content.take(item)] + content.close()
+    assert [(event["type"], event["index"]) for event in events] == [
+        ("content_block_start", 0), ("content_block_delta", 0), ("content_block_delta", 0), ("content_block_stop", 0),
+        ("content_block_start", 1), ("content_block_delta", 1), ("content_block_stop", 1),
+        ("content_block_start", 2), ("content_block_delta", 2), ("content_block_delta", 2), ("content_block_stop", 2)]
+    assert [event["delta"]["type"] for event in events if "delta" in event] == \
+        ["thinking_delta", "thinking_delta", "text_delta", "input_json_delta", "input_json_delta"]
+    assert events[0]["content_block"] == {"type": "thinking", "thinking": "", "signature": ""}
+    assert events[7]["content_block"] == {"type": "tool_use", "id": "toolu_7", "name": "w", "input": {}}
+    assert content.content() == [{"type": "thinking", "thinking": "Paris, so weather.", "signature": ""},
+                                 {"type": "text", "text": "Let me look."},
+                                 {"type": "tool_use", "id": "toolu_7", "name": "w", "input": {"city": "Paris"}}]

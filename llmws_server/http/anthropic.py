@@ -123,50 +123,55 @@ class AnthropicEndpoints:
         stream = cut_at_stops(told, wanted.stops, tokens_in or 0)
         message_id, model = shapes.message_id(), self.service.engine.name
         if wanted.stream:
-            events = self.events(stream, message_id, model, tokens_in or 0)
+            events = message_events(stream, message_id, model, tokens_in or 0)
             return EventSourceResponse(events, headers=run.headers, ping=PING_S, sep="\n",
                                        ping_message_factory=lambda: _sse({"type": "ping"}))
-        return await runs.until_disconnect(request, self.whole(stream, message_id, model, run.headers))
+        return await runs.until_disconnect(request, whole_message(stream, message_id, model, run.headers))
 
-    async def whole(self, stream: Stream, message_id: str, model: str, headers: dict) -> Response:
-        content = Content()
-        async with aclosing(stream):
-            async for told in stream:
-                if isinstance(told, Finished):
-                    stop = told.stop if isinstance(told, SequenceStop) else None
-                    shown = shapes.message(message_id, model, content.content(), shapes.stop_reason(told.reason, stop),
-                                           stop, told.tokens_in, told.tokens_out)
-                    return JSONResponse(shown, headers=headers)
-                if isinstance(told, Failed):
-                    error = refusal(told)
-                    return JSONResponse(shapes.error_body(error), error.status, headers=headers)
-                content.take(told)
-        raise RuntimeError("an answer's events ended without finished or failed")
 
-    async def events(self, stream: Stream, message_id: str, model: str,
-                     tokens_in: int) -> AsyncGenerator[ServerSentEvent, None]:
-        yield _sse({"type": "message_start", "message": shapes.message(message_id, model, [], None, None,
-                                                                        tokens_in, 0)})
-        yield _sse({"type": "ping"})
-        content = Content()
-        async with aclosing(stream):
-            async for told in stream:
-                if isinstance(told, Queued):
-                    yield _sse({"type": "ping"})
-                elif isinstance(told, Finished):
-                    stop = told.stop if isinstance(told, SequenceStop) else None
-                    for event in content.close():
-                        yield _sse(event)
-                    yield _sse({"type": "message_delta", "usage": {"output_tokens": told.tokens_out},
-                                "delta": {"stop_reason": shapes.stop_reason(told.reason, stop), "stop_sequence": stop}})
-                    yield _sse({"type": "message_stop"})
-                    return
-                elif isinstance(told, Failed):
-                    yield _sse(shapes.error_body(refusal(told)))
-                    return
-                else:
-                    for event in content.take(told):
-                        yield _sse(event)
+async def whole_message(stream: Stream, message_id: str, model: str, headers: dict) -> Response:
+    """The answer as one message; a failure as the error it is."""
+    content = Content()
+    async with aclosing(stream):
+        async for told in stream:
+            if isinstance(told, Finished):
+                stop = told.stop if isinstance(told, SequenceStop) else None
+                shown = shapes.message(message_id, model, content.content(), shapes.stop_reason(told.reason, stop),
+                                       stop, told.tokens_in, told.tokens_out)
+                return JSONResponse(shown, headers=headers)
+            if isinstance(told, Failed):
+                error = refusal(told)
+                return JSONResponse(shapes.error_body(error), error.status, headers=headers)
+            content.take(told)
+    raise RuntimeError("an answer's events ended without finished or failed")
+
+
+async def message_events(stream: Stream, message_id: str, model: str,
+                         tokens_in: int) -> AsyncGenerator[ServerSentEvent, None]:
+    """The answer as Anthropic's event stream (the module's docstring has the order); a failure after it
+    began as its error event, which ends it."""
+    yield _sse({"type": "message_start", "message": shapes.message(message_id, model, [], None, None,
+                                                                    tokens_in, 0)})
+    yield _sse({"type": "ping"})
+    content = Content()
+    async with aclosing(stream):
+        async for told in stream:
+            if isinstance(told, Queued):
+                yield _sse({"type": "ping"})
+            elif isinstance(told, Finished):
+                stop = told.stop if isinstance(told, SequenceStop) else None
+                for event in content.close():
+                    yield _sse(event)
+                yield _sse({"type": "message_delta", "usage": {"output_tokens": told.tokens_out},
+                            "delta": {"stop_reason": shapes.stop_reason(told.reason, stop), "stop_sequence": stop}})
+                yield _sse({"type": "message_stop"})
+                return
+            elif isinstance(told, Failed):
+                yield _sse(shapes.error_body(refusal(told)))
+                return
+            else:
+                for event in content.take(told):
+                    yield _sse(event)
 
 
 async def cut_at_stops(stream: Stream, stops: tuple[str, ...], tokens_in: int) -> Stream:
