@@ -39,11 +39,28 @@ async def open_from(address: str, port: int, count: int) -> list[tuple[asyncio.S
 
 
 async def answer(reader: asyncio.StreamReader, timeout: float) -> bytes:
-    """What the server sends before it closes, or b"" when it says nothing within `timeout`."""
+    """The server's answer: its headers and as much body as its Content-Length says (they may come in
+    separate segments), what it sent before it closed, or b"" when it says nothing within `timeout`."""
+    got = b""
+    deadline = asyncio.get_running_loop().time() + timeout
     try:
-        return await asyncio.wait_for(reader.read(4096), timeout)
+        while not _whole(got):
+            piece = await asyncio.wait_for(reader.read(4096), deadline - asyncio.get_running_loop().time())
+            if not piece:
+                break
+            got += piece
     except asyncio.TimeoutError:
-        return b""
+        pass
+    return got
+
+
+def _whole(got: bytes) -> bool:
+    head, found, body = got.partition(b"\r\n\r\n")
+    if not found:
+        return False
+    length = next((line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), b"0")
+    return len(body) >= int(length)
 
 
 async def closed_within(reader: asyncio.StreamReader, timeout: float) -> bool:
