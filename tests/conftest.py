@@ -2,6 +2,7 @@
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -165,6 +166,20 @@ def tiny_server(start_server, tiny_model):
     return start_server(tiny_model)
 
 
+ENGINES = ["transformers", "llama.cpp"]  # the params of a module's fixture that runs its tests on each engine
+
+
+def engine_server(start_server, default_model: Path, engine: str, **config) -> ServerProcess:
+    """The default model on `engine` (llama.cpp: its shipped GGUF, skipped without llama_cpp) with the HTTP API
+    on a free port; config are more config sections."""
+    if engine == "transformers":
+        return start_server(default_model, server={"http_port": free_port()}, **config)
+    pytest.importorskip("llama_cpp")
+    gguf = default_model.parent / "SmolLM2-135M-Instruct-GGUF"
+    return start_server(None, lambda root: shutil.copytree(gguf, root / "models" / "gguf"),
+                        server={"http_port": free_port()}, model={"path": "models/gguf"}, **config)
+
+
 class Client:
     """A bare protocol client over a real WebSocket: what the tests need and nothing more."""
 
@@ -207,6 +222,17 @@ class Client:
 
     async def close(self):
         await self.ws.close()
+
+
+async def refused_frame(url: str, frame: str | bytes) -> dict:
+    """The reply to one raw frame on a new connection: an error, after which the connection still answers."""
+    client = await Client.open(url)
+    await client.ws.send(frame)
+    reply = await client.recv()
+    assert reply["type"] == "error", reply
+    assert (await client.request({"type": "ping"}))["type"] == "pong"
+    await client.close()
+    return reply
 
 
 def inference(user="Hello there", max_new_tokens=40, request_id=None, **config) -> dict:

@@ -3,13 +3,12 @@ stream): on the default model under transformers and, from its GGUF, under llama
 and a client that leaves on the tiny random model."""
 import base64
 import json
-import shutil
 
 import anthropic
 import httpx
 import jsonschema
 import pytest
-from conftest import ONE_AT_A_TIME, free_port
+from conftest import ENGINES, ONE_AT_A_TIME, engine_server, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 CONFIG = {"limits": {"max_context_length": 2048}}
@@ -27,15 +26,10 @@ TOOLS = [{"name": "get_weather", "description": "The weather in a city", "input_
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIMEZONE}
 
 
-@pytest.fixture(scope="module", params=["transformers", "llama.cpp"])
+@pytest.fixture(scope="module", params=ENGINES)
 def server(request, start_server, default_model):
     """The default model on each engine, sharing the module."""
-    if request.param == "transformers":
-        return start_server(default_model, server={"http_port": free_port()}, **CONFIG)
-    pytest.importorskip("llama_cpp")
-    gguf = default_model.parent / "SmolLM2-135M-Instruct-GGUF"
-    return start_server(None, lambda root: shutil.copytree(gguf, root / "models" / "gguf"),
-                        server={"http_port": free_port()}, model={"path": "models/gguf"}, **CONFIG)
+    return engine_server(start_server, default_model, request.param, **CONFIG)
 
 
 @pytest.fixture(scope="module")

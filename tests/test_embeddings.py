@@ -10,7 +10,7 @@ import shutil
 import openai
 import pytest
 import torch
-from conftest import BLOCKER, Client, free_port
+from conftest import BLOCKER, ENGINES, Client, engine_server
 
 from llmws_server.config import DEFAULTS
 from llmws_server.engines.transformers import embedding
@@ -21,14 +21,9 @@ CONFIG = {"limits": {"max_context_length": 512, "max_embedding_inputs": MAX_INPU
 TEXTS = ["The cat sat on the mat.", "Quarterly revenue rose by four percent.", "A kitten rested on the rug."]
 
 
-@pytest.fixture(scope="module", params=["transformers", "llama.cpp"])
+@pytest.fixture(scope="module", params=ENGINES)
 def server(request, start_server, default_model):
-    if request.param == "transformers":
-        return start_server(default_model, server={"http_port": free_port()}, **CONFIG)
-    pytest.importorskip("llama_cpp")
-    gguf = default_model.parent / "SmolLM2-135M-Instruct-GGUF"
-    return start_server(None, lambda root: shutil.copytree(gguf, root / "models" / "gguf"),
-                        server={"http_port": free_port()}, model={"path": "models/gguf"}, **CONFIG)
+    return engine_server(start_server, default_model, request.param, **CONFIG)
 
 
 @pytest.fixture()

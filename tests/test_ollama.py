@@ -11,7 +11,7 @@ import httpx
 import jsonschema
 import ollama
 import pytest
-from conftest import ONE_AT_A_TIME, free_port
+from conftest import ENGINES, ONE_AT_A_TIME, engine_server, free_port
 from git_repos import lfs_repo_of
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -46,15 +46,10 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength
 HELLO = [{"role": "user", "content": "Write a sentence about the sea."}]
 
 
-@pytest.fixture(scope="module", params=["transformers", "llama.cpp"])
+@pytest.fixture(scope="module", params=ENGINES)
 def server(request, start_server, default_model):
     """The default model on each engine, sharing the module."""
-    if request.param == "transformers":
-        return start_server(default_model, server={"http_port": free_port()}, **CONFIG)
-    pytest.importorskip("llama_cpp")
-    gguf = default_model.parent / "SmolLM2-135M-Instruct-GGUF"
-    return start_server(None, lambda root: shutil.copytree(gguf, root / "models" / "gguf"),
-                        server={"http_port": free_port()}, model={"path": "models/gguf"}, **CONFIG)
+    return engine_server(start_server, default_model, request.param, **CONFIG)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_MAX_POSITIONS, Client, inference, text_of
+from conftest import TINY_MAX_POSITIONS, Client, inference, refused_frame, text_of
 from websockets.asyncio.client import connect
 
 from llmws_server.config import DEFAULTS
@@ -120,20 +120,13 @@ async def test_greedy_is_deterministic_and_sampling_honours_settings(tiny_server
     ('{"type": "config", "data": [1]}', "data"),
 ])
 async def test_bad_frames_get_an_error_and_the_connection_stays_open(tiny_server, frame, words):
-    client = await Client.open(tiny_server.url)
-    await client.ws.send(frame)
-    reply = await client.recv()
-    assert reply["type"] == "error" and words in reply["message"]
+    reply = await refused_frame(tiny_server.url, frame)
+    assert words in reply["message"]
     assert "seq" not in reply and "request_id" not in reply
-    assert (await client.request({"type": "ack"}))["type"] == "ack_received"
-    await client.close()
 
 
 async def test_binary_frame_is_refused(tiny_server):
-    client = await Client.open(tiny_server.url)
-    await client.ws.send(b"\x00\x01")
-    assert "Binary" in (await client.recv())["message"]
-    await client.close()
+    assert "Binary" in (await refused_frame(tiny_server.url, b"\x00\x01"))["message"]
 
 
 async def test_first_frame_with_a_type_is_an_implicit_hello(tiny_server):

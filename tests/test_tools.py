@@ -3,12 +3,11 @@
 under llama.cpp; and on the tiny random model, which only constrained decoding can make write JSON."""
 import asyncio
 import json
-import shutil
 
 import jsonschema
 import openai
 import pytest
-from conftest import free_port
+from conftest import ENGINES, engine_server, free_port
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
@@ -34,15 +33,10 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength
 PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
 
 
-@pytest.fixture(scope="module", params=["transformers", "llama.cpp"])
+@pytest.fixture(scope="module", params=ENGINES)
 def server(request, start_server, default_model):
     """The default model on each engine, sharing the module."""
-    if request.param == "transformers":
-        return start_server(default_model, server={"http_port": free_port()}, **CONFIG)
-    pytest.importorskip("llama_cpp")
-    gguf = default_model.parent / "SmolLM2-135M-Instruct-GGUF"
-    return start_server(None, lambda root: shutil.copytree(gguf, root / "models" / "gguf"),
-                        server={"http_port": free_port()}, model={"path": "models/gguf"}, **CONFIG)
+    return engine_server(start_server, default_model, request.param, **CONFIG)
 
 
 @pytest.fixture(scope="module")
