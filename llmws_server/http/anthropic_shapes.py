@@ -11,12 +11,12 @@ import json
 import uuid
 from dataclasses import dataclass, replace
 
-from llmws_server.config import GenerationSettings, validate_generation
 from llmws_server.core.events import FinishReason
 from llmws_server.core.requests import InferenceRequest, check_turns
 from llmws_server.core.tools import ToolUse, checked_tools, response_schema
 from llmws_server.errors import Refused
 from llmws_server.http.errors import APIError
+from llmws_server.http.openai_shapes import request_settings
 
 # Anthropic's name for a setting -> this server's
 SETTINGS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k"}
@@ -58,7 +58,7 @@ def messages_request(body: object, defaults: dict, counting: bool = False) -> Me
             raise APIError("output_config.format and a forced tool_choice cannot both shape the answer",
                            "output_config")
         schema = tools.schema()
-    settings = replace(_settings(body, defaults), json_schema=schema)
+    settings = replace(request_settings(body, defaults, SETTINGS, neutral={}), json_schema=schema)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError("stream must be true or false", "stream")
@@ -78,17 +78,6 @@ def _refuse_unhonoured(body: dict) -> None:
         raise APIError("container: this server runs no code execution containers", "container")
     if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
         raise APIError("metadata must be an object", "metadata")
-
-
-def _settings(body: dict, defaults: dict) -> GenerationSettings:
-    settings = dict(defaults)
-    for name, ours in SETTINGS.items():
-        if body.get(name) is not None:
-            try:
-                settings.update(validate_generation({ours: body[name]}))
-            except Refused as exc:
-                raise APIError(str(exc).replace(ours, name), name) from None
-    return GenerationSettings(**settings)
 
 
 def _stops(value: object) -> tuple[str, ...]:

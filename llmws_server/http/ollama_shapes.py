@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmws_server.config import GenerationSettings, validate_generation
+from llmws_server.config import GenerationSettings
 from llmws_server.core.constraints import ANY_JSON_OBJECT, checked_schema
 from llmws_server.core.events import FinishReason
 from llmws_server.core.requests import InferenceRequest, check_turns, image_list
@@ -24,7 +24,7 @@ from llmws_server.core.tools import checked_tools
 from llmws_server.engines.api import TokenLogprob
 from llmws_server.errors import Refused
 from llmws_server.http.errors import APIError
-from llmws_server.http.openai_shapes import MAX_TOP_LOGPROBS, _stops
+from llmws_server.http.openai_shapes import MAX_TOP_LOGPROBS, request_settings, stop_strings
 
 if TYPE_CHECKING:
     from llmws_server.engines.api import Engine
@@ -185,12 +185,9 @@ def _request(body: dict, inference: InferenceRequest, thinks: bool) -> OllamaReq
     settings = replace(inference.settings, json_schema=schema,
                        logprobs=_logprobs(body.get("logprobs"), body.get("top_logprobs")))
     options = _options(body)
-    try:
-        stop = _stops(options.get("stop"))
-    except APIError as exc:
-        raise APIError(f"options.{exc}", "options.stop") from None
     inference = replace(inference, settings=settings, reasoning=think is not False)
-    return OllamaRequest(inference, stream, stop, _num_ctx(options.get("num_ctx")), False)
+    return OllamaRequest(inference, stream, stop_strings(options.get("stop"), "options.stop"),
+                         _num_ctx(options.get("num_ctx")), False)
 
 
 def _options(body: dict) -> dict:
@@ -201,22 +198,13 @@ def _options(body: dict) -> dict:
 
 
 def _settings(body: dict, defaults: dict, max_context: int) -> GenerationSettings:
-    """The options over the server's defaults; num_predict -1 or -2 is as long as the context allows."""
-    options, settings = _options(body), dict(defaults)
-    for name, neutral in NEUTRAL_OPTIONS.items():
-        if options.get(name, neutral) not in (neutral, None):
-            raise APIError(f"options.{name} is not supported by this server (only {neutral!r})", f"options.{name}")
-    for name, ours in OPTIONS.items():
-        value = options.get(name)
-        if value is None:
-            continue
-        if name == "num_predict" and value in UNBOUNDED and not isinstance(value, bool):
-            value = max_context  # the job cuts it to the room the prompt leaves
-        try:
-            settings.update(validate_generation({ours: value}))
-        except Refused as exc:
-            raise APIError(f"options.{str(exc).replace(ours, name)}", f"options.{name}") from None
-    return GenerationSettings(**settings)
+    """The options over the server's defaults; num_predict -1 or -2 is as long as the context allows (the
+    job cuts it to the room the prompt leaves)."""
+    options = _options(body)
+    predict = options.get("num_predict")
+    if predict in UNBOUNDED and not isinstance(predict, bool):
+        options = {**options, "num_predict": max_context}
+    return request_settings(options, defaults, OPTIONS, NEUTRAL_OPTIONS, "options.")
 
 
 def _num_ctx(value: object) -> int | None:

@@ -8,6 +8,7 @@ import array
 import base64
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from llmws_server.config import GenerationSettings, validate_generation
@@ -102,18 +103,21 @@ def _logprobs(wanted: object, top: object) -> int | None:
     return (top or 0) if wanted else None
 
 
-def request_settings(body: dict, defaults: dict) -> GenerationSettings:
-    """The body's settings over the defaults; what the API defines and this server cannot honour is refused."""
-    for name, neutral in NEUTRAL.items():
-        if body.get(name, neutral) not in (neutral, None):
-            raise APIError(f"{name} is not supported by this server (only {neutral!r})", name)
+def request_settings(given: dict, defaults: dict, names: dict[str, str] = SETTINGS,
+                     neutral: Mapping[str, object] = NEUTRAL, prefix: str = "") -> GenerationSettings:
+    """The settings `given` names (names: the API's name -> this server's) over the defaults, for every API.
+    A value out of range is refused naming the API's field (prefix + its name), and so is a field in `neutral`
+    (defined by the API, not honoured here) at another than its neutral value."""
+    for name, value in neutral.items():
+        if given.get(name, value) not in (value, None):
+            raise APIError(f"{prefix}{name} is not supported by this server (only {value!r})", prefix + name)
     settings = dict(defaults)
-    for name, ours in SETTINGS.items():
-        if body.get(name) is not None:
+    for name, ours in names.items():
+        if given.get(name) is not None:
             try:
-                settings.update(validate_generation({ours: body[name]}))
+                settings.update(validate_generation({ours: given[name]}))
             except Refused as exc:
-                raise APIError(str(exc).replace(ours, name), name) from None
+                raise APIError(prefix + str(exc).replace(ours, name), prefix + name) from None
     return GenerationSettings(**settings)
 
 
@@ -137,15 +141,16 @@ def _request(body: dict, turns: list, raw_text, defaults: dict, logprobs: int | 
         schema = tools.schema()
     settings = replace(settings, logprobs=logprobs, json_schema=schema)
     request = InferenceRequest(turns, settings, None, raw_text, tools)
-    return APIRequest(request, stream, bool(options.get("include_usage")), _stops(body.get("stop")), n)
+    return APIRequest(request, stream, bool(options.get("include_usage")), stop_strings(body.get("stop")), n)
 
 
-def _stops(value) -> tuple[str, ...]:
+def stop_strings(value: object, field: str = "stop") -> tuple[str, ...]:
+    """OpenAI's stop (Ollama's options.stop too): a string or a list of them, refused naming `field`."""
     stops = [value] if isinstance(value, str) else value if value is not None else []
     if (not isinstance(stops, list) or len(stops) > MAX_STOPS
             or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
-        raise APIError(f"stop must be a string or a list of up to {MAX_STOPS} non-empty strings "
-                       f"of at most {MAX_STOP_CHARS} characters", "stop")
+        raise APIError(f"{field} must be a string or a list of up to {MAX_STOPS} non-empty strings "
+                       f"of at most {MAX_STOP_CHARS} characters", field)
     return tuple(stops)
 
 
