@@ -3,11 +3,11 @@ the model's own format (STYLES), the arguments streamed as they come. The answer
 anywhere (one character, half a tag, many tokens); only what could still begin a marker is held back, so an
 answer gives the same events, pieces merged, however it is split.
 
-The generic tool prompt and turns for a template without tool support are in tool_templates.py. This
-module knows nothing of sockets, HTTP, engines, tokenizers or chat templates: text in,
-events out. It does not check a call's arguments against the tool's schema either; the caller does.
+The generic tool prompt and turns for a template without tool support are in tool_templates.py; a call's
+JSON object is read by json_values.py. This module knows nothing of sockets, HTTP, engines, tokenizers or
+chat templates: text in, events out. It does not check a call's arguments against the tool's schema
+either; the caller does.
 """
-import json
 import re
 import uuid
 from dataclasses import replace
@@ -15,14 +15,13 @@ from typing import Callable, Union
 
 # The events this module gives out are core/events' own (front ends dispatch on those classes).
 from llmws_server.core.events import Reasoning, Text, ToolCallArguments, ToolCallStarted
+from llmws_server.core.json_values import CallObject
 
 STYLES = ("hermes", "llama3", "mistral", "json")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"  # hermes
 PYTHON_TAG = "<|python_tag|>"  # llama3
 MISTRAL_CALLS, MISTRAL_ARGS, MISTRAL_CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
-ARGUMENT_KEYS = ("arguments", "parameters")
-VALUE_START = '"{[-0123456789tfn'  # how a JSON value may begin
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 MISTRAL_HEAD = re.compile(r"\S{0,300}")  # what may stand between [TOOL_CALLS] and [ARGS]: a name, a [CALL_ID]
 
@@ -36,14 +35,6 @@ def _held_back(text: str, marker: str) -> int:
         if text.endswith(marker[:n]):
             return n
     return 0
-
-
-def _json_string(text: str) -> str | None:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    return value if isinstance(value, str) else None
 
 
 class _Events:
@@ -67,149 +58,6 @@ class _Events:
         return ready
 
 
-class _JsonValue:
-    """Finds where one JSON value ends, a character at a time: it follows strings (with their escapes) and
-    the nesting of objects and arrays. A number, true, false or null ends only at the character after it."""
-
-    def __init__(self) -> None:
-        self.started = self.done = self.scalar = self.in_string = self.escaped = False
-        self.depth = 0
-
-    def take(self, c: str) -> bool:
-        """True if c is part of the value; False if the value (a scalar) ended just before c."""
-        if not self.started:
-            self.started, self.in_string, self.scalar = True, c == '"', c not in '"{['
-            self.depth = int(c in "{[")
-        elif self.in_string:
-            if self.escaped:
-                self.escaped = False
-            elif c == "\\":
-                self.escaped = True
-            elif c == '"':
-                self.in_string = False
-                self.done = self.depth == 0
-        elif self.scalar:
-            if c in ",:;}] \t\r\n":
-                self.done = True
-                return False
-        elif c == '"':
-            self.in_string = True
-        elif c in "{[":
-            self.depth += 1
-        elif c in "}]":
-            self.depth -= 1
-            self.done = self.depth == 0
-        return True
-
-
-class _CallObject:
-    """One call's JSON object {"name": ..., "arguments": ...} (keys in any order, others skipped), read a
-    character at a time. Once the name is known and the arguments' value begins, the call starts and that
-    value's text streams; arguments seen before the name wait for the object's end. Given a name, it reads a
-    bare arguments value instead (mistral's name[ARGS]{...}). `raw` keeps all it read, to give back as Text
-    should it turn out not to be a call."""
-
-    def __init__(self, calls: "_ToolCalls", prefix: str, name: str | None = None):
-        self.calls = calls
-        self.raw = [prefix]
-        self.name = name
-        self.bare = name is not None
-        self.state = "value?" if self.bare else "{"  # what comes next: "{", "key", ":", "value?", ",}"
-        self.key = "arguments" if self.bare else ""
-        self.value: _JsonValue | None = None  # the value (or key) being read
-        self.role = ""  # what that value is: "key", "name", "held" or "stream" (arguments), "skip"
-        self.text: list[str] = []  # the text of a key, a name or held arguments
-        self.streamed: list[str] = []  # arguments read and not yet given out
-        self.held_arguments: str | None = None
-        self.index: int | None = None  # once the call has started
-        self.broken = self.finished = False
-
-    @property
-    def started(self) -> bool:
-        return self.index is not None
-
-    def take(self, c: str) -> bool:
-        """Reads c; False if c was left unread: the call ended before it, or c broke it."""
-        if self.value is not None:
-            if not self.value.take(c):  # a scalar ended before c
-                self._end_value()
-                return not (self.broken or self.finished) and self.take(c)
-            self._read(c)
-            if self.value.done:
-                self._end_value()
-            return True
-        if c.isspace():  # between tokens
-            self.raw.append(c)
-            return True
-        if self.state == "{" and c == "{":
-            self.state = "key"
-        elif self.state == "key" and c == '"':
-            return self._begin("key", c)
-        elif self.state == ":" and c == ":":
-            self.state = "value?"
-        elif self.state == "value?" and c in VALUE_START:
-            return self._begin(self._role_of_value(), c)
-        elif self.state == ",}" and c == ",":
-            self.state = "key"
-        elif self.state in ("key", ",}") and c == "}":
-            self._close()
-        else:
-            self.broken = True
-            return False
-        self.raw.append(c)
-        return True
-
-    def _role_of_value(self) -> str:
-        if self.key == "name" and self.name is None:
-            return "name"
-        if self.key in ARGUMENT_KEYS and not self.started and self.held_arguments is None:
-            return "held" if self.name is None else "stream"
-        return "skip"
-
-    def _begin(self, role: str, c: str) -> bool:
-        self.value, self.role, self.text = _JsonValue(), role, []
-        if role == "stream":
-            assert self.name is not None
-            self.index = self.calls.start(self.name)
-        self.value.take(c)
-        self._read(c)
-        return True
-
-    def _read(self, c: str) -> None:
-        self.raw.append(c)
-        if self.role == "stream":
-            self.streamed.append(c)
-        elif self.role != "skip":
-            self.text.append(c)
-
-    def _end_value(self) -> None:
-        text, role, self.value = "".join(self.text), self.role, None
-        self.state = ",}"
-        if role == "key":
-            self.key, self.state = _json_string(text) or "", ":"
-        elif role == "name":
-            self.name = _json_string(text)
-            self.broken = not self.name or not self.calls.accepts(self.name)  # then it is text
-        elif role == "held":
-            self.held_arguments = text
-        self.finished = self.bare and role == "stream"
-
-    def give_out_arguments(self) -> None:
-        if self.streamed and self.index is not None:
-            self.calls.arguments(self.index, "".join(self.streamed))
-            self.streamed.clear()
-
-    def _close(self) -> None:
-        """The object's "}": a call needs a name and arguments."""
-        if not self.started:
-            if self.name is None or self.held_arguments is None:
-                self.broken = True
-                return
-            self.index = self.calls.start(self.name)
-            self.calls.arguments(self.index, self.held_arguments)
-        self.finished = True
-
-
 class _ToolCalls:
     """The answer's text outside reasoning: text, and calls in one style (None: all of it is text). Each
     mode reads what it can of `buf` and says whether to go on (True) or to wait for more text (False)."""
@@ -218,7 +66,7 @@ class _ToolCalls:
         self.style, self.tool_names, self.events = style, tool_names, events
         self.buf = ""
         self.count = 0
-        self.call: _CallObject | None = None
+        self.call: CallObject | None = None
         self.region = ""  # the marker text before the next call object, given back with it if it is no call
         self.after_call = False  # whitespace after a call is dropped if another call or the end follows
         self.marker = {"hermes": CALL_OPEN, "mistral": MISTRAL_CALLS}.get(style or "", "")
@@ -300,7 +148,7 @@ class _ToolCalls:
         return True
 
     def _open_call(self, prefix: str) -> None:
-        self.call, self.mode = _CallObject(self, prefix), "call"
+        self.call, self.mode = CallObject(self, prefix), "call"
 
     def _call(self) -> bool:
         call = self.call
@@ -318,7 +166,7 @@ class _ToolCalls:
             self._call_over(call)
         return over
 
-    def _call_over(self, call: _CallObject) -> None:
+    def _call_over(self, call: CallObject) -> None:
         """A call ended or broke. One that never started was text; after a started one, the style says
         what may follow."""
         self.call = None
@@ -393,7 +241,7 @@ class _ToolCalls:
         name = head.split(MISTRAL_CALL_ID)[0]
         if plausible and FUNCTION_NAME.fullmatch(name) and self.accepts(name):
             self.buf = self.buf[at + len(MISTRAL_ARGS):]
-            self.call, self.mode = _CallObject(self, MISTRAL_CALLS + head + MISTRAL_ARGS, name), "call"
+            self.call, self.mode = CallObject(self, MISTRAL_CALLS + head + MISTRAL_ARGS, name), "call"
             return True
         self.events.add(Text(MISTRAL_CALLS))  # no call: the marker and what follows are text
         self.mode = "text"
