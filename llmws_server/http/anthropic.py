@@ -9,7 +9,7 @@ then message_delta (stop_reason, stop_sequence, usage.output_tokens) and message
 import json
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -20,14 +20,12 @@ from starlette.routing import Route
 from llmws_server.core.events import FinishReason, Queued, Reasoning, Text, ToolCallArguments, ToolCallStarted
 from llmws_server.http import anthropic_shapes as shapes
 from llmws_server.http import runs
-from llmws_server.http.anthropic_shapes import MessagesRequest
-from llmws_server.http.runs import Failed, Finished, StopText, Told, refusal
+from llmws_server.http.runs import Failed, Finished, StopText, Stream, Told, refusal
 
 if TYPE_CHECKING:
     from llmws_server.http.app import HTTPApi
 
 PING_S = 15
-Stream = AsyncGenerator[Told, None]  # one answer's events (runs.told's generator, or one over it)
 
 
 def routes(api: "HTTPApi") -> list[Route]:
@@ -106,18 +104,13 @@ class AnthropicEndpoints:
     async def count_tokens(self, request: Request) -> Response:
         wanted = shapes.messages_request(await self.api.body(request), self.service.generation_defaults,
                                          counting=True)
-        return JSONResponse({"input_tokens": await self.counted(wanted)})
-
-    async def counted(self, wanted: MessagesRequest) -> int:
-        """The prompt's tokens as the model reads it (the turns are copied: counting decodes their images)."""
-        inference = wanted.inference
-        return await self.service.count_tokens(replace(inference, turns=[dict(turn) for turn in inference.turns]))
+        return JSONResponse({"input_tokens": await runs.prompt_tokens(self.service, wanted.inference)})
 
     async def messages(self, request: Request) -> Response:
         wanted = shapes.messages_request(await self.api.body(request), self.service.generation_defaults)
         # message_start tells the prompt's tokens before any is generated; so does an answer cut at a stop
         # sequence, whose own count never comes (see cut_at_stops)
-        tokens_in = await self.counted(wanted) if wanted.stream or wanted.stops else None
+        tokens_in = await runs.prompt_tokens(self.service, wanted.inference) if wanted.stream or wanted.stops else None
         run = await runs.start(self.service, [wanted.inference])
         told = cast(Stream, run.streams[0])  # runs.told's generator, closed when cut
         stream = cut_at_stops(told, wanted.stops, tokens_in or 0)

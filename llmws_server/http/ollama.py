@@ -15,9 +15,10 @@ installed one says so: models are switched by an admin over the WebSocket). Refu
 import json
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -44,7 +45,8 @@ from llmws_server.http import runs
 from llmws_server.http.doors import client_address, presented_key
 from llmws_server.http.errors import APIError
 from llmws_server.http.ollama_shapes import OllamaRequest, Reply, Timing
-from llmws_server.http.runs import Finished, Told, refusal
+from llmws_server.http.openai_shapes import check_dimensions
+from llmws_server.http.runs import Finished, Stream, Told, refusal
 from llmws_server.sessions.store import Session, StreamSession
 
 if TYPE_CHECKING:
@@ -54,7 +56,6 @@ if TYPE_CHECKING:
 VERSION = "0.12.0"  # the Ollama API whose fields these endpoints follow (clients read it to pick features)
 NDJSON = "application/x-ndjson"
 LFS_PROGRESS = re.compile(r"LFS objects: ([\d.]+)/([\d.]+) MB")  # the download's progress lines (downloads.py)
-Stream = AsyncGenerator[Told, None]
 
 
 def routes(api: "HTTPApi") -> list[Route]:
@@ -65,7 +66,8 @@ def routes(api: "HTTPApi") -> list[Route]:
     return [Route("/", api.endpoint(endpoints.running, guarded=False, shape=shapes.error_body), methods=["GET"]),
             route("/api/version", endpoints.version, "GET"), route("/api/tags", endpoints.tags, "GET"),
             route("/api/ps", endpoints.ps, "GET"), route("/api/show", endpoints.show, "POST"),
-            route("/api/chat", endpoints.chat, "POST"), route("/api/generate", endpoints.generate, "POST"),
+            route("/api/chat", partial(endpoints.answer, chat=True), "POST"),
+            route("/api/generate", partial(endpoints.answer, chat=False), "POST"),
             route("/api/embed", endpoints.embed, "POST"), route("/api/embeddings", endpoints.embeddings, "POST"),
             route("/api/pull", endpoints.pull, "POST"), route("/api/delete", endpoints.delete, "DELETE")]
 
@@ -75,12 +77,12 @@ def thinks(engine: "Engine", split_reasoning: bool) -> bool:
     return split_reasoning and "<think>" in (engine.chat_template or "")
 
 
-def ndjson(pieces: AsyncIterator[dict]) -> StreamingResponse:
+def ndjson(pieces: AsyncIterator[dict], headers: dict | None = None) -> StreamingResponse:
     """One JSON object a line, each sent as it comes."""
     async def lines() -> AsyncIterator[bytes]:
         async for shape in pieces:
             yield (json.dumps(shape, ensure_ascii=False) + "\n").encode()
-    return StreamingResponse(lines(), media_type=NDJSON)
+    return StreamingResponse(lines(), media_type=NDJSON, headers=headers)
 
 
 class Answer:
@@ -151,18 +153,11 @@ class OllamaEndpoints:
 
     # -- chat, generate ------------------------------------------------------------------------------------
 
-    async def chat(self, request: Request) -> Response:
-        return await self.answer(request, chat=True)
-
-    async def generate(self, request: Request) -> Response:
-        return await self.answer(request, chat=False)
-
     async def answer(self, request: Request, chat: bool) -> Response:
-        """Queue the request; answer with NDJSON lines as they come, or whole (whose client, should it hang
-        up meanwhile, cancels it as a stream's does)."""
+        """/api/chat or /api/generate: queue the request; answer with NDJSON lines as they come, or whole (whose
+        client, should it hang up meanwhile, cancels it as a stream's does)."""
         timing = Timing.now()
-        body, model = shapes.requested_model(await self.api.body(request))
-        await self.check_served(model)
+        body, model = await self.served(request)
         engine, service = self.service.engine, self.service
         check = shapes.chat_request if chat else shapes.generate_request
         wanted = check(body, service.generation_defaults, engine.max_context,
@@ -173,9 +168,7 @@ class OllamaEndpoints:
         run = await runs.start(service, [await self.within(wanted)], wanted.stop)
         answer, stream = Answer(reply, timing), cast(Stream, run.streams[0])
         if wanted.stream:
-            response = ndjson(self.lines(stream, answer))
-            response.headers.update(run.headers)
-            return response
+            return ndjson(self.lines(stream, answer), run.headers)
         return await runs.until_disconnect(request, self.whole(stream, answer, run.headers))
 
     async def within(self, wanted: OllamaRequest) -> InferenceRequest:
@@ -184,8 +177,7 @@ class OllamaEndpoints:
         inference, most = wanted.inference, wanted.num_ctx
         if most is None or most >= self.service.engine.max_context:
             return inference
-        counted = replace(inference, turns=[dict(turn) for turn in inference.turns])  # counting decodes images
-        tokens = await self.service.count_tokens(counted, StreamSession())
+        tokens = await runs.prompt_tokens(self.service, inference)
         if tokens >= most:
             raise APIError(f"The prompt is {tokens} tokens: options.num_ctx {most} leaves no room for an answer",
                            "options.num_ctx")
@@ -216,21 +208,16 @@ class OllamaEndpoints:
     async def embed(self, request: Request) -> Response:
         """input: a string or a list of them. truncate is not honoured: an input over the limits is refused."""
         timing = Timing.now()
-        body, model = shapes.requested_model(await self.api.body(request))
-        await self.check_served(model)
+        body, model = await self.served(request)
         embedded = await self.service.embed(body.get("input"), StreamSession(), "input")
-        size, wanted = len(embedded.vectors[0]), body.get("dimensions")
-        if wanted is not None and wanted != size:
-            raise APIError(f"dimensions: this model's embeddings have {size} dimensions and cannot be shortened",
-                           "dimensions")
+        check_dimensions(body.get("dimensions"), len(embedded.vectors[0]))
         return JSONResponse({"model": model, "embeddings": embedded.vectors,
                              "total_duration": time.monotonic_ns() - timing.arrived, "load_duration": 0,
                              "prompt_eval_count": embedded.tokens})
 
     async def embeddings(self, request: Request) -> Response:
         """The older endpoint: one prompt, one vector (none for no prompt, as Ollama answers)."""
-        body, model = shapes.requested_model(await self.api.body(request))
-        await self.check_served(model)
+        body, model = await self.served(request)
         prompt = body.get("prompt")
         if prompt in (None, ""):
             return JSONResponse({"embedding": []})
@@ -241,12 +228,13 @@ class OllamaEndpoints:
 
     # -- models --------------------------------------------------------------------------------------------
 
-    async def check_served(self, model: str) -> None:
-        """The request names the loaded model, or it is refused (404): another installed model is not
-        switched to, since a switch changes the model for every client and is the admin's (switch_model)."""
+    async def served(self, request: Request) -> tuple[dict, str]:
+        """The body and the model it names, the loaded one, or it is refused (404): another installed model is
+        not switched to, since a switch changes the model for every client and is the admin's (switch_model)."""
+        body, model = shapes.requested_model(await self.api.body(request))
         served = self.service.engine.name
         if shapes.same_model(model, served):
-            return
+            return body, model
         if any(shapes.same_model(model, entry["name"]) for entry in await self.service.models.models()):
             raise APIError(f"model '{model}' is installed but not loaded: this server serves '{served}', one "
                            "model at a time (an admin switches models over the WebSocket)", "model", status=404)
@@ -318,10 +306,7 @@ class OllamaEndpoints:
         this server's download into models/<its last name>; its log lines are the progress."""
         self.check_admin(request)
         body, model = shapes.requested_model(await self.api.body(request))
-        repo = shapes.pull_source(model)
-        stream = body.get("stream", True)
-        if not isinstance(stream, bool):
-            raise APIError("stream must be true or false", "stream")
+        repo, stream = shapes.pull_source(model), shapes.stream_flag(body)
         session = StreamSession()  # what download needs of a session is its emit()
         self.service.models.download(cast(Session, session), repo, Path(repo.rstrip("/")).name.removesuffix(".git"),
                                      None, None)

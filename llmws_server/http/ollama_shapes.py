@@ -24,7 +24,7 @@ from llmws_server.core.tools import checked_tools
 from llmws_server.engines.api import TokenLogprob
 from llmws_server.errors import Refused
 from llmws_server.http.errors import APIError
-from llmws_server.http.openai_shapes import MAX_TOP_LOGPROBS, request_settings, stop_strings
+from llmws_server.http.openai_shapes import logprobs_setting, request_settings, stop_strings
 
 if TYPE_CHECKING:
     from llmws_server.engines.api import Engine
@@ -174,20 +174,26 @@ def _request(body: dict, inference: InferenceRequest, thinks: bool) -> OllamaReq
         raise APIError('think must be true, false, "high", "medium" or "low"', "think")
     if think not in (None, False) and not thinks:
         raise APIError(f'"{body.get("model") or body.get("name")}" does not support thinking', "think")
-    stream = body.get("stream", True)
-    if not isinstance(stream, bool):
-        raise APIError("stream must be true or false", "stream")
+    stream = stream_flag(body)
     schema, tools = _format(body.get("format")), inference.tools
     if tools is not None and tools.constrained:  # a call is required: decoded under the tools' grammar
         if schema is not None:
             raise APIError("format and a required tool call cannot both shape the answer", "format")
         schema = tools.schema()
     settings = replace(inference.settings, json_schema=schema,
-                       logprobs=_logprobs(body.get("logprobs"), body.get("top_logprobs")))
+                       logprobs=logprobs_setting(body.get("logprobs"), body.get("top_logprobs")))
     options = _options(body)
     inference = replace(inference, settings=settings, reasoning=think is not False)
     return OllamaRequest(inference, stream, stop_strings(options.get("stop"), "options.stop"),
                          _num_ctx(options.get("num_ctx")), False)
+
+
+def stream_flag(body: dict) -> bool:
+    """stream: Ollama streams unless told not to."""
+    stream = body.get("stream", True)
+    if not isinstance(stream, bool):
+        raise APIError("stream must be true or false", "stream")
+    return stream
 
 
 def _options(body: dict) -> dict:
@@ -227,14 +233,6 @@ def _format(value: object) -> dict | None:
         return checked_schema(value, "format")
     except Refused as exc:
         raise APIError(str(exc), "format") from None
-
-
-def _logprobs(wanted: object, top: object) -> int | None:
-    if wanted is not None and not isinstance(wanted, bool):
-        raise APIError("logprobs must be true or false", "logprobs")
-    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
-        raise APIError(f"top_logprobs must be a whole number from 0 to {MAX_TOP_LOGPROBS}", "top_logprobs")
-    return (top or 0) if wanted else None
 
 
 # -- shapes -----------------------------------------------------------------------------------------------

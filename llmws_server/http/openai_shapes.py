@@ -67,7 +67,9 @@ def chat_request(body, defaults: dict, max_n: int = 1) -> APIRequest:
         turns = check_turns(turns)
     except Refused as exc:
         raise APIError(str(exc), exc.field or "messages") from None
-    logprobs = _logprobs(body.get("logprobs"), body.get("top_logprobs"))
+    logprobs = logprobs_setting(body.get("logprobs"), body.get("top_logprobs"))
+    if body.get("top_logprobs") is not None and logprobs is None:
+        raise APIError("top_logprobs needs logprobs: true", "top_logprobs")
     return _request(body, turns, None, defaults, logprobs, max_n)
 
 
@@ -79,9 +81,7 @@ def completion_request(body, defaults: dict, max_n: int = 1) -> APIRequest:
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise APIError("prompt must be a non-empty string (one prompt per request)", "prompt")
-    top = body.get("logprobs")
-    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
-        raise APIError(f"logprobs must be a whole number from 0 to {MAX_TOP_LOGPROBS}", "logprobs")
+    top = top_count(body.get("logprobs"), "logprobs")
     return _request(body, [{"role": "user", "content": prompt}], prompt, defaults, top, max_n)
 
 
@@ -91,16 +91,22 @@ def _object(body) -> dict:
     return body
 
 
-def _logprobs(wanted: object, top: object) -> int | None:
-    """Chat's logprobs (true/false) and top_logprobs (0 to 20) as the engine's one number."""
+def top_count(value: object, field: str) -> int | None:
+    """How many of the likeliest tokens go with each token's logprob: a whole number from 0 to 20, or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise APIError(f"{field} must be a whole number from 0 to {MAX_TOP_LOGPROBS}", field)
+    return value
+
+
+def logprobs_setting(wanted: object, top: object) -> int | None:
+    """Chat's (and Ollama's) logprobs, true or false, and top_logprobs as the engine's one number (None: no
+    logprobs)."""
     if wanted is not None and not isinstance(wanted, bool):
         raise APIError("logprobs must be true or false", "logprobs")
-    if top is not None:
-        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
-            raise APIError(f"top_logprobs must be a whole number from 0 to {MAX_TOP_LOGPROBS}", "top_logprobs")
-        if not wanted:
-            raise APIError("top_logprobs needs logprobs: true", "top_logprobs")
-    return (top or 0) if wanted else None
+    count = top_count(top, "top_logprobs")
+    return (count or 0) if wanted else None
 
 
 def request_settings(given: dict, defaults: dict, names: dict[str, str] = SETTINGS,
@@ -262,11 +268,15 @@ def embeddings_request(body: object) -> dict:
     return body
 
 
-def embeddings(embedded: Embedded, model: str, body: dict) -> dict:
-    size = len(embedded.vectors[0])
-    if body.get("dimensions") not in (None, size):
+def check_dimensions(wanted: object, size: int) -> None:
+    """A request's dimensions, where it gives them, are the model's own size: no embedding is shortened."""
+    if wanted not in (None, size):
         raise APIError(f"dimensions: this model's embeddings have {size} dimensions and cannot be shortened",
                        "dimensions")
+
+
+def embeddings(embedded: Embedded, model: str, body: dict) -> dict:
+    check_dimensions(body.get("dimensions"), len(embedded.vectors[0]))
     as_base64 = body.get("encoding_format") == "base64"
     data = [{"object": "embedding", "index": index,
              "embedding": base64.b64encode(array.array("f", vector).tobytes()).decode() if as_base64 else vector}

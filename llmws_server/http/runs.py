@@ -5,7 +5,7 @@ Each API module (openai.py, anthropic.py, ollama.py) only shapes what it is told
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar, Union
 
 from starlette.requests import Request
@@ -42,6 +42,7 @@ class Finished:
 
 
 Told = Union[Queued, Text, Reasoning, ToolCallStarted, ToolCallArguments, Finished, Failed]  # in order
+Stream = AsyncGenerator[Told, None]  # one choice's; closing it early cancels the choice
 
 
 def refusal(failed: Failed) -> APIError:
@@ -84,12 +85,18 @@ class StopText:
 @dataclass
 class Runs:
     """The choices of one request, queued or started, each told as a stream of Told."""
-    streams: list[AsyncIterator[Told]]
+    streams: list[AsyncIterator[Told]]  # each a Stream (openai.py takes them as this list)
     position: int | None  # requests ahead of the first choice when it had to wait
 
     @property
     def headers(self) -> dict[str, str]:
         return {QUEUE_HEADER: str(self.position)} if self.position is not None else {}
+
+
+async def prompt_tokens(service: Service, inference: InferenceRequest) -> int:
+    """The prompt's tokens as the model reads it (counted on copies of the turns: counting decodes their
+    images in place)."""
+    return await service.count_tokens(replace(inference, turns=[dict(turn) for turn in inference.turns]))
 
 
 async def start(service: Service, inferences: list[InferenceRequest], stops: tuple[str, ...] = ()) -> Runs:
@@ -115,7 +122,7 @@ async def start(service: Service, inferences: list[InferenceRequest], stops: tup
 
 
 async def told(service: Service, job: InferenceJob, session: StreamSession, stamped: Stamped,
-               stops: tuple[str, ...]) -> AsyncIterator[Told]:
+               stops: tuple[str, ...]) -> Stream:
     """A choice's events: queue positions, text, reasoning and tool calls, then finished or failed. A stop
     string ends the text there and cancels the rest; a client that leaves (the stream closed early) cancels
     it all."""
