@@ -176,13 +176,16 @@ async def test_a_streamed_tool_use_comes_as_input_json_deltas(api, server):
 
 
 async def test_a_stop_sequence_ends_the_answer_before_it_and_is_named(api):
-    full = text_of(await api.messages.create(**ask(max_tokens=40)))
+    uncut = await api.messages.create(**ask(max_tokens=40))
+    full = text_of(uncut)
     stop = full[len(full) // 2:len(full) // 2 + 3]
     expected = full[:full.find(stop)]
-    stops = ["never-written-here", stop]
+    after = full[len(expected + stop):]  # a stop sequence written after the cut: the first one written is named
+    later = next(after[at:at + 4] for at in range(len(after) - 3) if after[at:at + 4] not in expected + stop)
+    stops = [later, "never-written-here", stop]
     whole = await api.messages.create(**ask(max_tokens=40, stop_sequences=stops))
     assert (text_of(whole), whole.stop_reason, whole.stop_sequence) == (expected, "stop_sequence", stop)
-    assert 0 < whole.usage.output_tokens < 40
+    assert 0 < whole.usage.output_tokens < uncut.usage.output_tokens and whole.usage.input_tokens > 5
     async with api.messages.stream(**ask(max_tokens=40, stop_sequences=stops)) as stream:
         text = "".join([piece async for piece in stream.text_stream])
         final = await stream.get_final_message()

@@ -9,7 +9,6 @@ then message_delta (stop_reason, stop_sequence, usage.output_tokens) and message
 import json
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -17,10 +16,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from llmws_server.core.events import FinishReason, Queued, Reasoning, Text, ToolCallArguments, ToolCallStarted
+from llmws_server.core.events import Queued, Reasoning, Text, ToolCallArguments, ToolCallStarted
 from llmws_server.http import anthropic_shapes as shapes
 from llmws_server.http import runs
-from llmws_server.http.runs import Failed, Finished, StopText, Stream, Told, refusal
+from llmws_server.http.runs import Failed, Finished, Stream, Told, refusal
 
 if TYPE_CHECKING:
     from llmws_server.http.app import HTTPApi
@@ -33,12 +32,6 @@ def routes(api: "HTTPApi") -> list[Route]:
     return [Route("/v1/messages", api.endpoint(endpoints.messages, shape=shapes.error_body), methods=["POST"]),
             Route("/v1/messages/count_tokens", api.endpoint(endpoints.count_tokens, shape=shapes.error_body),
                   methods=["POST"])]
-
-
-@dataclass(frozen=True)
-class SequenceStop(Finished):
-    """The end of an answer cut at one of its stop_sequences: which one."""
-    stop: str
 
 
 class Content:
@@ -108,15 +101,13 @@ class AnthropicEndpoints:
 
     async def messages(self, request: Request) -> Response:
         wanted = shapes.messages_request(await self.api.body(request), self.service.generation_defaults)
-        # message_start tells the prompt's tokens before any is generated; so does an answer cut at a stop
-        # sequence, whose own count never comes (see cut_at_stops)
-        tokens_in = await runs.prompt_tokens(self.service, wanted.inference) if wanted.stream or wanted.stops else None
-        run = await runs.start(self.service, [wanted.inference])
-        told = cast(Stream, run.streams[0])  # runs.told's generator, closed when cut
-        stream = cut_at_stops(told, wanted.stops, tokens_in or 0)
+        # message_start tells the prompt's tokens before any is generated
+        tokens_in = await runs.prompt_tokens(self.service, wanted.inference) if wanted.stream else 0
+        run = await runs.start(self.service, [wanted.inference], wanted.stops)
+        stream = cast(Stream, run.streams[0])
         message_id, model = shapes.message_id(), self.service.engine.name
         if wanted.stream:
-            events = message_events(stream, message_id, model, tokens_in or 0)
+            events = message_events(stream, message_id, model, tokens_in)
             return EventSourceResponse(events, headers=run.headers, ping=PING_S, sep="\n",
                                        ping_message_factory=lambda: _sse({"type": "ping"}))
         return await runs.until_disconnect(request, whole_message(stream, message_id, model, run.headers))
@@ -128,9 +119,9 @@ async def whole_message(stream: Stream, message_id: str, model: str, headers: di
     async with aclosing(stream):
         async for told in stream:
             if isinstance(told, Finished):
-                stop = told.stop if isinstance(told, SequenceStop) else None
-                shown = shapes.message(message_id, model, content.content(), shapes.stop_reason(told.reason, stop),
-                                       stop, told.tokens_in, told.tokens_out)
+                shown = shapes.message(message_id, model, content.content(),
+                                       shapes.stop_reason(told.reason, told.stop), told.stop, told.tokens_in,
+                                       told.tokens_out)
                 return JSONResponse(shown, headers=headers)
             if isinstance(told, Failed):
                 error = refusal(told)
@@ -152,11 +143,11 @@ async def message_events(stream: Stream, message_id: str, model: str,
             if isinstance(told, Queued):
                 yield _sse({"type": "ping"})
             elif isinstance(told, Finished):
-                stop = told.stop if isinstance(told, SequenceStop) else None
                 for event in content.close():
                     yield _sse(event)
                 yield _sse({"type": "message_delta", "usage": {"output_tokens": told.tokens_out},
-                            "delta": {"stop_reason": shapes.stop_reason(told.reason, stop), "stop_sequence": stop}})
+                            "delta": {"stop_reason": shapes.stop_reason(told.reason, told.stop),
+                                      "stop_sequence": told.stop}})
                 yield _sse({"type": "message_stop"})
                 return
             elif isinstance(told, Failed):
@@ -165,40 +156,6 @@ async def message_events(stream: Stream, message_id: str, model: str,
             else:
                 for event in content.take(told):
                     yield _sse(event)
-
-
-async def cut_at_stops(stream: Stream, stops: tuple[str, ...], tokens_in: int) -> Stream:
-    """The answer ended at the first of its stop sequences (runs.StopText's rule), told as SequenceStop.
-
-    runs.start cuts stop strings too, but its Finished says neither that one cut the answer (the model's own
-    end is a stop as well) nor which; so the stream runs without them and is cut here: the stream is closed,
-    which cancels the job, and the output tokens are the pieces of text the engine sent (as a rule one a
-    token), the input tokens those counted before it started."""
-    if not stops:
-        async with aclosing(stream):
-            async for told in stream:
-                yield told
-        return
-    cut, fed, pieces = StopText(stops), [], 0
-    async with aclosing(stream):
-        async for told in stream:
-            if not isinstance(told, (Text, Finished)):
-                yield told
-                continue
-            if isinstance(told, Finished):
-                if rest := cut.rest():
-                    yield Text(rest)
-                yield told
-                return
-            fed.append(told.text)
-            pieces += 1
-            if ready := cut.feed(told.text):
-                yield Text(ready)
-            if cut.stopped:
-                text = "".join(fed)
-                stop = min((text.find(stop) + len(stop), -len(stop), stop) for stop in stops if stop in text)[2]
-                yield SequenceStop(FinishReason.STOP, tokens_in, pieces, stop)
-                return
 
 
 def _sse(event: dict) -> ServerSentEvent:

@@ -1,8 +1,10 @@
 """The HTTP front end (server.http_port): Starlette on uvicorn in the server's own event loop, over the
 same Service as the WebSocket front end: the same FIFO, limits and model. One module per API:
 
-    http/openai.py      GET /v1/models, POST /v1/chat/completions, POST /v1/completions
+    http/openai.py      GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings
     http/responses.py   /v1/responses
+    http/anthropic.py   POST /v1/messages, POST /v1/messages/count_tokens
+    http/ollama.py      GET, HEAD /; /api/: version, tags, ps, show, chat, generate, embed, embeddings, pull, delete
     here                GET /health (the process answers), /ready (a model serves), /metrics
 
 A new API is one module with a `routes(api)` function, and one line in APIS.

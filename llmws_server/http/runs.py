@@ -35,10 +35,12 @@ QUEUE_HEADER = "x-llmws-queue-position"  # requests ahead when this one had to w
 
 @dataclass(frozen=True)
 class Finished:
-    """The end of a choice: a stop string's cut is a stop; the token counts."""
+    """The end of a choice: a stop string's cut is a stop, and `stop` names the string (None when the model or
+    a limit ended it); the token counts are the engine's (at a cut, the tokens generated until it stopped)."""
     reason: FinishReason
     tokens_in: int
     tokens_out: int
+    stop: str | None = None
 
 
 Told = Union[Queued, Text, Reasoning, ToolCallStarted, ToolCallArguments, Finished, Failed]  # in order
@@ -62,14 +64,20 @@ class StopText:
     shows it is not."""
 
     def __init__(self, stops: tuple[str, ...]):
-        self.stops, self.held, self.stopped = stops, "", False
+        self.stops, self.held = stops, ""
+        self.stop: str | None = None  # the stop string the text was cut at
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop is not None
 
     def feed(self, text: str) -> str:
         """The part of the text so far that may be sent now."""
         self.held += text
-        found = [(index + len(stop), index) for stop in self.stops if (index := self.held.find(stop)) >= 0]
+        found = [(index + len(stop), index, stop) for stop in self.stops if (index := self.held.find(stop)) >= 0]
         if found:
-            ready, self.held, self.stopped = self.held[:min(found)[1]], "", True
+            _, at, self.stop = min(found)
+            ready, self.held = self.held[:at], ""
             return ready
         keep = max((size for stop in self.stops for size in range(1, len(stop))
                     if self.held.endswith(stop[:size])), default=0)
@@ -144,7 +152,7 @@ async def told(service: Service, job: InferenceJob, session: StreamSession, stam
                 rest = stop.rest()
                 if rest:
                     yield Text(rest)
-                yield Finished(FinishReason.STOP if stop.stopped else event.reason, tokens_in, event.tokens)
+                yield Finished(FinishReason.STOP if stop.stopped else event.reason, tokens_in, event.tokens, stop.stop)
                 return
             elif isinstance(event, (Queued, Reasoning, ToolCallStarted, ToolCallArguments, Failed)):
                 finished = isinstance(event, Failed)
