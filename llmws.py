@@ -193,14 +193,14 @@ def main(argv=None) -> int:
         log.info("config.json: %s is the original LLMWS's and is not used here", key)
     model_dir = choose_model(config, args.model)
     from llmws_server.core.service import Service
-    from llmws_server.engines.registry import load_engine
+    from llmws_server.engines.registry import load_engines
     from llmws_server.errors import Refused
     from llmws_server.ws.wire import CODEC
     try:
-        engine = load_engine(model_dir, config)
+        engines = load_engines(model_dir, config)
     except (Refused, MemoryError) as exc:
         raise SystemExit(f"llmws: {exc}")
-    asyncio.run(serve(Service(config, engine, CODEC), host, port, http_port))
+    asyncio.run(serve(Service(config, engines, CODEC), host, port, http_port))
     return 0
 
 

@@ -61,19 +61,24 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "timeout_token_generation": 300,
     },
     "download": {"allowed_url_prefixes": ["https://huggingface.co/"], "timeout_s": 3600},
+    # Engine replicas as Ray actors behind the one queue (engines/replicas/): off while ray_address is null.
+    # "local" starts a Ray cluster on this machine; "auto" or "ray://host:port" joins one.
+    "replicas": {"ray_address": None, "count": 2, "num_cpus": 1, "num_gpus": 0, "max_restarts": 3},
 }
 
 # Keys whose value must be a whole number (the others of numeric default accept any finite number).
 INTEGER_KEYS = {"port", "http_port", "max_message_size", "max_clients", "max_clients_per_ip", "max_sessions",
                 "max_http_requests_per_ip", "max_connections", "max_connections_per_ip",
                 "queue_size_per_client", "max_queued_requests", "max_context_length", "max_new_tokens", "top_k",
-                "max_image_bytes", "max_image_pixels", "max_images_per_request", "max_embedding_inputs", "seed"}
+                "max_image_bytes", "max_image_pixels", "max_images_per_request", "max_embedding_inputs", "seed",
+                "count", "max_restarts"}
 POSITIVE_KEYS = {"port", "max_message_size", "max_clients", "max_clients_per_ip", "max_sessions",
                  "max_http_requests_per_ip", "max_connections", "max_connections_per_ip",
                  "hello_timeout_s",
                  "idle_timeout_s", "queue_size_per_client", "max_queued_requests", "detached_queue_timeout_s",
                  "max_session_buffer_mb", "max_image_bytes", "max_image_pixels", "max_images_per_request",
-                 "max_embedding_inputs", "max_context_length", "timeout_token_generation", "timeout_s"}
+                 "max_embedding_inputs", "max_context_length", "timeout_token_generation", "timeout_s",
+                 "count", "num_cpus"}
 NULLABLE_KEYS = {"http_port"}  # null or 0 (as --http-port 0): no HTTP API
 # Keys the original LLMWS writes into config.json after each load (what it loaded, how it went) and where
 # it keeps training datasets: accepted and read past, so its config.json works here unchanged.
@@ -169,6 +174,7 @@ class Config:
     paths: dict[str, Path]
     limits: dict
     download: dict
+    replicas: dict
 
     def __init__(self, data: dict, file: Path, ignored: list | None = None, pinned: dict | None = None):
         self.data = data
@@ -235,6 +241,13 @@ def load_config(path) -> Config:
     if batch != "auto" and (not is_number(batch) or not isinstance(batch, int) or batch < 1):
         raise ConfigError(f"{file}, line {_line_of(text, 'max_batch_size')}, key 'optimization.max_batch_size': "
                           "must be \"auto\" or a whole number from 1")
+    address = data["replicas"]["ray_address"]
+    if address is not None and (not isinstance(address, str) or not address):
+        raise ConfigError(f"{file}, line {_line_of(text, 'ray_address')}, key 'replicas.ray_address': must be null, "
+                          "\"local\", \"auto\" or a Ray address such as \"ray://host:10001\"")
+    for key in ("num_gpus", "max_restarts"):
+        if data["replicas"][key] < 0:
+            raise ConfigError(f"{file}, line {_line_of(text, key)}, key 'replicas.{key}': must be 0 or more")
     if data["optimization"]["dtype"] not in DTYPES:
         raise ConfigError(f"{file}, line {_line_of(text, 'dtype')}, key 'optimization.dtype': "
                           f"must be one of {', '.join(sorted(DTYPES))}")

@@ -47,8 +47,12 @@ class BatchingWorker(Worker):
         super().start(loop)
 
     def _starting_now(self) -> int:
-        """The jobs at the head of the queue that start together: a free slot each, and one that must run
-        alone only first and with nothing generating (lock held)."""
+        """How many jobs at the head of the queue start at the worker's next look (lock held)."""
+        return self._takes_now()
+
+    def _takes_now(self) -> int:
+        """The jobs at the head of the queue this worker starts together: a free slot each, and one that
+        must run alone only first and with nothing generating (lock held)."""
         if self.running is not None:
             return 0
         count = 0
@@ -71,9 +75,9 @@ class BatchingWorker(Worker):
         return int(bool(self.members and self.queue and not self.queue.head().batchable(self.engine)))
 
     def _loop(self) -> None:
-        while True:
+        while self._serving():
             with self.lock:
-                while not self.queue and not self.members and not self.stopping:
+                while self._idle() and not self.stopping:
                     self.lock.wait()
                 if self.stopping:
                     break
@@ -88,9 +92,18 @@ class BatchingWorker(Worker):
             self._finish(name, FinishReason.CANCELLED)
         self._close_batch()
 
+    def _idle(self) -> bool:
+        """Nothing to do: it waits to be woken (lock held)."""
+        return not self.queue and not self.members
+
+    def _serving(self) -> bool:
+        """Whether the worker goes on taking jobs; a replica's worker waits here for its engine when it
+        was lost (core/replicas.py)."""
+        return True
+
     def _admit(self) -> list[Job]:
         """Jobs to start now, from the head of the queue (lock held)."""
-        admitted = [self.queue.popleft() for _ in range(self._starting_now())]
+        admitted = [self.queue.popleft() for _ in range(self._takes_now())]
         self.starting = len(admitted)
         if admitted:
             self._positions_changed()

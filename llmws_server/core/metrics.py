@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from llmws_server import resources
 from llmws_server.core.events import Done, Event, Failed, ModelLoaded, Started, Text
@@ -41,6 +43,10 @@ class Metrics:
         for name, (text, value) in gauges.items():
             Gauge(name, text, registry=registry).set_function(value)
 
+    def watch_replicas(self, status: Callable[[], list[dict]]) -> None:
+        """Engine replicas (core/replicas.py): each one's state, requests and restarts at every scrape."""
+        self.registry.register(ReplicaCollector(status))
+
     def observe(self, job: Job, event: Event) -> None:
         """A job's event on its way out (any thread)."""
         if isinstance(event, Started):
@@ -60,3 +66,24 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ReplicaCollector(Collector):
+    """llmws_replica_serving (1 or 0), llmws_replica_requests and llmws_replica_restarts, labelled by
+    replica, node, device and state."""
+
+    def __init__(self, status: Callable[[], list[dict]]):
+        self.status = status
+
+    def collect(self):
+        labels = ["replica", "node", "device", "state"]
+        families = {"serving": GaugeMetricFamily("llmws_replica_serving", "1 while the replica serves", labels=labels),
+                    "requests": GaugeMetricFamily("llmws_replica_requests", "Requests the replica holds",
+                                                  labels=labels),
+                    "restarts": GaugeMetricFamily("llmws_replica_restarts", "Times Ray restarted it", labels=labels)}
+        for replica in self.status():
+            values = [str(replica["index"]), str(replica["node"]), str(replica["device"]), replica["state"]]
+            families["serving"].add_metric(values, float(replica["state"] == "serving"))
+            families["requests"].add_metric(values, replica["requests"])
+            families["restarts"].add_metric(values, replica["restarts"])
+        yield from families.values()

@@ -15,6 +15,7 @@ from llmws_server.config import Config, generation_defaults
 from llmws_server.core.events import DownloadDone, Event, Failed, Log, ModelLoaded, ModelStatus, Stamped
 from llmws_server.core.jobs import SnapshotJob, SwitchJob, TrainJob
 from llmws_server.core.metrics import Metrics
+from llmws_server.core.replicas import ReplicaPool
 from llmws_server.core.training import TrainRequest, TrainStatus
 from llmws_server.core.worker import Worker
 from llmws_server.engines.api import Engine
@@ -52,15 +53,17 @@ class ModelControl:
 
     def ready(self) -> bool:
         """A model is loaded and the worker runs (not while a switch unloads and loads)."""
-        worker = self.worker
-        return worker.thread.is_alive() and not worker.stopping and self.status()["status"] == ModelStatus.OK.value
+        return self.worker.alive() and self.status()["status"] == ModelStatus.OK.value
 
     async def resources(self) -> tuple[Any, dict, dict, list]:
         """(CUDA figures, CPU figures, the loaded model, the models there are)."""
         engine = self.engine
         cuda, cpu, models = await asyncio.to_thread(
             lambda: (resources.cuda_info(), resources.cpu_info(), catalog.scan(self.config, engine.path)))
-        return cuda, cpu, {"name": engine.name, "path": str(engine.path), "vision": engine.vision}, models
+        model = {"name": engine.name, "path": str(engine.path), "vision": engine.vision}
+        if isinstance(self.worker, ReplicaPool):
+            model["replicas"] = self.worker.status()
+        return cuda, cpu, model, models
 
     async def memory(self) -> Any:
         return await asyncio.to_thread(resources.cuda_info)
@@ -68,7 +71,14 @@ class ModelControl:
     async def models(self) -> list:
         return await asyncio.to_thread(catalog.scan, self.config, self.engine.path)
 
+    def _one_engine(self, what: str) -> None:
+        """Refused while replicas serve: a switch, a reload, training and snapshots act on one engine here."""
+        if isinstance(self.worker, ReplicaPool):
+            raise Refused(f"{what} is not available while {len(self.worker.replicas)} engine replicas serve "
+                          "(replicas.ray_address): set model.path in config.json and restart the server instead")
+
     def switch(self, session: Session, model_path: object, request_id: str | None) -> None:
+        self._one_engine("A model switch")
         _, path = catalog.find_model(self.config, model_path)
         self._load(session, path, lambda engine: ModelLoaded(engine.name, self.status(engine)), request_id)
 
@@ -79,6 +89,7 @@ class ModelControl:
         changed = await asyncio.to_thread(lambda: catalog.fingerprint(path) != self.loaded_fingerprint)
         if not changed:
             return self.status()
+        self._one_engine("Reloading a changed model")
         self._load(session, path, lambda engine: ModelLoaded(engine.name, self.status(engine), reloaded=True))
         return None
 
@@ -143,6 +154,7 @@ class ModelControl:
         return folder, shown
 
     def train(self, session: Session, request: TrainRequest, most_queued: int) -> None:
+        self._one_engine("Training")
         folder, _ = self._new_model_folder(request.checkpoint_name)
         job = TrainJob(session, asyncio.get_running_loop(), request, folder.parent,
                        catalog.relative_path(folder.parent, self.config.root))
@@ -156,6 +168,7 @@ class ModelControl:
         self.worker.submit(job)
 
     def snapshot(self, session: Session, name: str | None, request_id: str | None, most_queued: int) -> None:
+        self._one_engine("A snapshot")
         folder, shown = self._new_model_folder(name or f"snapshot-{int(time.time())}")
         job = SnapshotJob(session, asyncio.get_running_loop(), folder, shown, request_id)
         session.add_job(job, most_queued)

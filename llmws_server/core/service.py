@@ -6,6 +6,7 @@ refusals are errors.Refused or errors.Busy.
 import asyncio
 import logging
 import time
+from typing import cast
 
 from llmws_server.config import Config, generation_defaults
 from llmws_server.core.batching import BatchingWorker
@@ -14,10 +15,11 @@ from llmws_server.core.images import decode_images
 from llmws_server.core.jobs import InferenceJob
 from llmws_server.core.metrics import Metrics
 from llmws_server.core.model_control import ModelControl
+from llmws_server.core.replicas import ReplicaPool
 from llmws_server.core.reply_jobs import CountJob, Embedded, EmbedJob, ReplyJob, checked_inputs
 from llmws_server.core.requests import InferenceRequest, images_of
 from llmws_server.core.worker import Worker
-from llmws_server.engines.api import Engine
+from llmws_server.engines.api import Engine, Replica
 from llmws_server.errors import Busy, ContextTooLong, Refused
 from llmws_server.sessions.store import Codec, SessionStore, StreamSession
 
@@ -28,9 +30,12 @@ PROMPT_CHARS_PER_TOKEN = 8  # a prompt longer than this many characters per cont
 
 
 class Service:
-    def __init__(self, config: Config, engine: Engine, codec: Codec):
+    def __init__(self, config: Config, engines: list[Engine], codec: Codec):
+        """`engines`: the one engine in process, or the replicas (engines.api.Replica) with
+        replicas.ray_address set (engines.registry.load_engines)."""
         self.config = config
         self.limits = config.limits
+        engine = engines[0]
         # For the model loaded now; the sessions and the front ends read it, a switch updates it in place
         self.generation_defaults = generation_defaults(config, engine.path)
         self.sessions = SessionStore(config.paths["sessions_dir"], self.generation_defaults, codec,
@@ -40,9 +45,16 @@ class Service:
             batch = engine.batch_size()
             log.info("batching up to %d requests at once (optimization.max_batch_size \"auto\" on %s)",
                      batch, engine.device)
-        self.worker = BatchingWorker(engine, batch) if batch > 1 else Worker(engine)
+        self.worker = self._worker(engines, batch)
         self.metrics = Metrics(self.worker.waiting, lambda: len(self.sessions.sessions))
+        if isinstance(self.worker, ReplicaPool):
+            self.metrics.watch_replicas(self.worker.status)
         self.models = ModelControl(config, self.worker, self.sessions, self.metrics, self.generation_defaults)
+
+    def _worker(self, engines: list[Engine], batch: int) -> Worker:
+        if self.config.replicas["ray_address"] is not None:
+            return ReplicaPool(cast(list[Replica], engines), batch)
+        return BatchingWorker(engines[0], batch) if batch > 1 else Worker(engines[0])
 
     @property
     def engine(self) -> Engine:

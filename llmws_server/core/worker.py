@@ -46,6 +46,10 @@ class Worker:
             self.lock.notify_all()
         self.thread.join(timeout)
 
+    def alive(self) -> bool:
+        """The worker runs and takes jobs."""
+        return self.thread.is_alive() and not self.stopping
+
     def submit(self, job: Job) -> None:
         """Queue a job; one that must wait is told how many requests are ahead of it (running one included).
         That is said under the lock, so it reaches the session before the job's `start`."""
@@ -55,7 +59,7 @@ class Worker:
             if ahead:
                 job.emit(Queued(ahead))
                 self._positions_changed()  # a newcomer's turn may come before others' later requests
-            self.lock.notify()
+            self.lock.notify_all()  # every idle worker of a replica pool looks
 
     def waiting(self) -> int:
         with self.lock:

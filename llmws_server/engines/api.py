@@ -6,6 +6,7 @@ the same methods and one line in engines/registry.py, and nothing above it chang
 Only the worker thread calls into an engine.
 """
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -139,3 +140,23 @@ class Engine(Protocol):
 
     def unload(self) -> None:
         """Let go of the model and free its memory."""
+
+
+class ReplicaState(Enum):
+    """Where an engine replica (engines/replicas/) stands."""
+    SERVING = "serving"
+    LOST = "lost"  # its process died: Ray restarts it, and its worker waits for that
+    DEAD = "dead"  # gone for good: its restarts are used up
+
+
+class Replica(Engine, Protocol):
+    """An engine in another process (a Ray actor), which can be lost and come back."""
+    state: ReplicaState
+    label: str  # which one, and where: for logs and errors
+    on_lost: Callable[[], None]  # called (on any thread) once it is found lost
+
+    def rejoin(self) -> bool:
+        """After a loss, wait until it serves again (True) or is gone for good (False)."""
+
+    def status(self) -> dict:
+        """Its index, node, process, device, state and restarts: for resources and /metrics."""

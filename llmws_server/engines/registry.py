@@ -19,3 +19,18 @@ def load_engine(folder: Path, config):
             raise Refused(LLAMA_CPP_MISSING.format(name=folder.name)) from None
         return LlamaCppEngine.for_config(folder, config)
     return Engine.for_config(folder, config)
+
+
+def load_engines(folder: Path, config) -> list:
+    """The engine in this process, or with replicas.ray_address set, the replicas on a Ray cluster
+    (engines/replicas/: Ray is imported only then)."""
+    if config.replicas["ray_address"] is None:
+        return [load_engine(folder, config)]
+    try:
+        from llmws_server.engines.replicas.cluster import start_replicas
+    except ModuleNotFoundError as exc:
+        if exc.name != "ray":
+            raise
+        raise Refused("replicas.ray_address is set, and engine replicas need Ray: "
+                      "pip install -r requirements-ray.txt") from None
+    return start_replicas(folder, config)
