@@ -167,3 +167,17 @@ def test_max_batch_size_is_auto_or_a_whole_number(tmp_path, value, accepted):
     else:
         with pytest.raises(ConfigError, match="optimization.max_batch_size"):
             load_config(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("replicas, accepted", [
+    ({"ray_address": "local", "count": 3, "num_cpus": 0.5, "num_gpus": 1}, True),
+    ({"ray_address": "ray://10.0.0.2:10001", "max_restarts": 0}, True),
+    ({"ray_address": 5}, False), ({"ray_address": ""}, False), ({"count": 0}, False), ({"count": 1.5}, False),
+    ({"num_cpus": 0}, False), ({"num_gpus": -1}, False), ({"max_restarts": -1}, False)])
+def test_replicas_settings_are_checked(tmp_path, replicas, accepted):
+    (tmp_path / "config.json").write_text(json.dumps({"replicas": replicas}))
+    if accepted:
+        assert load_config(tmp_path / "config.json").replicas.items() >= replicas.items()
+    else:
+        with pytest.raises(ConfigError, match="replicas." + next(iter(replicas))):
+            load_config(tmp_path / "config.json")

@@ -1,0 +1,184 @@
+"""Engine replicas on a local Ray cluster (replicas.ray_address "local"): two CPU replicas of the tiny
+model behind the one fair queue, with positions, resume, cancel, and a replica killed mid-stream."""
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, Client, inference, text_of
+
+pytest.importorskip("ray")
+
+SLOTS = 2  # per replica: 4 requests generate at once, the rest wait in the one queue
+LONG = 4000  # tokens: runs for seconds on the tiny model, until it is cancelled or killed
+
+
+@pytest.fixture(scope="module")
+def cluster(start_server, tiny_model):
+    return start_server(tiny_model, replicas={"ray_address": "local", "count": 2, "max_restarts": 1},
+                        optimization={"max_batch_size": SLOTS})
+
+
+async def replicas(server) -> list[dict]:
+    client = await Client.open(server.url)
+    reply = await client.request({"type": "get_resources"})
+    await client.close()
+    return reply["model"]["replicas"]
+
+
+async def wait_for(server, check, timeout=120) -> list[dict]:
+    """The replicas' status once `check(status)` holds (polled: it is a remote process's state)."""
+    for _ in range(timeout * 10):
+        status = await replicas(server)
+        if check(status):
+            return status
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"replicas never got there: {status}")
+
+
+async def test_eight_clients_are_served_by_both_replicas_with_the_texts_of_one_engine(cluster, start_server,
+                                                                                      tiny_model):
+    before = [replica["served"] for replica in await replicas(cluster)]
+    clients = [await Client.open(cluster.url) for _ in range(8)]
+    prompts = [inference(f"Client {index} says hello", max_new_tokens=24, temperature=0) for index in range(8)]
+    answers = await asyncio.gather(*(client.until_done(prompt) for client, prompt in zip(clients, prompts)))
+    assert all(answer[-1]["type"] == "done" and answer[-1]["total_tokens"] == 24 for answer in answers)
+    served = [replica["served"] - was for replica, was in zip(await replicas(cluster), before)]
+    assert sum(served) == 8 and min(served) >= 2, served  # the least loaded replica takes the next request
+    single = start_server(tiny_model, optimization={"max_batch_size": SLOTS})  # greedy: one engine's texts
+    alone = await Client.open(single.url)
+    for prompt, answer in zip(prompts[:3], answers):
+        assert text_of(await alone.until_done(prompt)) == text_of(answer)
+    for client in [*clients, alone]:
+        await client.close()
+
+
+async def test_one_queue_round_robin_and_positions_hold_across_the_replicas(cluster):
+    busy, newcomer = await Client.open(cluster.url), await Client.open(cluster.url)
+    for index in range(8):  # 4 generate (2 slots on each replica), 4 wait
+        await busy.send(inference(f"busy {index}", max_new_tokens=400, request_id=f"busy-{index}"))
+    received = []
+    while sum(message["type"] == "start" for message in received) < 2 * SLOTS:
+        received.append(await busy.recv())
+    await newcomer.send(inference("newcomer", max_new_tokens=10, request_id="new"))
+    told = await newcomer.recv()
+    assert told["type"] == "queued" and told["position"] == 2  # after one of busy's, behind the full replicas
+    await newcomer.until("done")
+    while sum(message["type"] == "done" for message in received) < 8:
+        received.append(await busy.recv())
+    order = [int(message["request_id"].split("-")[1]) for message in received if message["type"] == "start"]
+    assert set(order[:4]) == {0, 1, 2, 3} and set(order[4:]) == {4, 5, 6, 7}, order
+    # First come first served within a client: taken in order; two replicas may say `start` in either order
+    assert all(abs(place - index) <= 1 for place, index in enumerate(order)), order
+    await busy.close()
+    await newcomer.close()
+
+
+async def test_a_stream_resumes_after_a_drop_while_its_replica_generates(cluster):
+    request = inference("Tell me a story", max_new_tokens=120, temperature=0, request_id="story")
+    client = await Client.open(cluster.url)
+    whole = await client.until_done(request)
+    dropped = await Client.open(cluster.url)
+    await dropped.send({**request, "request_id": "again"})
+    seen = [await dropped.recv() for _ in range(5)]
+    await dropped.ws.close()
+    back = await Client.open(cluster.url, {"session_id": dropped.session_id, "last_seq": seen[-1]["seq"]})
+    rest = await back.until("done")
+    assert rest[0]["seq"] == seen[-1]["seq"] + 1  # no gap, no duplicate
+    assert text_of(seen + rest) == text_of(whole)
+    await client.close()
+    await back.close()
+
+
+async def test_cancel_reaches_the_replica_that_runs_the_request(cluster):
+    client = await Client.open(cluster.url)
+    await client.send(inference("cancel me", max_new_tokens=LONG, request_id="long"))
+    await client.until("token")
+    await client.send({"type": "cancel", "request_id": "long"})
+    done = (await client.until("done"))[-1]
+    assert done["finish_reason"] == "cancelled" and done["total_tokens"] < LONG
+    await wait_for(cluster, lambda status: all(replica["requests"] == 0 for replica in status), timeout=10)
+    await client.close()
+
+
+async def test_model_switch_and_training_are_refused_with_the_reason(cluster):
+    client = await Client.open(cluster.url)
+    for message in ({"type": "switch_model", "model_path": "tiny"},
+                    {"type": "train", "dataset": '{"text": "hello"}'}, {"type": "save_snapshot"}):
+        reply = await client.request(message)
+        assert reply["type"] == "error" and "engine replicas serve" in reply["message"], reply
+    await client.close()
+
+
+async def generating_on_each_replica(server, tokens: int) -> tuple[list[Client], dict]:
+    """Two clients whose requests run on one replica each; the replicas' status meanwhile."""
+    await wait_for(server, lambda status: all(replica["state"] == "serving" for replica in status))
+    clients = [await Client.open(server.url) for _ in range(2)]
+    for index, client in enumerate(clients):  # the second goes to the other, less loaded replica
+        await client.send(inference(f"client {index}", max_new_tokens=tokens, request_id=f"run-{index}"))
+        await client.until("token")
+    status = await replicas(server)
+    assert [replica["requests"] for replica in status] == [1, 1], status
+    return clients, status
+
+
+async def test_a_killed_replica_fails_its_requests_the_other_finishes_and_it_comes_back(cluster):
+    clients, status = await generating_on_each_replica(cluster, LONG)
+    victim = status[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    ends = await asyncio.gather(*(client.until("done", "error") for client in clients))
+    error, finished = sorted((messages[-1] for messages in ends), key=lambda end: end["type"] != "error")
+    assert error["type"] == "error" and f"replica 0 (node {victim['node'][:8]}, pid {victim['pid']}) was lost" \
+        in error["message"], error
+    assert finished["type"] == "done" and finished["total_tokens"] == LONG  # the other replica's ran on
+    back = await wait_for(cluster, lambda status: status[0]["state"] == "serving" and status[0]["restarts"] == 1)
+    assert back[0]["pid"] != victim["pid"]
+    await asyncio.gather(*(client.until_done(inference("after", max_new_tokens=8)) for client in clients))
+    assert (await replicas(cluster))[0]["served"] > back[0]["served"]  # the next requests use it again
+    for client in clients:
+        await client.close()
+
+
+async def kill_for_good(server, index: int) -> list[dict]:
+    """Kill replica `index` until Ray restarts it no more (replicas.max_restarts); the status then."""
+    while (replica := (await replicas(server))[index])["state"] != "dead":
+        os.kill(replica["pid"], signal.SIGKILL)
+        await wait_for(server, lambda status: status[index]["state"] == "dead"
+                       or (status[index]["state"] == "serving" and status[index]["pid"] != replica["pid"]))
+    return await replicas(server)
+
+
+async def test_replicas_gone_for_good_leave_the_others_serving_then_fail_what_waits(cluster):
+    """max_restarts is 1: replica 0 killed until it is gone, while each replica runs a request; then replica 1."""
+    clients, status = await generating_on_each_replica(cluster, 200)
+    gone = await kill_for_good(cluster, 0)
+    assert "cause" in gone[0] and gone[1]["state"] == "serving"
+    ends = await asyncio.gather(*(client.until("done", "error") for client in clients))  # one lost, one ran on
+    assert sorted(end[-1]["type"] for end in ends) == ["done", "error"], ends
+    answers = await asyncio.gather(*(client.until_done(inference("still", max_new_tokens=8)) for client in clients))
+    assert all(answer[-1]["type"] == "done" for answer in answers)
+    assert (await replicas(cluster))[0]["served"] == gone[0]["served"]  # a dead replica takes nothing
+    for restarts in (0, 1):
+        pid = (await wait_for(cluster, lambda status: status[1]["state"] == "serving"
+                              and status[1]["restarts"] == restarts))[1]["pid"]
+        await clients[0].send(inference("last", max_new_tokens=LONG, request_id=f"last-{restarts}"))
+        await clients[0].until("token")
+        os.kill(pid, signal.SIGKILL)
+        assert "was lost" in (await clients[0].until("error"))[-1]["message"]
+    await wait_for(cluster, lambda status: status[1]["state"] == "dead")
+    reply = (await clients[1].until_done(inference("nobody left", max_new_tokens=8)))[-1]
+    assert reply["type"] == "error" and "No engine replica is left" in reply["message"], reply
+    for client in clients:
+        await client.close()
+
+
+def test_without_a_ray_address_ray_is_not_imported(tiny_model):
+    probe = ("import sys; from llmws_server.config import load_config; "
+             "from llmws_server.engines.registry import load_engines; "
+             f"engines = load_engines(__import__('pathlib').Path({str(tiny_model)!r}), load_config(sys.argv[1])); "
+             "print(len(engines), 'ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe, str(REPO / "config.json")], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.split()[-2:] == ["1", "False"], out.stderr[-2000:]
