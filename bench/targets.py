@@ -149,15 +149,17 @@ STORY = {"type": "json_schema", "json_schema": {"name": "story", "schema": {
 
 
 class LLMWSTarget:
-    def __init__(self, model_dir, max_tokens, folder, batch=None, mixed=False, json_half=False):
+    def __init__(self, model_dir, max_tokens, folder, batch=None, mixed=False, json_half=False, replicas=0):
         self.name = "llmws" + (" llama.cpp" if "GGUF" in str(model_dir) else "") + (
             " one at a time" if batch == 1 else "") + (" mixed settings" if mixed else "") + (
-            " half json schema" if json_half else "")
+            " half json schema" if json_half else "") + (f" {replicas} Ray replicas" if replicas else "")
         self.port, self.max_tokens, self.mixed, self.json_half = free_port(), max_tokens, mixed, json_half
         # The shipped config.json, but room for 32 clients from one address (it allows 10, 8 per address)
         config = {"limits": {"max_clients": 40, "max_clients_per_ip": 40}}
         if batch:
             config["optimization"] = {"max_batch_size": batch}
+        if replicas:  # a local Ray cluster, one CPU a replica
+            config["replicas"] = {"ray_address": "local", "count": replicas, "num_cpus": 1}
         self.process = start_server(model_dir, self.port, folder, config)
         self.pid = self.process.pid
 
@@ -255,7 +257,8 @@ class ServeTarget:
         self.process.wait(30)
 
 
-TARGETS = ["raw", "llmws", "llmws-mixed", "llmws-json", "llmws-alone", "serve", "serve-cb", "llamacpp", "llmws-gguf"]
+TARGETS = ["raw", "llmws", "llmws-mixed", "llmws-json", "llmws-alone", "serve", "serve-cb", "llamacpp", "llmws-gguf",
+           "llmws-ray1", "llmws-ray2"]
 GGUF_MODEL = REPO / "models" / "SmolLM2-135M-Instruct-GGUF"
 
 
@@ -267,5 +270,7 @@ def make_target(kind: str, model: str, max_tokens: int, folder: Path, gguf: Path
             "llmws-mixed": lambda: LLMWSTarget(model, max_tokens, folder, mixed=True),
             "llmws-json": lambda: LLMWSTarget(model, max_tokens, folder, json_half=True),
             "llmws-alone": lambda: LLMWSTarget(model, max_tokens, folder, batch=1),
+            "llmws-ray1": lambda: LLMWSTarget(model, max_tokens, folder, replicas=1),
+            "llmws-ray2": lambda: LLMWSTarget(model, max_tokens, folder, replicas=2),
             "serve": lambda: ServeTarget(model, max_tokens, False),
             "serve-cb": lambda: ServeTarget(model, max_tokens, True)}[kind]()

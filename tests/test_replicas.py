@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO, Client, inference, text_of
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
 
 SLOTS = 2  # per replica: 4 requests generate at once, the rest wait in the one queue
 LONG = 4000  # tokens: runs for seconds on the tiny model, until it is cancelled or killed
