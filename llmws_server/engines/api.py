@@ -5,10 +5,11 @@ the same methods and one line in engines/registry.py, and nothing above it chang
 
 Only the worker thread calls into an engine.
 """
+import queue
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Container, Protocol
 
 
 @dataclass
@@ -57,6 +58,18 @@ class Batch(Protocol):
 
     def close(self) -> None:
         """Stop generating and free the batch's memory."""
+
+
+def queued_progress(results: "queue.Queue[Progress]", timeout: float, cancelled: Container[str]) -> list[Progress]:
+    """Batch.progress of a batch whose thread puts its Progress on a queue: all there is, waiting at most
+    `timeout` seconds for the first, without the cancelled requests'."""
+    try:
+        found = [results.get(timeout=timeout)]
+    except queue.Empty:
+        return []
+    while not results.empty():
+        found.append(results.get_nowait())
+    return [item for item in found if item.request not in cancelled]
 
 
 class Trainer(Protocol):

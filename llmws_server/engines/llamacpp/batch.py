@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import llama_cpp
 import numpy as np
 
-from llmws_server.engines.api import Progress, TokenLogprob
+from llmws_server.engines.api import Progress, TokenLogprob, queued_progress
 from llmws_server.errors import Refused
 
 PENALTY_WINDOW = 64  # tokens the repetition penalty looks back over (llama-cpp-python's generate: the same)
@@ -195,13 +195,7 @@ class LlamaCppBatch:
                 del self.cancelled[next(iter(self.cancelled))]
 
     def progress(self, timeout: float) -> list[Progress]:
-        try:
-            found = [self.results.get(timeout=timeout)]
-        except queue.Empty:
-            return []
-        while not self.results.empty():
-            found.append(self.results.get_nowait())
-        return [item for item in found if item.request not in self.cancelled]
+        return queued_progress(self.results, timeout, self.cancelled)
 
     def failure(self) -> str | None:
         return self.error

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
-from llmws_server.engines.api import Progress, Prompt, ReplicaState, TokenLogprob
+from llmws_server.engines.api import Progress, Prompt, ReplicaState, TokenLogprob, queued_progress
 from llmws_server.engines.replicas.replica import BatchFailed, Described
 
 log = logging.getLogger("llmws.replicas")
@@ -205,13 +205,7 @@ class RemoteBatch:
         self.engine.actor.cancel.remote(request)
 
     def progress(self, timeout: float) -> list[Progress]:
-        try:
-            found = [self.results.get(timeout=timeout)]
-        except queue.Empty:
-            return []
-        while not self.results.empty():
-            found.append(self.results.get_nowait())
-        return [progress for progress in found if progress.request not in self.cancelled]
+        return queued_progress(self.results, timeout, self.cancelled)
 
     def failure(self) -> str | None:
         return self.failed if self.results.empty() else None  # what came before the failure is handed on first
