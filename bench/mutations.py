@@ -56,10 +56,10 @@ MUTATIONS = [
     # -- issue #41's list --------------------------------------------------------------------------------
     Mutation("chat-unguarded", "llmws_server/http/openai.py",
              'api.endpoint(endpoints.chat), methods=["POST"]', 'api.endpoint(endpoints.chat, guarded=False), '
-             'methods=["POST"]', k("test_openai.py", "token_and_the_origin"), "survived"),  # no test yet
+             'methods=["POST"]', k("test_openai.py", "token_and_the_origin")),
     Mutation("train-snapshot-not-admin", "llmws_server/ws/protocol.py",
              '"delete_model", "recheck_model", "train", "save_snapshot"}', '"delete_model", "recheck_model"}',
-             k("test_handshake.py", "admin_token"), "survived"),  # no test yet
+             k("test_handshake.py", "admin_token")),
     Mutation("admin-token-refused-over-http", "llmws_server/http/app.py",
              '(self.settings["auth_token"], self.settings["admin_token"])',
              '(self.settings["auth_token"] or self.settings["admin_token"],)',
@@ -75,7 +75,7 @@ MUTATIONS = [
              k("test_protocol.py", "cancel_ends_the_running_stream"), "survived"),  # no test yet
     Mutation("http-413-64x", "llmws_server/http/doors.py",
              'length > self.server["max_message_size"]:', 'length > self.server["max_message_size"] * 64:',
-             k("test_doors.py", "impossible_content_length"), "survived"),  # no test yet
+             k("test_doors.py", "impossible_content_length")),
     Mutation("queue-full-400", "llmws_server/http/app.py",
              'APIError(str(exc), status=429, kind="rate_limit_error")',
              'APIError(str(exc), status=400, kind="invalid_request_error")',
@@ -98,10 +98,10 @@ MUTATIONS = [
              k("test_vision.py", "every_shape_of_image or content_parts"), "survived"),  # no test yet
     Mutation("responses-instructions", "llmws_server/http/responses_state.py",
              'turns = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []',
-             "turns = []", k("test_openai.py", "responses_refuse"), "survived"),  # no test yet
+             "turns = []", k("test_openai.py", "instructions_are_the_system_turn")),
     Mutation("ready-never-503", "llmws_server/http/app.py",
              "200 if ready else 503)", "200 if ready is not None else 503)",
-             k("test_openai.py", "bad_bodies_and_too_long"), "survived"),  # no test yet
+             k("test_replicas.py", "gone")),
     Mutation("admin-origins-ignored", "llmws_server/ws/handshake.py",
              'if origin is None or origin in self.settings["admin_origins"]:', "if origin is None:",
              k("test_handshake.py", "only_the_servers_own_page"), "survived"),  # no test yet
@@ -135,7 +135,7 @@ MUTATIONS = [
     Mutation("ws-admin-token-refused", "llmws_server/ws/handshake.py",
              "(admin and same_secret(presented_token(request), admin))",
              "(admin and same_secret(presented_token(request), token))",
-             k("test_handshake.py", "right_token or admin_token"), "survived"),  # no test yet
+             k("test_handshake.py", "both_tokens")),
     Mutation("doubled-authorization", "llmws_server/access.py",
              'SINGLE_HEADERS = ("host", "origin", "authorization", "x-api-key")',
              'SINGLE_HEADERS = ("host", "origin", "x-api-key")', k("test_doors.py", "doubled_header")),

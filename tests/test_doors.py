@@ -131,10 +131,13 @@ async def test_a_request_sent_too_slowly_is_closed_at_the_deadline(server, sent)
     writer.close()
 
 
-async def test_an_impossible_content_length_is_refused_before_the_body_is_read(server):
+@pytest.mark.parametrize("over", [1, 99999999999])
+async def test_an_impossible_content_length_is_refused_before_the_body_is_read(server, over):
+    """A body declared one byte over server.max_message_size, or absurdly over, is refused unread."""
+    length = server.config["server"]["max_message_size"] + over
     reader, writer = await asyncio.open_connection("127.0.0.1", http_port(server), local_addr=("127.0.0.2", 0))
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: 99999999999\r\n\r\n")
+                 b"Content-Length: %d\r\n\r\n" % length)
     await writer.drain()
     text = await answer(reader, 2)
     assert text.startswith(b"HTTP/1.1 413") and b"server.max_message_size" in text

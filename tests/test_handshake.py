@@ -65,7 +65,7 @@ def admin_server(start_server, tiny_model):
     return start_server(tiny_model, server={"admin_token": ADMIN})
 
 
-@pytest.mark.parametrize("message", MANAGEMENT)
+@pytest.mark.parametrize("message", [*MANAGEMENT, {"type": "train", "dataset": ""}, {"type": "save_snapshot"}])
 async def test_model_management_needs_the_admin_token_when_one_is_set(admin_server, message):
     anyone = await Client.open(admin_server.url)
     refused = await anyone.request(message)
@@ -75,6 +75,19 @@ async def test_model_management_needs_the_admin_token_when_one_is_set(admin_serv
     reply = await admin.request(message)
     assert "admin scope" not in reply.get("message", "")  # past the check: refused or done for its own reasons
     for client in (anyone, admin):
+        await client.close()
+
+
+async def test_with_both_tokens_the_admin_token_lets_in_and_manages_and_the_other_only_lets_in(start_server,
+                                                                                            tiny_model):
+    server = start_server(tiny_model, server={"auth_token": TOKEN, "admin_token": ADMIN})
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(server.url)
+    assert refused.value.response.status_code == 401
+    user, admin = await Client.open(f"{server.url}/?token={TOKEN}"), await Client.open(f"{server.url}/?token={ADMIN}")
+    assert "needs the admin scope" in (await user.request(MANAGEMENT[0]))["message"]
+    assert "admin scope" not in (await admin.request(MANAGEMENT[0])).get("message", "")
+    for client in (user, admin):
         await client.close()
 
 

@@ -152,11 +152,16 @@ async def test_the_token_and_the_origin_are_checked(start_server, tiny_model):
     refused = openai.AsyncOpenAI(base_url=server.http_url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         await refused.models.list()
+    with pytest.raises(openai.AuthenticationError):  # every endpoint, not just the listing
+        await refused.chat.completions.create(**chat_args(4))
     allowed = openai.AsyncOpenAI(base_url=server.http_url + "/v1", api_key=TOKEN, max_retries=0)
     assert (await allowed.chat.completions.create(**chat_args(4))).usage.completion_tokens == 4
     async with httpx.AsyncClient(base_url=server.http_url) as http:
         foreign = await http.get("/v1/models", headers={"Origin": "https://evil.example",
                                                         "Authorization": f"Bearer {TOKEN}"})
+        assert foreign.status_code == 403
+        foreign = await http.post("/v1/chat/completions", json=chat_args(4),
+                                  headers={"Origin": "https://evil.example", "Authorization": f"Bearer {TOKEN}"})
         assert foreign.status_code == 403
         assert (await http.get("/health")).status_code == 200  # liveness needs no token
     await asyncio.sleep(0)
@@ -223,6 +228,15 @@ async def test_background_responses_can_be_cancelled_queued_or_running(start_ser
     stopped = await api.responses.cancel(event.item_id.replace("msg_", "resp_"))
     assert stopped.status == "cancelled" and 0 < stopped.usage.output_tokens < 400
     assert (await api.responses.retrieve(stopped.id)).status == "cancelled"
+
+
+async def test_responses_instructions_are_the_system_turn(api):
+    instructions = "You are a pirate. Answer in one word."
+    told = await api.responses.create(**response_args(12), instructions=instructions)
+    untold = await api.responses.create(**response_args(12))
+    chat = await api.chat.completions.create(**chat_args(12, messages=[{"role": "system", "content": instructions},
+                                                                       {"role": "user", "content": PROMPT}]))
+    assert told.output_text == chat.choices[0].message.content != untold.output_text
 
 
 async def test_responses_refuse_what_they_cannot_do_and_unknown_ids(api):

@@ -5,9 +5,11 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
-from conftest import REPO, Client, inference, text_of
+from conftest import REPO, Client, free_port, inference, text_of
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -19,7 +21,16 @@ LONG = 4000  # tokens: runs for seconds on the tiny model, until it is cancelled
 @pytest.fixture(scope="module")
 def cluster(start_server, tiny_model):
     return start_server(tiny_model, replicas={"ray_address": "local", "count": 2, "max_restarts": 1},
-                        optimization={"max_batch_size": SLOTS})
+                        optimization={"max_batch_size": SLOTS}, server={"http_port": free_port()})
+
+
+def ready(server) -> int:
+    """GET /ready's status."""
+    try:
+        with urllib.request.urlopen(server.http_url + "/ready", timeout=10) as answer:
+            return answer.status
+    except urllib.error.HTTPError as refused:
+        return refused.code
 
 
 async def replicas(server) -> list[dict]:
@@ -156,6 +167,7 @@ async def test_replicas_gone_for_good_leave_the_others_serving_then_fail_what_wa
     clients, status = await generating_on_each_replica(cluster, 200)
     gone = await kill_for_good(cluster, 0)
     assert "cause" in gone[0] and gone[1]["state"] == "serving"
+    assert ready(cluster) == 200  # replica 1 still serves
     ends = await asyncio.gather(*(client.until("done", "error") for client in clients))  # one lost, one ran on
     assert sorted(end[-1]["type"] for end in ends) == ["done", "error"], ends
     answers = await asyncio.gather(*(client.until_done(inference("still", max_new_tokens=8)) for client in clients))
@@ -169,6 +181,7 @@ async def test_replicas_gone_for_good_leave_the_others_serving_then_fail_what_wa
         os.kill(pid, signal.SIGKILL)
         assert "was lost" in (await clients[0].until("error"))[-1]["message"]
     await wait_for(cluster, lambda status: status[1]["state"] == "dead")
+    assert ready(cluster) == 503
     reply = (await clients[1].until_done(inference("nobody left", max_new_tokens=8)))[-1]
     assert reply["type"] == "error" and "No engine replica is left" in reply["message"], reply
     for client in clients:
