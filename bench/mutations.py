@@ -104,7 +104,7 @@ MUTATIONS = [
              k("test_replicas.py", "gone")),
     Mutation("admin-origins-ignored", "llmws_server/ws/handshake.py",
              'if origin is None or origin in self.settings["admin_origins"]:', "if origin is None:",
-             k("test_handshake.py", "only_the_servers_own_page"), "survived"),  # no test yet
+             k("test_handshake.py", "admin_origin")),
     Mutation("exact-max-context", "llmws_server/core/jobs.py",
              "if tokens_in >= engine.max_context:", "if tokens_in > engine.max_context:",
              k("test_protocol.py", "context_too_long"), "survived"),  # no test yet

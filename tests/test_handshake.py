@@ -101,6 +101,16 @@ async def test_only_the_servers_own_page_manages_models_from_a_browser(tiny_serv
     await client.close()
 
 
+async def test_a_listed_admin_origin_manages_models_from_a_browser(start_server, tiny_model):
+    page, other = "http://localhost:3000", "http://localhost:4000"
+    server = start_server(tiny_model, server={"allowed_origins": [page, other], "admin_origins": [page]})
+    for origin, may_manage in ((page, True), (other, False)):
+        client = await Client.open(server.url, origin=origin)
+        reply = await client.request(MANAGEMENT[1])
+        assert ("may not manage models" in reply["message"]) is not may_manage, reply
+        await client.close()
+
+
 async def test_a_malformed_origin_is_refused_with_403_not_500(tiny_server):
     with pytest.raises(InvalidStatus) as refused:
         await connect(tiny_server.url, origin="http://[")
