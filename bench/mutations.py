@@ -79,7 +79,7 @@ MUTATIONS = [
     Mutation("queue-full-400", "llmws_server/http/app.py",
              'APIError(str(exc), status=429, kind="rate_limit_error")',
              'APIError(str(exc), status=400, kind="invalid_request_error")',
-             k("test_lockout.py", "http_clients_parallel"), "survived"),  # no test yet
+             k("test_lockout.py", "full_queue_answers_an_http_request_429")),
     Mutation("download-same-target-twice", "llmws_server/catalog/downloads.py",
              "if name in self.active:", "if destination in self.active:",
              k("test_models.py", "at_most_two_downloads"), "survived"),  # no test yet

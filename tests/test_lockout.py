@@ -237,3 +237,24 @@ async def test_an_http_clients_parallel_requests_share_one_lane_and_are_capped(o
         writer.close()
     for client in (runner, polite):
         await client.close()
+
+
+async def test_a_full_queue_answers_an_http_request_429_naming_the_limit(start_server, tiny_model):
+    """The fullest client (its two requests fill limits.max_queued_requests) is refused over HTTP with 429."""
+    server = start_server(tiny_model, server={"http_port": free_port()}, optimization=ONE_AT_A_TIME,
+                          limits={"max_queued_requests": 2})
+    runner = await Client.open(server.url)
+    await runner.send(BLOCKER)
+    await runner.until("start")
+    chat = {"model": "m", "messages": [{"role": "user", "content": "go"}], "max_tokens": 3}
+    queued = [await post_raw(server, "/v1/chat/completions", chat) for _ in range(2)]
+    await until_metric(server, "llmws_queue_depth", 1)
+    reader, writer = await post_raw(server, "/v1/chat/completions", chat)
+    status, _ = await status_of(reader)
+    assert status == 429 and "max_queued_requests" in (await reader.read()).decode()
+    writer.close()
+    await runner.send({"type": "cancel", "request_id": "blocker"})
+    for reader, writer in queued:
+        assert (await status_of(reader))[0] == 200
+        writer.close()
+    await runner.close()
