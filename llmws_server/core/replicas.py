@@ -84,7 +84,7 @@ class ReplicaPool(Worker):
 
     def __init__(self, engines: list[Replica], max_batch_size: int):
         # What the front ends read of the model: every replica serves the same one.
-        super().__init__(next(engine for engine in engines if engine.state is ReplicaState.SERVING))
+        super().__init__(engines[0])  # one that serves (engines/replicas/cluster.py puts them first)
         self.max_batch_size = max_batch_size
         self.replicas = [ReplicaWorker(engine, max_batch_size, self) for engine in engines]
         self.gone = ""  # why no replica is left, once none is

@@ -35,7 +35,7 @@ class Service:
         replicas.ray_address set (engines.registry.load_engines)."""
         self.config = config
         self.limits = config.limits
-        engine = engines[0]
+        engine = engines[0]  # with replicas, one that loaded
         # For the model loaded now; the sessions and the front ends read it, a switch updates it in place
         self.generation_defaults = generation_defaults(config, engine.path)
         self.sessions = SessionStore(config.paths["sessions_dir"], self.generation_defaults, codec,

@@ -20,7 +20,8 @@ MAX_CONCURRENCY = 8  # threads per actor: its streams run while add, cancel and 
 
 
 def start_replicas(folder: Path, config: Config) -> list[RemoteEngine]:
-    """The replicas, loaded; one that fails to load is logged and kept as dead (resources shows it)."""
+    """The replicas, those that loaded first (the server reads the model from the first); one that fails to
+    load is logged and kept as dead (resources shows it)."""
     settings = config.replicas
     address = settings["ray_address"]
     local = address == "local"
@@ -47,4 +48,4 @@ def start_replicas(folder: Path, config: Config) -> list[RemoteEngine]:
         engines.append(engine)
     if all(engine.state is ReplicaState.DEAD for engine in engines):
         raise Refused(f"No engine replica could load {folder.name}: {engines[0].cause}")
-    return engines
+    return sorted(engines, key=lambda engine: engine.state is ReplicaState.DEAD)
