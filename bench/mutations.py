@@ -66,10 +66,10 @@ MUTATIONS = [
              k("test_ollama.py", "need_the_admin_scope")),
     Mutation("images-black", "llmws_server/core/images.py",
              'return image.convert("RGB")', 'return Image.new("RGB", image.size)',
-             k("test_vision.py", "one_and_two_images"), "survived"),  # no test yet
+             k("test_vision.py", "depends_on_the_images_pixels")),
     Mutation("images-first-user-turn", "llmws_server/ws/protocol.py",
              'next((turn for turn in reversed(turns) if', 'next((turn for turn in turns if',
-             k("test_vision.py", "every_shape_of_image"), "survived"),  # no test yet
+             k("test_vision.py", "go_with_the_last_user_turn")),
     Mutation("bare-cancel-newest", "llmws_server/ws/server.py",
              'or next(iter(session.jobs), None)', 'or next(reversed(session.jobs), None)',
              k("test_protocol.py", "cancel_ends_the_running_stream"), "survived"),  # no test yet
@@ -95,7 +95,7 @@ MUTATIONS = [
              '                  + [{"type": "text", "text": m["content"]}]}',
              '[{"type": "text", "text": m["content"]}]\n'
              '                  + [{"type": "image"} for _ in m.get("images", ())]}',
-             k("test_vision.py", "every_shape_of_image or content_parts"), "survived"),  # no test yet
+             k("test_vision.py", "reach_the_model_before_its_text")),
     Mutation("responses-instructions", "llmws_server/http/responses_state.py",
              'turns = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []',
              "turns = []", k("test_openai.py", "instructions_are_the_system_turn")),

@@ -88,6 +88,71 @@ async def test_every_shape_of_image_gives_the_same_answer(vision_servers, shape)
     await client.close()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+async def test_the_answer_depends_on_the_images_pixels(vision_servers, family):
+    """The model sees the pixels sent: two images that differ only in colour get different answers, the same
+    image the same answer."""
+    client = await Client.open(vision_servers[family].url)
+    red, blue, red_again = [text_of(await client.until_done(with_images([image]))) for image in (RED, BLUE, RED)]
+    assert red == red_again != blue
+    await client.close()
+
+
+def chat(turns: list[dict], **fields) -> dict:
+    return {"type": "inference", "messages": turns, "config": {"temperature": 0, "max_new_tokens": 8}, **fields}
+
+
+def conversation(image_in_turn: int | None = None) -> list[dict]:
+    """Two user turns and an answer between; `image_in_turn` (an index) gives that turn RED as a content part."""
+    turns = [{"role": "user", "content": "Look at this."}, {"role": "assistant", "content": "I see it."},
+             {"role": "user", "content": "What is in the picture?"}]
+    if image_in_turn is not None:
+        turn = turns[image_in_turn]
+        turn["content"] = [{"type": "image_url", "image_url": {"url": RED}}, {"type": "text", "text": turn["content"]}]
+    return turns
+
+
+async def test_top_level_images_go_with_the_last_user_turn(vision_servers):
+    """The original server's top-level `images` belong to the conversation's last user turn: the answer is that
+    of the same image given in that turn's content parts, not in the first user turn's."""
+    client = await Client.open(vision_servers["idefics3"].url)
+    top_level = text_of(await client.until_done(chat(conversation(), images=[RED])))
+    in_the_last_turn = text_of(await client.until_done(chat(conversation(image_in_turn=2))))
+    in_the_first_turn = text_of(await client.until_done(chat(conversation(image_in_turn=0))))
+    assert top_level == in_the_last_turn != in_the_first_turn
+    await client.close()
+
+
+def template_in_fixed_order(images_first: bool) -> str:
+    """CHAT_TEMPLATE, but a turn's images go before its text (images_first) or after it, whatever the order of
+    the parts it is given."""
+    images = "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>{% endif %}{% endfor %}"
+    text = ("{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+            "{% endfor %}")
+    return ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+            "{{ message['content'] }}{% else %}" + (images + text if images_first else text + images)
+            + "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+async def test_a_turn_s_images_reach_the_model_before_its_text(start_server, vision_models):
+    """The server gives the chat template a turn's images, then its text (as SmolVLM's family expects): the
+    model, whose template takes the parts in the order given, answers as the same model does with a template
+    that puts images first, and not as with one that puts them after the text."""
+    def populate(root):
+        for name, images_first in (("images-first", True), ("images-last", False)):
+            folder = shutil.copytree(vision_models["idefics3"], root / "models" / name)
+            (folder / "chat_template.jinja").write_text(template_in_fixed_order(images_first))
+    server = start_server(vision_models["idefics3"], populate)
+    client = await Client.open(server.url)
+    answers = {"as given": text_of(await client.until_done(with_images([RED])))}
+    for name in ("images-first", "images-last"):
+        switched = await client.until_done({"type": "switch_model", "model_path": f"models/{name}"}, "model_switched")
+        assert switched[-1]["type"] == "model_switched", switched[-1]
+        answers[name] = text_of(await client.until_done(with_images([RED])))
+    assert answers["as given"] == answers["images-first"] != answers["images-last"], answers
+    await client.close()
+
+
 def tiff() -> str:
     out = io.BytesIO()
     Image.new("RGB", (8, 8)).save(out, "TIFF")
