@@ -72,7 +72,7 @@ MUTATIONS = [
              k("test_vision.py", "go_with_the_last_user_turn")),
     Mutation("bare-cancel-newest", "llmws_server/ws/server.py",
              'or next(iter(session.jobs), None)', 'or next(reversed(session.jobs), None)',
-             k("test_protocol.py", "cancel_ends_the_running_stream"), "survived"),  # no test yet
+             k("test_protocol.py", "bare_cancel_stops_the_oldest")),
     Mutation("http-413-64x", "llmws_server/http/doors.py",
              'length > self.server["max_message_size"]:', 'length > self.server["max_message_size"] * 64:',
              k("test_doors.py", "impossible_content_length")),
@@ -107,7 +107,7 @@ MUTATIONS = [
              k("test_handshake.py", "admin_origin")),
     Mutation("exact-max-context", "llmws_server/core/jobs.py",
              "if tokens_in >= engine.max_context:", "if tokens_in > engine.max_context:",
-             k("test_protocol.py", "context_too_long"), "survived"),  # no test yet
+             k("test_protocol.py", "exactly_max_context_tokens")),
     # -- more rules of the README and docs/protocol.md ---------------------------------------------------
     Mutation("resume-replays-last-seq", "llmws_server/sessions/store.py",
              'if record["seq"] > after_seq:', 'if record["seq"] >= after_seq:',

@@ -163,6 +163,25 @@ async def test_context_too_long_is_refused_before_work_and_overflow_is_clamped(t
     await client.close()
 
 
+async def test_a_prompt_of_exactly_max_context_tokens_is_refused(tiny_server):
+    """A prompt must leave room for one token: max_context tokens in is "Context too long" before any work;
+    one fewer is answered with the one token left."""
+    client = await Client.open(tiny_server.url)
+    max_context = client.welcome["capabilities"]["max_context"]
+    overhead = (await run_to_done(client, inference("word", max_new_tokens=1)))[0]["tokens_in"] - 1
+
+    def prompt_of(tokens: int) -> dict:  # " word" is one token of this tokenizer
+        return inference(" ".join(["word"] * (tokens - overhead)), max_new_tokens=5)
+
+    fits = await run_to_done(client, prompt_of(max_context - 1))
+    assert fits[0]["type"] == "start" and fits[0]["tokens_in"] == max_context - 1 and fits[0]["max_tokens"] == 1
+    assert fits[-1]["type"] == "done" and fits[-1]["total_tokens"] == 1
+    refused = await run_to_done(client, prompt_of(max_context))
+    assert len(refused) == 1 and refused[0]["type"] == "error", refused[:2]
+    assert refused[0]["input_length"] == max_context and refused[0]["message"].startswith("Context too long")
+    await client.close()
+
+
 async def test_cancel_ends_the_running_stream(tiny_server):
     client = await Client.open(tiny_server.url)
     await client.send(inference(max_new_tokens=4000, request_id="long"))
@@ -174,6 +193,31 @@ async def test_cancel_ends_the_running_stream(tiny_server):
     assert rest[-1]["finish_reason"] == "cancelled" and rest[-1]["total_tokens"] < 4000
     nothing = await client.request({"type": "cancel", "request_id": "long"})
     assert nothing["type"] == "error" and "long" in nothing["message"]
+    await client.close()
+
+
+async def test_a_bare_cancel_stops_the_oldest_request_and_a_newer_one_goes_on(tiny_server):
+    """`cancel` without a request_id stops the session's running (or oldest queued) request, not the one
+    sent last: that one goes on until it is cancelled by its id."""
+    client = await Client.open(tiny_server.url)
+    await client.send(inference(max_new_tokens=4000, request_id="older"))
+    await client.until("start")
+    await client.send(inference(max_new_tokens=4000, request_id="newer"))
+    while (await client.recv()).get("request_id") != "newer":  # queued or started: the session holds it
+        pass
+    await client.send({"type": "cancel"})
+    assert (await client.until("cancelled"))[-1] == {"type": "cancelled", "request_id": "older"}
+    received = []
+    while not (received and received[-1]["type"] == "done" and received[-1]["request_id"] == "older"):
+        received.append(await client.recv())
+    assert received[-1]["finish_reason"] == "cancelled"
+    assert not [m for m in received if m["type"] == "done" and m["request_id"] == "newer"]  # it goes on
+    await client.send({"type": "cancel", "request_id": "older"})
+    assert "No request older to cancel" in (await client.until("error"))[-1]["message"]  # it is gone
+    await client.send({"type": "cancel", "request_id": "newer"})
+    rest = await client.until("done")
+    assert {"type": "cancelled", "request_id": "newer"} in rest
+    assert rest[-1]["request_id"] == "newer" and rest[-1]["finish_reason"] == "cancelled"
     await client.close()
 
 
