@@ -82,10 +82,10 @@ MUTATIONS = [
              k("test_lockout.py", "full_queue_answers_an_http_request_429")),
     Mutation("download-same-target-twice", "llmws_server/catalog/downloads.py",
              "if name in self.active:", "if destination in self.active:",
-             k("test_models.py", "at_most_two_downloads"), "survived"),  # no test yet
+             k("test_models.py", "not_downloaded_twice_at_once")),
     Mutation("switch-keeps-defaults", "llmws_server/core/model_control.py",
              "self.generation_defaults.clear()", "self.generation_defaults = dict(self.generation_defaults)",
-             k("test_models.py", "switch_streams_logs"), "survived"),  # no test yet
+             k("test_models.py", "brings_the_new_models_generation_defaults")),
     Mutation("sse-queue-comment", "llmws_server/http/openai.py",
              'yield ServerSentEvent(comment=f"queued:', 'ServerSentEvent(comment=f"queued:',
              k("test_openai.py", "told_its_place"), "survived"),  # no test yet

@@ -12,6 +12,7 @@ from git_repos import gated_git, gated_path, lfs_repo_of, until_exists
 
 from llm import LLMWSEnhancedClient, LLMWSError
 from llmws_server.catalog import downloads
+from llmws_server.config import DEFAULTS
 
 POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize 1234\n".format("0" * 64)
 
@@ -97,6 +98,31 @@ async def test_switch_streams_logs_and_answers_come_from_the_new_model(models_se
     assert await answer(client) == before
     await client.close()
     await watcher.close()
+
+
+async def test_a_switch_brings_the_new_models_generation_defaults(start_server, tiny_model):
+    """A request's default settings are the loaded model's (its generation_config.json): after a switch, the new
+    model's, for a session opened before the switch as for one opened after; what only the old model set is
+    gone."""
+    def populate(root):
+        for name, recommended in (("first", {"max_new_tokens": 3, "top_k": 7}), ("second", {"max_new_tokens": 6})):
+            folder = shutil.copytree(tiny_model, root / "models" / name)
+            settings = json.loads((folder / "generation_config.json").read_text())
+            (folder / "generation_config.json").write_text(json.dumps({**settings, "do_sample": False, **recommended}))
+    server = start_server(None, populate, model={"path": "models/first"})
+    before = await Client.open(server.url)
+    plain = {"type": "inference", "prompt": {"user": "hi"}}  # no settings of its own
+    assert (await before.until_done(plain))[-1]["total_tokens"] == 3
+    switched = await before.until_done({"type": "switch_model", "model_path": "models/second"}, "model_switched")
+    assert switched[-1]["type"] == "model_switched", switched[-1]
+    after = await Client.open(server.url)
+    for client in (before, after):
+        messages = await client.until_done(plain)
+        start = next(m for m in messages if m["type"] == "start")
+        assert start["max_tokens"] == 6 and start["do_sample"] is False and messages[-1]["total_tokens"] == 6
+        config = (await client.request({"type": "config", "data": {}}))["config"]
+        assert config == {**DEFAULTS["generation_defaults"], "do_sample": False, "max_new_tokens": 6}
+        await client.close()
 
 
 async def test_a_switch_sent_again_with_its_request_id_runs_once(models_server):
@@ -247,6 +273,26 @@ async def test_at_most_two_downloads_run_at_once(models_server, lfs_repo, git_ga
             await client.close()
     for name in ("held-1", "held-2"):
         shutil.rmtree(models_server.root / "models" / name)
+
+
+async def test_the_same_target_is_not_downloaded_twice_at_once(models_server, lfs_repo, git_gates):
+    """A download into the folder another download is filling is refused while that one runs (the two would
+    write one folder); the first goes on and finishes."""
+    (git_gates / "before-pull").touch()
+    first, second = [await Client.open(models_server.url) for _ in range(2)]
+    frame = {"type": "download_model", "repo": f"file://{lfs_repo}", "target_dir": "wanted-twice"}
+    try:
+        assert (await first.request(frame))["type"] == "download_started"
+        await logs_until(first, "Downloading LFS objects")  # held inside `git lfs pull`
+        again = await second.request(frame)
+        assert again["type"] == "error" and "models/wanted-twice is being downloaded already" in again["message"]
+        (git_gates / "before-pull").unlink()
+        assert (await first.until("download_done", "error"))[-1]["type"] == "download_done"
+    finally:
+        (git_gates / "before-pull").unlink(missing_ok=True)
+        for client in (first, second):
+            await client.close()
+    shutil.rmtree(models_server.root / "models" / "wanted-twice")
 
 
 @pytest.fixture(scope="module")
