@@ -88,7 +88,7 @@ MUTATIONS = [
              k("test_models.py", "brings_the_new_models_generation_defaults")),
     Mutation("sse-queue-comment", "llmws_server/http/openai.py",
              'yield ServerSentEvent(comment=f"queued:', 'ServerSentEvent(comment=f"queued:',
-             k("test_openai.py", "told_its_place"), "survived"),  # no test yet
+             k("test_fifo.py", "told_its_place_in_an_sse_comment")),
     # the one edit of two lines: the turn's parts, text first
     Mutation("images-after-text", "llmws_server/engines/transformers/engine.py",
              '[{"type": "image"} for _ in m.get("images", ())]\n'

@@ -1,8 +1,11 @@
 """One FIFO for all clients: order, queue positions, per-client and client-count limits, the time limit."""
 import asyncio
+import json
+from collections.abc import AsyncIterator
 
+import httpx
 import pytest
-from conftest import BLOCKER, Client, inference
+from conftest import BLOCKER, ONE_AT_A_TIME, Client, free_port, inference
 from websockets.exceptions import ConnectionClosed
 
 
@@ -41,6 +44,50 @@ async def test_three_clients_are_served_in_arrival_order(limited_server):
     assert updates == {0: [], 1: [1], 2: [2, 1]}
     for client in clients + [blocker]:
         await client.close()
+
+
+async def sse_items(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
+    """An SSE stream as it comes: ("comment", text) for each comment line, ("data", data) for each event with
+    data (its data lines joined); other fields (id, retry, event) are read past."""
+    data: list[str] = []
+    async for line in response.aiter_lines():
+        if not line:
+            if data:
+                yield "data", "\n".join(data)
+            data = []
+        elif line.startswith(":"):
+            yield "comment", line[1:].removeprefix(" ")
+        else:
+            field, _, value = line.partition(":")
+            if field == "data":
+                data.append(value.removeprefix(" "))
+    if data:
+        yield "data", "\n".join(data)
+
+
+async def test_a_streamed_chat_completion_that_waits_is_told_its_place_in_an_sse_comment(start_server, tiny_model):
+    """A streamed chat completion that must wait gets the SSE comment `queued: N ahead` (N: the requests ahead
+    of it) before its first token, then its whole answer."""
+    server = start_server(tiny_model, server={"http_port": free_port()}, optimization=ONE_AT_A_TIME)
+    blocker = await Client.open(server.url)
+    await blocker.send(BLOCKER)
+    await blocker.until("start")
+    body = {"model": "any", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "temperature": 0,
+            "stream": True}
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=60) as http:
+        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200 and response.headers["x-llmws-queue-position"] == "1"
+            await blocker.send({"type": "cancel", "request_id": "blocker"})
+            items = [item async for item in sse_items(response)]
+    assert ("comment", "queued: 1 ahead") in items, items
+    chunks = [json.loads(data) for kind, data in items if kind == "data" and data != "[DONE]"]
+    first_text = next(index for index, (kind, data) in enumerate(items) if kind == "data" and data != "[DONE]"
+                      and json.loads(data)["choices"][0]["delta"].get("content"))
+    assert items.index(("comment", "queued: 1 ahead")) < first_text
+    assert "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks if chunk["choices"])
+    assert items[-1] == ("data", "[DONE]")
+    await blocker.until("done")
+    await blocker.close()
 
 
 async def test_per_client_queue_limit_refuses_with_queue_full(limited_server):
