@@ -52,6 +52,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "queue_size_per_client": 1024,
         "max_queued_requests": 256,
         "detached_queue_timeout_s": 600,
+        "stream_resume_s": 10,
         "max_session_buffer_mb": 64,
         "max_image_bytes": 4194304,
         "max_image_pixels": 40000000,
@@ -79,6 +80,7 @@ POSITIVE_KEYS = {"port", "max_message_size", "max_clients", "max_clients_per_ip"
                  "max_session_buffer_mb", "max_image_bytes", "max_image_pixels", "max_images_per_request",
                  "max_embedding_inputs", "max_context_length", "timeout_token_generation", "timeout_s",
                  "count", "num_cpus"}
+NON_NEGATIVE_KEYS = {"stream_resume_s", "num_gpus"}
 NULLABLE_KEYS = {"http_port"}  # null or 0 (as --http-port 0): no HTTP API
 # Keys the original LLMWS writes into config.json after each load (what it loaded, how it went) and where
 # it keeps training datasets: accepted and read past, so its config.json works here unchanged.
@@ -290,6 +292,8 @@ def _type_problem(key, default, value):
             return "must be a whole number"
         if key in POSITIVE_KEYS and value <= 0:
             return "must be greater than 0"
+        if value < 0 and key in NON_NEGATIVE_KEYS:
+            return "must be 0 or more"
         return None
     if isinstance(default, list):
         ok = isinstance(value, list) and all(isinstance(item, str) for item in value)

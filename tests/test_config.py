@@ -38,6 +38,7 @@ def test_partial_config_is_merged_over_defaults_and_paths_resolve_against_its_fo
     ('{\n  "limits": {\n    "max_clientz": 3\n  }\n}', ["line 3", "limits.max_clientz", "unknown key"]),
     ('{\n  "generation_defaults": {\n    "top_p": 2\n  }\n}', ["line 3", "generation_defaults.top_p"]),
     ('{\n  "optimization": {\n    "dtype": "int3"\n  }\n}', ["line 3", "optimization.dtype"]),
+    ('{\n  "limits": {\n    "stream_resume_s": -1\n  }\n}', ["line 3", "limits.stream_resume_s", "0 or more"]),
 ])
 def test_malformed_config_names_file_line_and_key(tmp_path, text, expected):
     file = tmp_path / "config.json"

@@ -16,7 +16,9 @@ TOKEN = "http-secret"
 
 @pytest.fixture(scope="module")
 def http_server(start_server, tiny_model):
-    return start_server(tiny_model, server={"http_port": free_port()}, limits={"max_context_length": 512})
+    # stream_resume_s 0: a stream's client that leaves cancels it at once (tests/test_stream_resume.py: later)
+    return start_server(tiny_model, server={"http_port": free_port()},
+                        limits={"max_context_length": 512, "stream_resume_s": 0})
 
 
 @pytest.fixture()

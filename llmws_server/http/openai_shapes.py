@@ -194,12 +194,16 @@ def completion_logprobs(logprobs: list[TokenLogprob] | tuple[TokenLogprob, ...],
             "top_logprobs": [dict(each.top) for each in logprobs], "text_offset": offsets}
 
 
+def answer_prefix(chat: bool) -> str:
+    return "chatcmpl-" if chat else "cmpl-"
+
+
 class Reply:
     """One answer's shapes: its id, model and creation time stay the same over every chunk."""
 
-    def __init__(self, chat: bool, model: str, logprobs: bool = False):
+    def __init__(self, chat: bool, model: str, logprobs: bool = False, answer_id: str | None = None):
         self.chat, self.model, self.logprobs = chat, model, logprobs
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.id = answer_id or answer_prefix(chat) + uuid.uuid4().hex
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
         self.offsets: dict[int, int] = {}  # a streamed completion's text_offset goes on from chunk to chunk

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -24,6 +24,7 @@ from llmws_server.errors import SessionsFull
 from llmws_server.http import runs
 from llmws_server.http.errors import APIError
 from llmws_server.http.responses_state import ResponseState, response_id, responses_request, session_id_of
+from llmws_server.http.streams import sse
 from llmws_server.sessions.store import CLIENT_LANE, Session, StreamSession
 
 if TYPE_CHECKING:
@@ -92,8 +93,7 @@ class ResponsesEndpoints:
         if wanted.background and not wanted.stream:
             return JSONResponse(session.response.object())
         if wanted.stream:
-            return EventSourceResponse(_sse(self.events(session, -1, job if not wanted.background else None)),
-                                       ping=15, sep="\n")
+            return sse(_server_events(self.events(session, -1, job if not wanted.background else None)))
         # Not background: a client that hangs up before the whole response cancels it, as a stream's does
         return JSONResponse(await runs.until_disconnect(request, _whole(self.events(session, -1, job))))
 
@@ -104,7 +104,7 @@ class ResponsesEndpoints:
         state = ResponseState(str(uuid.uuid4()), self.service.engine.name, time.time(), False, wanted.settings)
         events = self._unstored_events(session, job, state)
         if wanted.stream:
-            return EventSourceResponse(_sse(events), ping=15, sep="\n")
+            return sse(_server_events(events))
         return JSONResponse(await runs.until_disconnect(request, _whole(events)))
 
     async def _unstored_events(self, session: StreamSession, job: InferenceJob,
@@ -130,7 +130,7 @@ class ResponsesEndpoints:
             after = int(query.get("starting_after", "-1"))
         except ValueError:
             raise APIError("starting_after must be a whole number", "starting_after") from None
-        return EventSourceResponse(_sse(self.events(session, after, None)), ping=15, sep="\n")
+        return sse(_server_events(self.events(session, after, None)))
 
     async def cancel(self, request: Request) -> Response:
         session = self._session(request.path_params["response_id"])
@@ -144,7 +144,7 @@ class ResponsesEndpoints:
     def _session(self, given: str) -> Session:
         session_id = session_id_of(given)
         session = self.service.sessions.sessions.get(session_id) if session_id else None
-        if session is None or getattr(session, "response", None) is None:
+        if session is None or not isinstance(session.response, ResponseState):
             raise APIError(f"No response found with id '{given[:64]}' (responses are kept for a day, and "
                            "not over a restart)", "response_id", status=404, kind="not_found_error")
         return session
@@ -193,7 +193,7 @@ class ResponsesEndpoints:
                 self.service.cancel(session, job)
 
 
-async def _sse(events: AsyncIterator[dict]) -> AsyncIterator[ServerSentEvent]:
+async def _server_events(events: AsyncIterator[dict]) -> AsyncIterator[ServerSentEvent]:
     async for event in events:
         yield ServerSentEvent(data=json.dumps(event, ensure_ascii=False), event=event["type"])
 

@@ -82,7 +82,7 @@ class Session:
         self.buffer_failed = False
         self.buffer_bytes = 0  # written since the last ack
         self.detached_at: float | None = None  # when the last listener left, while none is live
-        self.response: Any = None  # for a stored response of the HTTP API: what its events are told with
+        self.response: Any = None  # an HTTP API's kept answer (a stored response, a kept stream): what tells it
         self.lane: object = None  # the fair queue's lane its jobs wait in (core/fairqueue.lane_of); None: its own
 
     @property
@@ -137,6 +137,12 @@ class Session:
         if self.connection is not None:
             self.connection.deliver(numbered, record)
         return numbered
+
+    def keep(self, record: dict) -> int:
+        """A record a front end keeps as it is (an HTTP stream's event): numbered and buffered; its seq."""
+        self.seq += 1
+        self._append({"seq": self.seq, **record})
+        return self.seq
 
     def attach(self, listener: Listener) -> None:
         """Make `listener` the live one (the one before is told it was taken over). The caller sends what
@@ -218,7 +224,7 @@ class SessionStore:
         the longest idle session goes (one that never ran anything first); when none is idle, SessionsFull."""
         session_id = parse_session_id(requested_id)
         session = self.sessions.get(session_id) if session_id else None
-        if session is not None:
+        if session is not None and session.response is None:  # an HTTP API's kept answer is that API's
             return session, True
         if len(self.sessions) >= self.max_sessions:
             idle = self.idle(time.monotonic())
