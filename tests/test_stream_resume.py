@@ -2,7 +2,11 @@
 (`id: <answer id>/<n>`), and a client that drops comes back with Last-Event-ID, on the POST again or on
 GET .../{answer id}/events, for exactly the rest: no gap, no duplicate. A stream nobody comes back to is
 cancelled after limits.stream_resume_s. Real server, tiny model, raw SSE read with httpx."""
+import asyncio
 import json
+import os
+import shutil
+import threading
 
 import httpx
 import openai
@@ -156,3 +160,90 @@ async def test_a_stream_nobody_comes_back_to_is_cancelled_and_says_so(start_serv
                                    **{"Last-Event-ID": first[-1]["id"]})
         assert "limits.stream_resume_s" in json.loads(rest[-2]["data"])["error"]["message"]
         assert rest[-1]["data"] == "[DONE]" and numbers(rest)[0] == 4
+
+
+class CuttingProxy:
+    """A TCP proxy on loopback to `port` that cuts its first connection right after `events` SSE events went
+    through, as a network that drops would, and keeps the head of each request it passes."""
+
+    def __init__(self, port: int, events: int):
+        self.target, self.events = port, events
+        self.heads: list[bytes] = []
+        self.handlers: set[asyncio.Task] = set()
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        started = asyncio.run_coroutine_threadsafe(asyncio.start_server(self.handle, "127.0.0.1", 0), self.loop)
+        self.server = started.result(10)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def handle(self, reader, writer):
+        self.handlers.add(asyncio.current_task())
+        cut = self.events if not self.heads else None
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        head = await reader.readuntil(b"\r\n\r\n")
+        self.heads.append(head)
+        up_writer.write(head)
+        try:
+            while data := await up_reader.read(65536):
+                if cut is not None and data.count(b"data: ") >= cut:  # forward up to the cut's event, no more
+                    at = -1
+                    for _ in range(cut):
+                        at = data.index(b"data: ", at + 1)
+                    writer.write(data[:data.index(b"\r\n\r\n", at) + 4])  # its line and the blank line
+                    await writer.drain()
+                    return
+                cut = None if cut is None else cut - data.count(b"data: ")
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+            up_writer.close()
+
+    def close(self):
+        async def stop():
+            self.server.close()
+            for handler in self.handlers:
+                handler.cancel()
+            await asyncio.gather(*self.handlers, return_exceptions=True)
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+COLLECT = """async (url) => await new Promise((resolve, reject) => {
+    const events = [], source = new EventSource(url);
+    source.onmessage = (event) => {
+        events.push({id: event.lastEventId, data: event.data});
+        if (event.data === "[DONE]") { source.close(); resolve(events); }
+    };
+    setTimeout(() => { source.close(); reject(new Error("no [DONE]: " + JSON.stringify(events))); }, 60000);
+})"""
+
+
+@pytest.mark.skipif(not shutil.which("chromium") and not os.environ.get("CI"),
+                    reason="Debian's chromium is not installed")
+def test_a_browsers_event_source_cut_off_resumes_by_itself_with_no_gap(start_server, tiny_model):
+    from playwright.sync_api import sync_playwright
+    http_port = free_port()
+    server = start_server(tiny_model, server={"http_port": http_port}, limits={"stream_resume_s": 30})
+    with httpx.Client(base_url=server.http_url, timeout=60) as http:
+        with http.stream("POST", "/v1/chat/completions", json=chat_body(48)) as response:
+            answer_id = json.loads(next(line for line in response.iter_lines() if line.startswith("data:"))[5:])["id"]
+        proxy = CuttingProxy(http_port, 3)
+        try:
+            with sync_playwright() as playwright:
+                browser = playwright.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
+                                                     args=["--headless", "--no-sandbox", "--disable-gpu"])
+                page = browser.new_context(bypass_csp=True).new_page()
+                page.goto(f"http://127.0.0.1:{server.port}/")  # a page of an allowed origin
+                seen = page.evaluate(COLLECT, f"http://127.0.0.1:{proxy.port}/v1/chat/completions/{answer_id}/events")
+                browser.close()
+        finally:
+            proxy.close()
+    events = asyncio.run(_all_events(server, answer_id))  # every event, read again whole
+    assert len(proxy.heads) == 2 and f"last-event-id: {answer_id}/3".encode() in proxy.heads[1].lower()
+    assert seen == events and numbers(seen) == list(range(1, len(seen) + 1))
+
+
+async def _all_events(server, answer_id: str) -> list[dict]:
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=60) as http:
+        return await stream_events(http, f"/v1/chat/completions/{answer_id}/events")
