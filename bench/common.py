@@ -10,6 +10,8 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the benchmarks load models as the server does (llmws_server)
+    sys.path.insert(0, str(REPO))
 
 
 def free_port() -> int:

@@ -9,9 +9,12 @@ import argparse
 import time
 from pathlib import Path
 
+import common  # noqa: F401  (puts the repository on the path)
 import llama_cpp
 import numpy as np
 import psutil
+
+from llmws_server.engines.llamacpp.engine import without_amx_buffers
 
 PROMPT = b"<|im_start|>user\nWrite a long story about a river.<|im_end|>\n<|im_start|>assistant\n"
 
@@ -20,8 +23,9 @@ class Sequences:
     """A context for up to `most` sequences and a batch to feed it."""
 
     def __init__(self, gguf: Path, most: int, threads: int):
-        self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, n_threads=threads, n_threads_batch=threads,
-                                   verbose=False)
+        with without_amx_buffers():  # as the server loads it
+            self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, n_threads=threads, n_threads_batch=threads,
+                                       verbose=False)
         self.vocab = self.llm.n_vocab()
         params = llama_cpp.llama_context_params.from_buffer_copy(self.llm.context_params)  # as the server's
         params.n_ctx, params.n_seq_max, params.kv_unified = most * 640, most, False  # a KV stream per sequence

@@ -113,11 +113,14 @@ class LlamaCppTarget:
     def __init__(self, model_dir, max_tokens):
         from llama_cpp import Llama
 
+        from llmws_server.engines.llamacpp.engine import without_amx_buffers
+
         gguf = next(Path(model_dir).glob("*.gguf"))
         self.name = f"llama-cpp-python {gguf.name}"
         threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or psutil.cpu_count(logical=False) or None  # as the server
-        self.llama = Llama(str(gguf), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False,
-                           chat_format="chat_template.default")
+        with without_amx_buffers():  # as the server loads it
+            self.llama = Llama(str(gguf), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False,
+                               chat_format="chat_template.default")
         self.max_tokens, self.pid = max_tokens, os.getpid()
 
     def run(self, clients: int) -> list[Stream]:

@@ -25,8 +25,10 @@ def gguf_server(start_server, gguf_model, tiny_model):
 @pytest.fixture(scope="module")
 def binding(gguf_model):
     """llama-cpp-python itself, with the GGUF's own chat template: the reference."""
-    llama = llama_cpp.Llama(str(next(gguf_model.glob("*.gguf"))), n_ctx=1024, n_threads=1, verbose=False,
-                            chat_format="chat_template.default")
+    from llmws_server.engines.llamacpp.engine import without_amx_buffers
+    with without_amx_buffers():  # as the server loads it
+        llama = llama_cpp.Llama(str(next(gguf_model.glob("*.gguf"))), n_ctx=1024, n_threads=1, verbose=False,
+                                chat_format="chat_template.default")
     yield llama
     llama.close()
 

@@ -12,6 +12,8 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, cast
@@ -41,6 +43,28 @@ FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9:
               32: "BF16"}
 
 
+@contextmanager
+def without_amx_buffers() -> Iterator[None]:
+    """Models loaded meanwhile keep their weights in plain CPU buffers where llama.cpp would put them in its
+    AMX buffers: decoding more than one token from those crashes the process (llama-cpp-python 0.3.36 on a
+    Xeon with AMX). Llama() takes no setting for it, so its default model parameters are swapped here."""
+    if b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info():
+        yield
+        return
+    default = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers() -> llama_cpp.llama_model_params:
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffers
+    try:
+        yield
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = default
+
+
 def gguf_files(folder: Path) -> list[Path]:
     return sorted(path for path in folder.glob("*.gguf") if path.is_file())
 
@@ -66,8 +90,9 @@ class LlamaCppEngine:  # engines.api.Engine
         self.max_context = self._context_that_fits(max_context_cap)
         # physical cores
         threads = self.threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or psutil.cpu_count(logical=False) or 1
-        self.llama = Llama(str(self.file), n_ctx=self.max_context, n_threads=threads, n_threads_batch=threads,
-                           verbose=False)
+        with without_amx_buffers():
+            self.llama = Llama(str(self.file), n_ctx=self.max_context, n_threads=threads, n_threads_batch=threads,
+                               verbose=False)
         self.params = self.llama._model.n_params()
         self.dtype_name = FILE_TYPES.get(int(self.metadata.get("general.file_type", -1)), "unknown")
         self.eos = self.llama.token_eos()
@@ -265,11 +290,12 @@ class LlamaCppEngine:  # engines.api.Engine
         """llama.cpp's own embeddings: the GGUF's pooling (mean where it names none), normalised. Token ids
         are read back as their text. A second context of the same mapped file: the weights are not copied."""
         if self.embedder is None:
-            self.embedder = Llama(str(self.file), embedding=True, n_ctx=self.max_context, n_batch=self.max_context,
-                                  n_ubatch=self.max_context, n_threads=self.threads, n_threads_batch=self.threads,
-                                  pooling_type=int(self.metadata.get(f"{self.shape_name}.pooling_type",
-                                                                     llama_cpp.LLAMA_POOLING_TYPE_MEAN)),
-                                  verbose=False)
+            with without_amx_buffers():
+                self.embedder = Llama(str(self.file), embedding=True, n_ctx=self.max_context,
+                                      n_batch=self.max_context, n_ubatch=self.max_context, n_threads=self.threads,
+                                      n_threads_batch=self.threads, verbose=False,
+                                      pooling_type=int(self.metadata.get(f"{self.shape_name}.pooling_type",
+                                                                         llama_cpp.LLAMA_POOLING_TYPE_MEAN)))
         embedder = self.embedder
         texts = [text if isinstance(text, str) else embedder.detokenize(text).decode("utf-8", errors="replace")
                  for text in inputs]
