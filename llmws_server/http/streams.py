@@ -6,8 +6,8 @@ sent, and goes out with `id: <answer id>/<n>`. The run belongs to the stream, no
 its last reader leaves, it goes on for limits.stream_resume_s seconds, and is cancelled if nobody has come
 back by then. Coming back is the SSE standard's `Last-Event-ID` (a browser's EventSource sends it by itself)
 on the POST again, or on `GET .../{answer id}/events` (`?after=N` too): the events after n, then the live
-ones, with no gap and no duplicate. Comments (queue positions) go to whoever reads live, unnumbered: an SSE
-comment carries no id.
+ones, with no gap and no duplicate. Queue positions are comments, unnumbered (an SSE comment carries no id):
+each change goes to whoever reads live, and a reader that comes while the answer waits is told its place.
 """
 import asyncio
 import json
@@ -43,6 +43,7 @@ class KeptStream:
         self.ended = False
         self.run: asyncio.Task | None = None
         self.orphaned: asyncio.TimerHandle | None = None
+        self.place: ServerSentEvent | None = None  # the last queue comment, while nothing came after it
 
     # sessions.store.Listener: it holds the session (not idle) while it runs; the events are its own
     def deliver(self, stamped: Stamped, record: dict) -> None:
@@ -80,6 +81,8 @@ class KeptStream:
 
     def _tell(self, event: ServerSentEvent) -> None:
         seq = None if event.data is None else self.session.keep({"data": event.data})
+        if seq is None or self.place is not None:  # the place holds until a data event follows it
+            self.place = event if seq is None else None
         for reader in self.readers:
             reader.put_nowait((seq, event))
 
@@ -99,6 +102,8 @@ class KeptStream:
             for record in self.session.records(after, upto):
                 yield self._numbered(record["seq"], record["data"], first)
                 first = False
+            if live and self.place is not None:  # a reader that comes while it waits learns its place
+                yield self.place
             while live:
                 seq, event = await reader.get()
                 if event is None:
