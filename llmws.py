@@ -163,13 +163,13 @@ async def serve(service, host: str, port: int, http_port: int | None) -> None:
                  "https" if secure else "http", page_host, port, "" if port == 8765 else f" --port {port}")
         await stop.wait()
         log.info("shutting down")
+        service.stop()  # what has not ended ends now, each with an error its client sees (or finds on resume)
         listening.close(close_connections=False)
         await websocket.close_all()
     if http:
         http.should_exit = True
         await http_task
     housekeeping.cancel()
-    service.stop()
 
 
 def main(argv=None) -> int:

@@ -22,6 +22,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "auth_token": None,
         "admin_token": None,
         "admin_origins": [],
+        "keep_sessions_over_restart": False,
         "tls_cert": None,
         "tls_key": None,
     },

@@ -66,14 +66,18 @@ class Service:
         return getattr(self.worker, "max_batch_size", 1)
 
     async def start(self) -> None:
-        """Once this server owns its ports: earlier sessions and half-done downloads end here, then the
-        worker starts (the batching worker sets its batch up first)."""
-        self.sessions.clear_all()
+        """Once this server owns its ports: earlier sessions (unless server.keep_sessions_over_restart) and
+        half-done downloads end here, then the worker starts (the batching worker sets its batch up first)."""
+        if self.config.server["keep_sessions_over_restart"]:
+            log.info("took up %d sessions kept over the restart", self.sessions.restore(SESSION_IDLE_S))
+        else:
+            self.sessions.clear_all()
         for name in self.models.downloads.clear_leftovers():
             log.info("removed %s, left by a download that was cut off", name)
         await asyncio.to_thread(self.worker.start, asyncio.get_running_loop())
 
     def stop(self) -> None:
+        self.sessions.close()
         self.worker.stop()
 
     async def housekeeping(self) -> None:

@@ -63,3 +63,11 @@ def clear_all(sessions_dir: Path) -> None:
     """Every session's buffer gone (on start: the seed clears them)."""
     shutil.rmtree(sessions_dir, ignore_errors=True)
     sessions_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def clear_all_of(folder: Path) -> None:
+    """One session's folder gone (on start, one that is not kept)."""
+    if folder.is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        folder.unlink(missing_ok=True)

@@ -17,9 +17,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from llmws_server.core.events import Event, Failed, Stamped
+from llmws_server.core.events import Event, Failed, Queued, Stamped, Started, TrainStarted
 from llmws_server.errors import Busy, Refused, SessionsFull
-from llmws_server.sessions.file_buffer import FileBuffer, clear_all
+from llmws_server.sessions.file_buffer import FileBuffer, clear_all, clear_all_of
 
 log = logging.getLogger("llmws.sessions")
 
@@ -27,7 +27,16 @@ log = logging.getLogger("llmws.sessions")
 # session of their own (the HTTP one sets it per request: http/doors.py); None: each request its own lane.
 CLIENT_LANE: ContextVar[object] = ContextVar("llmws_client_lane", default=None)
 UNUSED_IDLE_S = 300  # a session that never ran anything is forgotten this long after its client left
+STOPPED = "The server stopped before this request ended: what it sent is all there is; send it again"
+JOB_OPENINGS = (Queued, Started, TrainStarted)  # a job's first event: it runs until its terminal one
 TAKEN_KEPT = 256  # request_ids a session remembers, to run a frame sent again after a cut only once
+
+
+def _written_at(file: Path) -> float | None:
+    try:
+        return file.stat().st_mtime
+    except OSError:
+        return None
 
 
 class Codec(Protocol):
@@ -84,6 +93,7 @@ class Session:
         self.detached_at: float | None = None  # when the last listener left, while none is live
         self.response: Any = None  # an HTTP API's kept answer (a stored response, a kept stream): what tells it
         self.lane: object = None  # the fair queue's lane its jobs wait in (core/fairqueue.lane_of); None: its own
+        self.closed = False  # the server is stopping: nothing more is told
 
     @property
     def config(self) -> dict:
@@ -127,7 +137,9 @@ class Session:
             self.taken[request_id] = previous
 
     def emit(self, stamped: Stamped) -> Stamped:
-        """A stream event: numbered, buffered, then delivered if a listener is live."""
+        """A stream event: numbered, buffered, then delivered if a listener is live (none once closed)."""
+        if self.closed:
+            return stamped
         self.seq += 1
         numbered = replace(stamped, seq=self.seq)
         record = self.codec.encode(numbered)
@@ -198,6 +210,55 @@ class SessionStore:
     def clear_all(self) -> None:
         """On server start: the seed clears every buffer."""
         clear_all(self.dir)
+
+    def close(self) -> None:
+        """On a clean stop, before the worker stops: each request that has not ended ends with an error that
+        says so (buffered, so a client back after a restart learns it), and nothing more is told."""
+        for session in self.sessions.values():
+            for request_id in list(session.jobs):
+                session.emit(Stamped(Failed(STOPPED), request_id))
+            session.closed = True
+
+    def restore(self, kept_s: float) -> int:
+        """On server start with server.keep_sessions_over_restart: the sessions whose buffers were written in
+        the last kept_s seconds (the newest max_sessions) are taken up again as they were left, each request
+        that had not ended ending now with an error that says so; the other buffers go. Returns how many."""
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        now, found = time.time(), []
+        for folder in self.dir.iterdir():
+            written = _written_at(folder / "buffer.jsonl")
+            if parse_session_id(folder.name) == folder.name and written is not None and now - written < kept_s:
+                found.append((written, folder))
+            else:
+                clear_all_of(folder)
+        found.sort(reverse=True)
+        for written, folder in found[self.max_sessions:]:
+            clear_all_of(folder)
+        restored = [self._restored(folder.name, time.monotonic() - (now - written)) for written, folder in
+                    found[:self.max_sessions]]
+        return sum(session is not None for session in restored)
+
+    def _restored(self, session_id: str, detached_at: float) -> Session | None:
+        """A session read back from its buffer, or None (its buffer gone) for one that is not a WebSocket
+        session's (an HTTP API's kept answer is not kept over a restart)."""
+        session = Session(session_id, self.buffer_type(self.dir, session_id), self.codec, self.generation_defaults)
+        running: dict[str, None] = {}
+        try:
+            for record in session.buffer.records(session.label):
+                stamped = self.codec.decode(record)
+                session.seq = max(session.seq, stamped.seq or 0)
+                if stamped.request_id is not None and stamped.terminal:
+                    running.pop(stamped.request_id, None)
+                elif stamped.request_id is not None and isinstance(stamped.event, JOB_OPENINGS):
+                    running[stamped.request_id] = None
+        except (KeyError, TypeError, ValueError):
+            session.clear_buffer()
+            return None
+        for request_id in running:
+            session.emit(Stamped(Failed(STOPPED), request_id))
+        session.detached_at = detached_at
+        self.sessions[session_id] = session
+        return session
 
     def idle(self, now: float) -> list[tuple[float, Session]]:
         """(seconds idle, session) of the sessions with no listener and nothing to run, longest idle first."""

@@ -163,8 +163,9 @@ class WebSocketServer:
         log.info("session %s %s", session.label, "resumed" if resumed else "opened")
         if requested is not None and not resumed:
             connection.send(protocol.log("The session you asked for is not known here: sessions are cleared when "
-                                         "the server restarts and forgotten after a day without a client. This "
-                                         "is a new session; earlier answers cannot be resumed."))
+                                         "the server restarts (unless server.keep_sessions_over_restart is set) "
+                                         "and forgotten after a day without a client. This is a new session; "
+                                         "earlier answers cannot be resumed."))
         if problem:
             connection.send(error(str(problem)))
         return session, pending
