@@ -298,26 +298,32 @@ async def test_too_long_a_prompt_is_refused_with_the_figures_whole_or_streamed(k
         assert error.status_code in (200, 400) and error.body["error"]["max_context"] == CONTEXT
 
 
-async def test_a_failure_after_the_stream_began_is_its_error_event():
-    """A request queued behind a full batch whose prompt proves too long once tokenized fails after its
-    stream began: that is told as Anthropic's error event, and the stream ends. (Told here by the core's
-    events: on a server the count before the stream waits for the same room as the request, so the request
-    does not queue after it.)"""
-    from llmws_server.core.events import Failed, Queued, Text
+async def test_a_stream_waits_with_pings_starts_with_its_prompts_tokens_and_ends_at_its_error_event():
+    """While a streamed request waits it gets pings; message_start comes when it starts, with the prompt's
+    tokens as the engine read them; a failure is Anthropic's error event, which ends the stream: one queued
+    whose prompt proves too long once tokenized, or one that fails after its first text. (Told here by the
+    core's events, which a server orders so only under load.)"""
+    from llmws_server.core.events import Failed, Queued, Started, Text
     from llmws_server.http.anthropic import message_events
 
-    async def told():
-        for item in (Queued(2), Text("Rivers"), Failed("Context too long (631 tokens). Max: 512.",
-                                                       {"max_context": 512, "input_length": 631})):
+    async def told(*items):
+        for item in items:
             yield item
 
-    events = [(event.event, json.loads(event.data)) async for event in message_events(told(), "msg_1", "m", 30)]
-    assert [name for name, _ in events] == ["message_start", "ping", "ping", "content_block_start",
-                                            "content_block_delta", "error"]
-    assert all(name == data["type"] for name, data in events)
+    too_long = Failed("Context too long (631 tokens). Max: 512.", {"max_context": 512, "input_length": 631})
+    events = [(event.event, json.loads(event.data))
+              async for event in message_events(told(Queued(2), Queued(1), too_long), "msg_1", "m")]
+    assert [name for name, _ in events] == ["ping", "ping", "error"]
     assert events[-1][1] == {"type": "error", "error": {"type": "invalid_request_error", "max_context": 512,
                                                         "input_length": 631,
                                                         "message": "Context too long (631 tokens). Max: 512."}}
+    failed = told(Queued(1), Started(30, 64, 0, False), Text("Rivers"), Failed("Generation failed: out of memory"))
+    events = [(event.event, json.loads(event.data)) async for event in message_events(failed, "msg_2", "m")]
+    assert [name for name, _ in events] == ["ping", "message_start", "ping", "content_block_start",
+                                            "content_block_delta", "error"]
+    assert all(name == data["type"] for name, data in events)
+    assert events[1][1]["message"]["usage"]["input_tokens"] == 30
+    assert events[-1][1]["error"]["type"] == "api_error"
 
 
 def test_content_blocks_open_one_at_a_time_and_make_the_whole_message():

@@ -2,9 +2,10 @@
 POST /v1/messages/count_tokens, over http/runs.py; http/anthropic_shapes.py has the request checks and the
 shapes. Refusals come in Anthropic's error shape, a stream's failure as its `error` event.
 
-A stream goes: message_start (empty content, usage.input_tokens), ping, then for each content block
-content_block_start, content_block_delta* (text_delta, thinking_delta, input_json_delta), content_block_stop,
-then message_delta (stop_reason, stop_sequence, usage.output_tokens) and message_stop; pings while it waits.
+A stream goes: pings while it waits, message_start (empty content, usage.input_tokens) once it starts, ping,
+then for each content block content_block_start, content_block_delta* (text_delta, thinking_delta,
+input_json_delta), content_block_stop, then message_delta (stop_reason, stop_sequence, usage.output_tokens)
+and message_stop.
 """
 import json
 from collections.abc import AsyncGenerator
@@ -16,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from llmws_server.core.events import Queued, Reasoning, Text, ToolCallArguments, ToolCallStarted
+from llmws_server.core.events import Queued, Reasoning, Started, Text, ToolCallArguments, ToolCallStarted
 from llmws_server.http import anthropic_shapes as shapes
 from llmws_server.http import runs
 from llmws_server.http.runs import Failed, Finished, Stream, Told, refusal
@@ -101,13 +102,11 @@ class AnthropicEndpoints:
 
     async def messages(self, request: Request) -> Response:
         wanted = shapes.messages_request(await self.api.body(request), self.service.generation_defaults)
-        # message_start tells the prompt's tokens before any is generated
-        tokens_in = await runs.prompt_tokens(self.service, wanted.inference) if wanted.stream else 0
         run = await runs.start(self.service, [wanted.inference], wanted.stops)
         stream = cast(Stream, run.streams[0])
         message_id, model = shapes.message_id(), self.service.engine.name
         if wanted.stream:
-            events = message_events(stream, message_id, model, tokens_in)
+            events = message_events(stream, message_id, model)
             return EventSourceResponse(events, headers=run.headers, ping=PING_S, sep="\n",
                                        ping_message_factory=lambda: _sse({"type": "ping"}))
         return await runs.until_disconnect(request, whole_message(stream, message_id, model, run.headers))
@@ -130,17 +129,17 @@ async def whole_message(stream: Stream, message_id: str, model: str, headers: di
     raise RuntimeError("an answer's events ended without finished or failed")
 
 
-async def message_events(stream: Stream, message_id: str, model: str,
-                         tokens_in: int) -> AsyncGenerator[ServerSentEvent, None]:
-    """The answer as Anthropic's event stream (the module's docstring has the order); a failure after it
-    began as its error event, which ends it."""
-    yield _sse({"type": "message_start", "message": shapes.message(message_id, model, [], None, None,
-                                                                    tokens_in, 0)})
-    yield _sse({"type": "ping"})
+async def message_events(stream: Stream, message_id: str, model: str) -> AsyncGenerator[ServerSentEvent, None]:
+    """The answer as Anthropic's event stream (the module's docstring has the order): pings while it waits,
+    message_start with the prompt's tokens once it starts; a failure as its error event, which ends it."""
     content = Content()
     async with aclosing(stream):
         async for told in stream:
             if isinstance(told, Queued):
+                yield _sse({"type": "ping"})
+            elif isinstance(told, Started):
+                yield _sse({"type": "message_start", "message": shapes.message(message_id, model, [], None, None,
+                                                                                told.tokens_in, 0)})
                 yield _sse({"type": "ping"})
             elif isinstance(told, Finished):
                 for event in content.close():

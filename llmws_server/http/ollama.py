@@ -34,6 +34,7 @@ from llmws_server.core.events import (
     Log,
     Queued,
     Reasoning,
+    Started,
     Text,
     ToolCallArguments,
     ToolCallStarted,
@@ -102,6 +103,8 @@ class Answer:
     def take(self, told: Told) -> list[dict]:
         if isinstance(told, Queued):  # still waiting: its prompt is read once it leaves the queue
             self.timing.started = time.monotonic_ns()
+            return []
+        if isinstance(told, Started):
             return []
         if self.timing.first is None and not isinstance(told, Finished):
             self.timing.first = time.monotonic_ns()

@@ -43,7 +43,7 @@ class Finished:
     stop: str | None = None
 
 
-Told = Union[Queued, Text, Reasoning, ToolCallStarted, ToolCallArguments, Finished, Failed]  # in order
+Told = Union[Queued, Started, Text, Reasoning, ToolCallStarted, ToolCallArguments, Finished, Failed]  # in order
 Stream = AsyncGenerator[Told, None]  # one choice's; closing it early cancels the choice
 
 
@@ -131,7 +131,7 @@ async def start(service: Service, inferences: list[InferenceRequest], stops: tup
 
 async def told(service: Service, job: InferenceJob, session: StreamSession, stamped: Stamped,
                stops: tuple[str, ...]) -> Stream:
-    """A choice's events: queue positions, text, reasoning and tool calls, then finished or failed. A stop
+    """A choice's events: queue positions, its start, text, reasoning and tool calls, then finished or failed. A stop
     string ends the text there and cancels the rest; a client that leaves (the stream closed early) cancels
     it all."""
     stop, tokens_in, finished = StopText(stops), 0, False
@@ -140,6 +140,7 @@ async def told(service: Service, job: InferenceJob, session: StreamSession, stam
             event = stamped.event
             if isinstance(event, Started):
                 tokens_in = event.tokens_in
+                yield event
             elif isinstance(event, Text):
                 if not stop.stopped:
                     text = stop.feed(event.text)
