@@ -10,7 +10,7 @@ import shutil
 import openai
 import pytest
 import torch
-from conftest import BLOCKER, ENGINES, Client, engine_server
+from conftest import BLOCKER, ENGINES, Client, engine_server, free_port
 
 from llmws_server.config import DEFAULTS
 from llmws_server.engines.transformers import embedding
@@ -99,6 +99,25 @@ async def test_the_websocket_embed_message_answers_beside_a_running_generation(s
         assert refused["request_id"] == "e2" and "max_embedding_inputs" in refused["message"]
         await client.send({"type": "cancel", "request_id": "blocker"})
         assert (await client.until("done"))[-1]["finish_reason"] == "cancelled"
+    finally:
+        await client.close()
+
+
+async def test_an_embedding_is_answered_beside_a_full_batch(start_server, tiny_model):
+    """A short job takes no batch slot: with both slots generating, /v1/embeddings is answered at once."""
+    full = start_server(tiny_model, server={"http_port": free_port()}, optimization={"max_batch_size": 2})
+    client = await Client.open(full.url)
+    api = openai.AsyncOpenAI(base_url=full.http_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    try:
+        for request_id in ("first", "second"):
+            await client.send({**BLOCKER, "request_id": request_id})
+        started = [m for m in await client.until("start") + await client.until("start") if m["type"] == "start"]
+        assert {m["request_id"] for m in started} == {"first", "second"}  # the batch is full
+        assert len((await api.embeddings.create(model="any", input=TEXTS[:2])).data) == 2
+        for request_id in ("first", "second"):
+            await client.send({"type": "cancel", "request_id": request_id})
+        ends = [m for m in await client.until("done") + await client.until("done") if m["type"] == "done"]
+        assert [m["finish_reason"] for m in ends] == ["cancelled", "cancelled"]  # both still ran till then
     finally:
         await client.close()
 

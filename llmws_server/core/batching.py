@@ -4,9 +4,9 @@ batch the engine runs (engines.api.Batch).
 Requests are admitted in arrival order, each as soon as a slot frees, whatever their settings. The engine
 says which requests may not share the batch (for transformers: one with images); they and the jobs that
 are not requests (a model switch, training, a snapshot) run alone: such a job waits, in order, until the
-batch drains, and nothing is admitted past it. A short job (an embedding) runs beside the batch. The batch
-is opened (and warmed up) when the worker starts and again after a model switch, and kept open between
-requests.
+batch drains, and nothing is admitted past it. A short job (an embedding, a token count) runs beside the
+batch, full or not. The batch is opened (and warmed up) when the worker starts and again after a model
+switch, and kept open between requests.
 """
 import logging
 import time
@@ -55,14 +55,14 @@ class BatchingWorker(Worker):
         must run alone only first and with nothing generating (lock held)."""
         if self.running is not None:
             return 0
-        count = 0
+        count = slots = 0
         for job in self.queue:
-            if len(self.members) + self.starting + count >= self.max_batch_size:
-                break
+            if not job.runs_beside_batch and len(self.members) + self.starting + slots >= self.max_batch_size:
+                break  # a short job beside the batch needs no slot: it starts even when the batch is full
             alone = not job.batchable(self.engine)
             if alone and (self.members or count):
                 break  # it waits for the batch to drain
-            count += 1
+            count, slots = count + 1, slots + (not job.runs_beside_batch)
             if alone:
                 break
         return count
@@ -85,7 +85,7 @@ class BatchingWorker(Worker):
             for job in admitted:
                 self._start(job)
                 with self.lock:
-                    self.starting -= 1
+                    self.starting -= not job.runs_beside_batch
             if self.members:
                 self._collect()
         for name, member in list(self.members.items()):
@@ -104,7 +104,7 @@ class BatchingWorker(Worker):
     def _admit(self) -> list[Job]:
         """Jobs to start now, from the head of the queue (lock held)."""
         admitted = [self.queue.popleft() for _ in range(self._takes_now())]
-        self.starting = len(admitted)
+        self.starting = sum(not job.runs_beside_batch for job in admitted)
         if admitted:
             self._positions_changed()
         return admitted
