@@ -52,6 +52,10 @@ def k(file: str, expression: str) -> list[str]:
     return [f"tests/{file}", "-k", expression]
 
 
+# The reconnect and soak tests of the Python client (llm.py), bench/soak.py and the page
+CLIENT_RESUMES = ["tests/test_client.py", "tests/test_soak.py", "tests/test_web.py", "-k",
+                  "reconnects_by_itself or first_message_a_cut_lost or soak or dropped_connection or lost_in_a_cut"]
+
 MUTATIONS = [
     # -- issue #41's list --------------------------------------------------------------------------------
     Mutation("chat-unguarded", "llmws_server/http/openai.py",
@@ -112,6 +116,11 @@ MUTATIONS = [
     Mutation("resume-replays-last-seq", "llmws_server/sessions/store.py",
              'if record["seq"] > after_seq:', 'if record["seq"] >= after_seq:',
              k("test_sessions.py", "resume_after_drops")),
+    # the client and the page drop what they have seen: their reconnect and soak tests check the seq itself
+    Mutation("client-resume-replays-all", "llmws_server/sessions/store.py",
+             'if record["seq"] > after_seq:', 'if record["seq"] > 0:', CLIENT_RESUMES),
+    Mutation("client-resume-replays-last-seq", "llmws_server/sessions/store.py",
+             'if record["seq"] > after_seq:', 'if record["seq"] >= after_seq:', CLIENT_RESUMES),
     Mutation("fair-queue-fifo", "llmws_server/core/fairqueue.py",
              "self.lanes.setdefault(lane_of(job.session),", "self.lanes.setdefault(lane_of(job),",
              k("test_limits.py", "newcomer_waits_behind")),

@@ -126,6 +126,28 @@ class CuttableProxy:
         self.server.close()
 
 
+def resumes_in(messages: list) -> list[int]:
+    """The indexes of the "reconnected" status entries among what a client's on_message and on_status saw."""
+    return [index for index, m in enumerate(messages) if m.get("text") == "reconnected"]
+
+
+def assert_each_resume_replays_from_the_next_seq(messages: list) -> None:
+    """The protocol, not the client's own de-duplication: on each connection the numbered messages come
+    with seq rising by one, and the first after a reconnect is the last one seen before it + 1 (no message
+    replayed again, none skipped). `messages` is every message as the client received it (on_message sees
+    them before it drops those it has seen) with a {"type": "status", "text": "reconnected"} entry where
+    each new connection opened."""
+    seen, resumed_at = 0, None
+    for index, message in enumerate(messages):
+        if message.get("text") == "reconnected":
+            resumed_at = index
+        elif "seq" in message:
+            assert message["seq"] == seen + 1, (
+                f"message {index} has seq {message['seq']} after seq {seen}"
+                + (f" (the first after the reconnect at {resumed_at})" if resumed_at is not None else ""))
+            seen, resumed_at = message["seq"], None
+
+
 @pytest.fixture(scope="module")
 def long_reference(tiny_server):
     async def answer():
@@ -152,11 +174,8 @@ async def test_reconnects_by_itself_and_the_text_is_byte_identical(tiny_server, 
             proxy.cut()
     assert "".join(pieces).encode() == long_reference.encode()
     assert client.last_done["total_tokens"] == 400 and client.welcome["resumed"] is True
-    reconnects = [index for index, m in enumerate(messages) if m.get("text") == "reconnected"]
-    assert 1 <= len(reconnects) <= len(cuts_after)  # a cut may land while the client is still reconnecting
-    for start, end in zip(reconnects, reconnects[1:] + [len(messages)]):
-        seen = max(m.get("seq", 0) for m in messages[:start])
-        assert any(m.get("seq", 0) > seen for m in messages[start:end])  # new messages came after each cut
+    assert 1 <= len(resumes_in(messages)) <= len(cuts_after)  # a cut may land while the client still reconnects
+    assert_each_resume_replays_from_the_next_seq(messages)
     await client.disconnect()
     await proxy.stop()
 
@@ -170,13 +189,17 @@ async def test_a_request_whose_first_message_a_cut_lost_is_sent_again_and_runs_o
         reference = await direct.inference("Name a colour", temperature=0, max_new_tokens=30)
     proxy = CuttableProxy(tiny_server.port)
     await proxy.start()
-    client = LLMWSEnhancedClient("127.0.0.1", proxy.port)
+    messages = []
+    client = LLMWSEnhancedClient("127.0.0.1", proxy.port, on_message=messages.append,
+                                 on_status=lambda text: messages.append({"type": "status", "text": text}))
     await client.connect()
     retries = tiny_server.output().count("again after a cut")
     proxy.next_frame = fate
     text = await asyncio.wait_for(client.inference("Name a colour", temperature=0, max_new_tokens=30), 120)
     assert text == reference and client.last_done["total_tokens"] == 30
     assert tiny_server.output().count("again after a cut") - retries == (fate == "deliver")
+    assert resumes_in(messages)
+    assert_each_resume_replays_from_the_next_seq(messages)
     await client.disconnect()
     await proxy.stop()
 
@@ -184,6 +207,23 @@ async def test_a_request_whose_first_message_a_cut_lost_is_sent_again_and_runs_o
 def run_llm(*args, stdin=None, timeout=120):
     return subprocess.run([sys.executable, str(REPO / "llm.py"), *args], input=stdin, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def test_llm_py_help_lists_every_option_with_its_default():
+    """`python llm.py --help` (no server needed) names each option the README lists, with its default, and
+    examples."""
+    result = run_llm("--help", timeout=60)
+    assert result.returncode == 0 and result.stderr == ""
+    help_text = " ".join(result.stdout.split())  # argparse wraps its lines
+    for option in ("--prompt", "--image", "--system", "--temperature", "--max-tokens", "--top-p", "--top-k",
+                   "--host", "--port", "--session", "--token", "--tls", "--plain", "--json", "--json-schema FILE",
+                   "--tools FILE", "--tool-choice"):
+        assert f" {option}" in help_text, option
+    for default in ("server host (default: localhost)", "server port (default: 8765)",
+                    "(default: $LLMWS_TOKEN, else none)", "0 is greedy (default: the server's)",
+                    "most tokens in an answer (default: the server's)", "(default: ws://)", "(default: auto)"):
+        assert default in help_text, default
+    assert "examples:" in result.stdout and "python llm.py --prompt" in result.stdout
 
 
 def test_one_shot_prints_the_answer_and_exits_0(tiny_server, reference_text):

@@ -1,4 +1,5 @@
-"""The short version of bench/soak.py: clients whose connections keep dropping lose no request."""
+"""The short version of bench/soak.py: clients whose connections keep dropping lose no request, and each
+resume replays exactly from the last message the client saw + 1."""
 import json
 import subprocess
 import sys
@@ -16,3 +17,6 @@ def test_short_soak_loses_nothing(tiny_model, tmp_path):
     report = json.loads(report_file.read_text())
     assert report["lost"] == 0 and report["refused"] == 0 and report["completed"] == 18
     assert report["drops"] > 0 and report["server_peak_rss_mb"] > 0
+    # The protocol under the client's de-duplication: each resume replayed from the last seq seen + 1
+    assert report["bad_resumes"] == 0, report["bad_resume_examples"]
+    assert report["resumes_checked"] > 0

@@ -73,6 +73,14 @@ def watch_sockets(page) -> list:
     return sockets
 
 
+def assert_replayed_from_the_next_seq(received: list, last_seq: int) -> None:
+    """The protocol under the page's own de-duplication: the frames a resumed connection got (as the browser
+    received them) are numbered from the last seq the page saw + 1, rising by one: none replayed again, none
+    skipped."""
+    numbered = [m["seq"] for m in received if "seq" in m]
+    assert numbered and numbered == list(range(last_seq + 1, last_seq + 1 + len(numbered))), (last_seq, numbered)
+
+
 def set_greedy(page, max_new_tokens):
     """Settings apply by themselves: no Apply button."""
     page.fill("#temperature", "0")
@@ -142,6 +150,7 @@ def test_a_dropped_connection_resumes_the_answer_with_no_gap(page, tiny_server):
     assert not [frame for frame in sent if frame.get("type") == "inference"]  # resumed, not asked again
     streamed = [m for m in received if m.get("type") == "token"]
     assert streamed and streamed[0]["seq"] == cut + 1  # still generating at the cut: the rest came after it
+    assert_replayed_from_the_next_seq(received, cut)
 
 
 def test_a_question_lost_in_a_cut_is_asked_again_and_answered_once(page, tiny_server):
@@ -158,6 +167,7 @@ def test_a_question_lost_in_a_cut_is_asked_again_and_answered_once(page, tiny_se
                                                                   max_new_tokens=20)
     (sent, received), = sockets  # the one the page opened to reconnect
     assert received[0]["type"] == "welcome" and received[0]["resumed"] is True
+    assert_replayed_from_the_next_seq(received, sent[0]["last_seq"])
     asked = [frame for frame in sent if frame.get("type") == "inference"]
     starts = [m for m in received if m.get("type") == "start"]
     assert len(asked) == 1 and len(starts) == 1 and starts[0]["request_id"] == asked[0]["request_id"]
