@@ -90,6 +90,41 @@ async def test_a_streamed_chat_completion_that_waits_is_told_its_place_in_an_sse
     await blocker.close()
 
 
+async def test_a_waiting_requests_positions_come_at_most_every_quarter_second(start_server, tiny_model):
+    """The queue ahead of a request moves faster than a place per 0.25 s (32-token requests): its new
+    positions come at least 0.25 s apart (less 50 ms for their way over loopback: the messages carry no
+    server time), the changes in between coalesced into one, and they only fall."""
+    server = start_server(tiny_model, optimization=ONE_AT_A_TIME)
+    blocker = await Client.open(server.url)
+    await blocker.send(BLOCKER)
+    await blocker.until("start")
+    client = await Client.open(server.url)
+    ahead = 24
+    for index in range(ahead):  # one session's requests: first come first served, all ahead of the last
+        await client.send(inference(f"short {index}", max_new_tokens=32, request_id=f"short-{index}"))
+    await client.send(inference("last", max_new_tokens=1, request_id="last"))
+    loop = asyncio.get_running_loop()
+    told: list[tuple[float, int]] = []  # (arrival time, position) of each queued message of the last request
+    while not told:
+        message = await client.recv()
+        if message["type"] == "queued" and message["request_id"] == "last":
+            told.append((loop.time(), message["position"]))
+    assert told[0][1] == ahead + 1  # the running blocker and the short ones
+    await blocker.send({"type": "cancel", "request_id": "blocker"})
+    while (message := await client.recv())["type"] != "done" or message["request_id"] != "last":
+        if message["type"] == "queued" and message["request_id"] == "last":
+            told.append((loop.time(), message["position"]))
+    positions = [position for _, position in told]
+    assert positions == sorted(set(positions), reverse=True), positions  # each new, and falling
+    updates = told[1:]  # the first is the answer to the frame; the updates are the ones paced
+    assert len(updates) >= 2, positions
+    gaps = [later - earlier for (earlier, _), (later, _) in zip(updates, updates[1:])]
+    assert min(gaps) >= 0.2, (gaps, positions)
+    assert any(earlier - later > 1 for earlier, later in zip(positions, positions[1:])), positions  # coalesced
+    await blocker.close()
+    await client.close()
+
+
 async def test_per_client_queue_limit_refuses_with_queue_full(limited_server):
     client = await Client.open(limited_server.url)  # its own blocker streams tokens meanwhile: skip them
     await client.send(BLOCKER)

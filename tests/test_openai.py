@@ -95,6 +95,26 @@ async def test_a_stop_string_ends_the_answer_before_it(api):
         assert (text, reason) == (expected, "stop")
 
 
+async def test_max_completion_tokens_bounds_the_answer_as_max_tokens_does(api):
+    by_max_tokens = await api.chat.completions.create(**chat_args(7))
+    args = chat_args()
+    del args["max_tokens"]
+    by_new_name = await api.chat.completions.create(**args, max_completion_tokens=7)
+    assert by_new_name.usage.completion_tokens == 7 and by_new_name.choices[0].finish_reason == "length"
+    assert by_new_name.choices[0].message.content == by_max_tokens.choices[0].message.content
+    longer = await api.chat.completions.create(**args, max_completion_tokens=9)
+    assert longer.usage.completion_tokens == 9
+
+
+async def test_up_to_four_stop_strings_are_taken_and_a_fifth_is_refused(api):
+    stops = ["zq1", "zq2", "zq3", "zq4", "zq5"]  # never in the answer: it runs to its length
+    four = await api.chat.completions.create(**chat_args(6), stop=stops[:4])
+    assert four.choices[0].finish_reason == "length" and four.usage.completion_tokens == 6
+    with pytest.raises(openai.BadRequestError) as refused:
+        await api.chat.completions.create(**chat_args(6), stop=stops)
+    assert refused.value.body["param"] == "stop" and "up to 4" in refused.value.body["message"]
+
+
 @pytest.mark.parametrize("extra, param", [({"temperature": -1}, "temperature"), ({"n": 99}, "n"),
                                           ({"max_tokens": 0}, "max_tokens"), ({"top_p": 2}, "top_p"),
                                           ({"stop": [""]}, "stop"), ({"messages": []}, "messages"),

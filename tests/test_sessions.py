@@ -197,6 +197,25 @@ def test_a_second_server_on_the_same_port_changes_nothing(start_server, tiny_mod
     asyncio.run(resume())
 
 
+def test_a_session_left_for_a_day_is_forgotten_not_sooner(tmp_path):
+    """The server expires sessions with SESSION_IDLE_S, a day: the store's rule, with its clock injected."""
+    from llmws_server.core.events import Log, Stamped
+    from llmws_server.core.service import SESSION_IDLE_S
+    from llmws_server.sessions.store import SessionStore
+    from llmws_server.ws.wire import CODEC
+
+    assert SESSION_IDLE_S == 24 * 3600
+    store = SessionStore(tmp_path, {}, CODEC)
+    session = store.open()[0]
+    session.emit(Stamped(Log("x")))
+    session.detach(None)
+    session.detached_at = 1000.0
+    assert store.expire(SESSION_IDLE_S, now=1000.0 + SESSION_IDLE_S - 60) == 0  # a minute short of a day
+    assert store.open(session.id) == (session, True) and session.buffer.file.exists()
+    assert store.expire(SESSION_IDLE_S, now=1000.0 + SESSION_IDLE_S + 60) == 1
+    assert session.id not in store.sessions and not session.buffer.file.exists()
+
+
 def test_idle_sessions_are_forgotten_with_their_buffers(tmp_path):
     from llmws_server.core.events import Log, Stamped
     from llmws_server.sessions.store import SessionStore

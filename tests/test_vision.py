@@ -98,6 +98,30 @@ async def test_the_answer_depends_on_the_images_pixels(vision_servers, family):
     await client.close()
 
 
+def encoded(image_png: bytes, kind: str) -> bytes:
+    """The same picture in another format (WebP lossless); GIF's palette holds a plain colour exactly."""
+    out = io.BytesIO()
+    Image.open(io.BytesIO(image_png)).save(out, kind.upper(), **({"lossless": True} if kind == "webp" else {}))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "gif", "webp", "bmp"])
+async def test_jpeg_gif_webp_and_bmp_images_are_decoded_to_their_pixels(vision_servers, kind):
+    """Each format the README names is taken and decoded: its answer is that of a PNG of the pixels it
+    decodes to (Pillow's reading, the same as the server's), and it differs from another colour's."""
+    image = encoded(png(), kind)
+    assert Image.open(io.BytesIO(image)).format == kind.upper()
+    decoded = io.BytesIO()
+    Image.open(io.BytesIO(image)).convert("RGB").save(decoded, "PNG")
+    client = await Client.open(vision_servers["idefics3"].url)
+    messages = await client.until_done(with_images([data_url(image, kind)]))
+    assert next(m for m in messages if m["type"] == "start")["images_in"] == 1 and messages[-1]["type"] == "done"
+    as_png = text_of(await client.until_done(with_images([data_url(decoded.getvalue())])))
+    other_colour = text_of(await client.until_done(with_images([BLUE])))
+    assert text_of(messages) == as_png != other_colour
+    await client.close()
+
+
 def chat(turns: list[dict], **fields) -> dict:
     return {"type": "inference", "messages": turns, "config": {"temperature": 0, "max_new_tokens": 8}, **fields}
 
