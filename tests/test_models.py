@@ -100,6 +100,35 @@ async def test_switch_streams_logs_and_answers_come_from_the_new_model(models_se
     await watcher.close()
 
 
+async def test_ready_is_503_while_a_switch_loads_the_next_model(start_server, tiny_model, default_model):
+    """GET /ready is 200 while a model serves, 503 while a switch unloads it and loads the next (the 135M
+    model: long enough a load to be seen by a client that asks all along), and 200 again after."""
+    import httpx
+    from conftest import free_port
+
+    def populate(root):
+        (root / "models").mkdir(parents=True, exist_ok=True)
+        (root / "models" / "next").symlink_to(default_model, target_is_directory=True)
+
+    server = start_server(tiny_model, populate, server={"http_port": free_port()})
+    client = await Client.open(server.url)
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=30) as http:
+        before = await http.get("/ready")
+        assert before.status_code == 200 and before.json()["status"] == "ready"
+        switch = asyncio.create_task(client.until_done({"type": "switch_model", "model_path": "models/next"},
+                                                       "model_switched"))
+        seen = []
+        while not switch.done():  # a client asking all along, until the switch answers
+            answer = await http.get("/ready")
+            seen.append((answer.status_code, answer.json()["status"]))
+        assert (await switch)[-1]["type"] == "model_switched"
+        assert (503, "not ready") in seen, seen[:5]
+        after = await http.get("/ready")
+        assert after.status_code == 200 and after.json()["status"] == "ready"
+        assert after.json()["model"] != before.json()["model"]
+    await client.close()
+
+
 async def test_a_switch_brings_the_new_models_generation_defaults(start_server, tiny_model):
     """A request's default settings are the loaded model's (its generation_config.json): after a switch, the new
     model's, for a session opened before the switch as for one opened after; what only the old model set is
