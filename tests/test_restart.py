@@ -42,7 +42,7 @@ async def test_a_kept_session_is_taken_up_after_a_restart_and_the_cut_request_sa
     second = servers(KEEP)
     again = await Client.open(second.url, {"session_id": client.session_id, "last_seq": 0})
     assert again.welcome["resumed"] is True
-    replayed = await again.until("error")
+    replayed = await again.until("error", timeout=30)  # the replay comes at once
     assert replayed[:len(seen)] == seen  # what it got before, byte for byte, from seq 1
     assert [message["seq"] for message in replayed] == list(range(1, len(replayed) + 1))
     answer = text_of([m for m in seen if m.get("request_id") == "finished"])
@@ -61,7 +61,8 @@ async def test_a_client_back_after_a_restart_gets_only_what_it_had_not_seen(serv
     first.process.wait(30)
     second = servers(KEEP)
     again = await Client.open(second.url, {"session_id": client.session_id, "last_seq": seen[-1]["seq"]})
-    rest = await again.until("error")
+    assert again.welcome["resumed"] is True
+    rest = await again.until("error", timeout=30)
     assert rest[0]["seq"] == seen[-1]["seq"] + 1 and rest[-1]["request_id"] == "cut"
     await again.close()
 
