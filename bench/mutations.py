@@ -105,7 +105,7 @@ MUTATIONS = [
              "turns = []", k("test_openai.py", "instructions_are_the_system_turn")),
     Mutation("ready-never-503", "llmws_server/http/app.py",
              "200 if ready else 503)", "200 if ready is not None else 503)",
-             k("test_replicas.py", "gone")),
+             ["tests/test_replicas.py", "tests/test_models.py", "-k", "gone or ready_is_503"]),  # Ray or not
     Mutation("admin-origins-ignored", "llmws_server/ws/handshake.py",
              'if origin is None or origin in self.settings["admin_origins"]:', "if origin is None:",
              k("test_handshake.py", "admin_origin")),
