@@ -196,3 +196,23 @@ def test_without_a_ray_address_ray_is_not_imported(tiny_model):
     out = subprocess.run([sys.executable, "-c", probe, str(REPO / "config.json")], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert out.stdout.split()[-2:] == ["1", "False"], out.stderr[-2000:]
+
+
+async def test_an_image_request_runs_on_a_replica_with_the_answer_of_one_engine(start_server, vision_models):
+    """A request with images runs alone on a replica (the transformers engine does not batch it): its pixels
+    travel to the replica, and the answer is the one an in-process engine gives; another colour, another."""
+    from test_vision import BLUE, RED, with_images
+
+    limits = {"max_image_bytes": 30000, "max_image_pixels": 1_000_000}
+    remote = start_server(vision_models["llava"], replicas={"ray_address": "local", "count": 1}, limits=limits)
+    local = start_server(vision_models["llava"], limits=limits)
+    answers = {}
+    for name, server in (("remote", remote), ("local", local)):
+        client = await Client.open(server.url)
+        answers[name] = [await client.until_done(with_images([image])) for image in (RED, BLUE)]
+        await client.close()
+    texts = {name: [text_of(messages) for messages in each] for name, each in answers.items()}
+    assert all(messages[-1]["type"] == "done" for messages in answers["remote"]), answers["remote"]
+    assert texts["remote"] == texts["local"] and texts["remote"][0] != texts["remote"][1]
+    assert all(next(m for m in messages if m["type"] == "start")["images_in"] == 1 for messages in answers["remote"])
+    assert (await replicas(remote))[0]["served"] == 2  # the replica answered them
