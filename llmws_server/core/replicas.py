@@ -26,7 +26,7 @@ class ReplicaWorker(BatchingWorker):
         super().__init__(engine, max_batch_size)
         self.replica, self.pool = engine, pool
         self.queue, self.lock = pool.queue, pool.lock
-        self.served = 0  # requests it has taken
+        self.served = 0  # requests it has started
         engine.on_lost = self._wake  # an idle replica's worker wakes to wait for it to come back
         self.thread.name = f"llmws-{engine.label.split(' (')[0].replace(' ', '-')}"
 
@@ -63,9 +63,10 @@ class ReplicaWorker(BatchingWorker):
     def _positions_changed(self) -> None:
         self.pool._positions_changed()
 
-    def _add(self, job: InferenceJob) -> None:
-        self.served += 1
-        super()._add(job)
+    def _start(self, job: Job) -> None:
+        if isinstance(job, InferenceJob):  # in the batch or alone (one with images)
+            self.served += 1
+        super()._start(job)
 
     def _serving(self) -> bool:
         """After a loss, wait for the replica to come back; False (the worker ends) when it is gone."""
