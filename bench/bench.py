@@ -9,7 +9,9 @@ with the shipped config.json: batching on), llmws-mixed (the same, its clients h
 sampled, a third with a repetition penalty), llmws-json (every other client's answer constrained to a JSON
 schema: the first's, so 1 client is constrained), llmws-alone (max_batch_size 1), serve and serve-cb
 (transformers serve), llamacpp (llama-cpp-python in-process on the default model's GGUF), llmws-gguf (this
-server on that GGUF).
+server on that GGUF), llama-server (llama.cpp's own server on that GGUF, from --llama-server PATH, with the
+engine's slots, threads and context per sequence; its own flash attention default, on a CPU on),
+llama-server-nofa (the same with flash attention off, as the engine: greedy texts are the engine's).
 
 Tokens are tokens: what the server's `done` (or the API's usage) counts, never streamed pieces; chars/s
 beside them is the rate that no chunking changes.
@@ -96,6 +98,8 @@ def summarize(name: str, clients: int, runs: list[dict]) -> dict:
             "end_to_end_per_run": [round(statistics.median(stream.end_to_end_rate for stream in run["streams"]), 3)
                                    for run in runs],
             "ttft_per_run": [round(statistics.median(stream.ttft for stream in run["streams"]), 4) for run in runs],
+            "chars_per_run": [round(statistics.median(stream.chars_rate for stream in run["streams"]), 1)
+                              for run in runs],
             "peak_rss_mb": round(max(run["peak"] for run in runs) / 1024 ** 2),
             "texts": sorted({stream.text for stream in streams}) if "mixed" not in name and "json" not in name else []}
 
@@ -134,6 +138,7 @@ def main() -> int:
     parser.add_argument("--no-serve", action="store_true", help="leave out transformers serve")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over every target, for medians")
     parser.add_argument("--repeat", type=int, default=3, help="single-client requests per round")
+    parser.add_argument("--llama-server", type=Path, help="the llama-server binary of the llama-server target")
     parser.add_argument("--out", default=str(BENCH / "results"))
     args = parser.parse_args()
     ensure_venv()
@@ -142,14 +147,20 @@ def main() -> int:
     counts = [int(count) for count in args.clients.split(",")]
     max_tokens, counts, rounds = (32, [1, 4], 1) if args.quick else (128, counts, args.rounds)
     kinds = [kind for kind in args.targets.split(",") if not (args.no_serve and kind.startswith("serve"))]
+    if "llmws-gguf" in kinds:  # started first: llama-server takes its max context
+        kinds.remove("llmws-gguf")
+        kinds.insert(0, "llmws-gguf")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="llmws-bench-") as folder:
         targets = []
+        llama_server = {"binary": args.llama_server}
         try:
             for kind in kinds:
                 (Path(folder) / kind).mkdir()
-                targets.append(make_target(kind, args.model, max_tokens, Path(folder) / kind, args.gguf))
+                targets.append(make_target(kind, args.model, max_tokens, Path(folder) / kind, args.gguf, llama_server))
+                if kind == "llmws-gguf":  # llama-server gets the engine's context per sequence
+                    llama_server["context_per_slot"] = targets[-1].capabilities()["max_context"]
                 targets[-1].run(1)  # warm-up
             one_at_a_time = (RawGenerate, LlamaCppTarget)
             cases = [(target, clients) for target in targets
@@ -199,6 +210,18 @@ def report(rows: list[dict], max_tokens: int, out: Path) -> None:
         summary["llamacpp_chars_ratio_1_client"] = ratio = gguf["decode_chars_per_s"] / binding["decode_chars_per_s"]
         print(f"llmws llama.cpp / llama-cpp-python, 1 client: text rate {ratio:.3f}, "
               f"TTFT {1000 * (gguf['ttft_p50_s'] - binding['ttft_p50_s']):+.0f} ms")
+    for clients in sorted({row["clients"] for row in rows}):
+        ours = by_name.get(("llmws llama.cpp", clients))
+        for peer in [row for row in rows if row["target"].startswith("llama-server") and row["clients"] == clients]:
+            if not ours:
+                break
+            key = "vs_" + peer["target"].replace(" ", "_").replace("-", "_") + f"_{clients}_clients"
+            summary[key] = ratio = ours["aggregate_tokens_per_s"] / peer["aggregate_tokens_per_s"]
+            print(f"llmws llama.cpp / {peer['target']}, {clients} clients: aggregate tokens/s {ratio:.3f}, chars/s "
+                  f"{ours['decode_chars_per_s'] / peer['decode_chars_per_s']:.3f}, TTFT p50 {ours['ttft_p50_s']} s "
+                  f"vs {peer['ttft_p50_s']} s; per run: aggregate {ours['aggregate_per_run']} vs "
+                  f"{peer['aggregate_per_run']}, chars/s {ours['chars_per_run']} vs {peer['chars_per_run']}, "
+                  f"TTFT p50 {ours['ttft_per_run']} vs {peer['ttft_per_run']}")
     for clients in sorted({row["clients"] for row in rows if row["clients"] > 1}):
         ours, serve = (by_name.get(("llmws", clients)),
                        by_name.get(("transformers serve --continuous-batching", clients)))

@@ -169,6 +169,16 @@ class LLMWSTarget:
     def run(self, clients: int) -> list[Stream]:
         return asyncio.run(self._run(clients))
 
+    def capabilities(self) -> dict:
+        """The welcome's engine capabilities (max_context among them)."""
+        async def ask():
+            from websockets.asyncio.client import connect
+
+            async with connect(f"ws://127.0.0.1:{self.port}") as websocket:
+                await websocket.send("{}")
+                return json.loads(await websocket.recv())["capabilities"]
+        return asyncio.run(ask())
+
     def settings(self, index: int) -> dict:
         if self.mixed:
             return {"repetition_penalty": 1.0, **MIXED[index % len(MIXED)]}
@@ -216,7 +226,10 @@ class ServeTarget:
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
         self.pid = self.process.pid
-        deadline = time.monotonic() + 300
+        self._wait_until_up(300)
+
+    def _wait_until_up(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2)
@@ -234,9 +247,12 @@ class ServeTarget:
             thread.join()
         return streams
 
+    def body(self) -> dict:
+        return {"model": self.model, "stream": True, "max_tokens": self.max_tokens, "temperature": 0,
+                "messages": [{"role": "user", "content": PROMPT}]}
+
     def _one(self) -> Stream:
-        body = json.dumps({"model": self.model, "stream": True, "max_tokens": self.max_tokens, "temperature": 0,
-                           "messages": [{"role": "user", "content": PROMPT}]}).encode()
+        body = json.dumps(self.body()).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/chat/completions", data=body,
                                          headers={"Content-Type": "application/json"})
         stream = Stream()
@@ -260,12 +276,60 @@ class ServeTarget:
         self.process.wait(30)
 
 
+class LlamaServerTarget(ServeTarget):
+    """llama.cpp's own `llama-server` (OpenAI-compatible SSE), from the binary given on the command line, on
+    the GGUF the llmws llama.cpp target serves: as many slots as that engine's batch, its thread count and
+    its context per sequence (llama-server splits -c over the slots, one KV stream each, as batch.py
+    does), without the extra (AMX/repacked) weight buffers where the engine loads without them, so both
+    compute the same way. Flash attention is llama-server's own default ("auto": on, on a CPU) unless
+    told; "off" is the engine's setting, and then greedy texts are the engine's too."""
+
+    def __init__(self, gguf_dir, max_tokens, binary: Path, slots: int, context_per_slot: int,
+                 flash_attn: str = "auto"):
+        import llama_cpp
+
+        gguf = next(Path(gguf_dir).glob("*.gguf"))
+        self.name = f"llama-server -np {slots}" + (f" -fa {flash_attn}" if flash_attn != "auto" else "")
+        self.port, self.max_tokens, self.model = free_port(), max_tokens, gguf.name
+        threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or psutil.cpu_count(logical=False) or 1  # as the engine
+        without_repack = ["-nr"] if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info() else []  # as the engine
+        command = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port), "-np", str(slots),
+                   "-c", str(slots * context_per_slot), "-t", str(threads), "-tb", str(threads), "-fa", flash_attn,
+                   *without_repack]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.pid = self.process.pid
+        self._wait_until_up(120)
+
+    def body(self) -> dict:
+        return {**super().body(), "stream_options": {"include_usage": True}}
+
+
 TARGETS = ["raw", "llmws", "llmws-mixed", "llmws-json", "llmws-alone", "serve", "serve-cb", "llamacpp", "llmws-gguf",
-           "llmws-ray1", "llmws-ray2"]
+           "llmws-ray1", "llmws-ray2", "llama-server", "llama-server-nofa"]
 GGUF_MODEL = REPO / "models" / "SmolLM2-135M-Instruct-GGUF"
 
 
-def make_target(kind: str, model: str, max_tokens: int, folder: Path, gguf: Path = GGUF_MODEL):
+def gguf_context_length(gguf_dir: Path) -> int:
+    """The GGUF's own context length: the llama.cpp engine's max context where memory and the shipped
+    limits.max_context_length (128,000) allow it."""
+    from llama_cpp import Llama
+
+    probe = Llama(str(next(Path(gguf_dir).glob("*.gguf"))), vocab_only=True, verbose=False)
+    metadata = probe.metadata
+    probe.close()
+    return min(128000, int(metadata[f"{metadata.get('general.architecture', 'llama')}.context_length"]))
+
+
+def make_target(kind: str, model: str, max_tokens: int, folder: Path, gguf: Path = GGUF_MODEL,
+                llama_server: dict | None = None):
+    """llama_server: for those targets, {"binary", "context_per_slot"}."""
+    if kind.startswith("llama-server"):
+        from llmws_server.engines.llamacpp.engine import BATCH_SIZE  # the engine's slots under "auto"
+
+        assert llama_server and llama_server.get("binary"), "the llama-server target needs --llama-server PATH"
+        return LlamaServerTarget(gguf, max_tokens, llama_server["binary"], BATCH_SIZE,
+                                 llama_server.get("context_per_slot") or gguf_context_length(gguf),
+                                 "off" if kind == "llama-server-nofa" else "auto")
     return {"raw": lambda: RawGenerate(model, max_tokens),
             "llamacpp": lambda: LlamaCppTarget(gguf, max_tokens),
             "llmws-gguf": lambda: LLMWSTarget(gguf, max_tokens, folder),
