@@ -68,13 +68,19 @@ class Decoding:
         # errors.Refused for a schema no JSON matches, before anything is made that would need freeing
         self.matcher = engine.json_matcher(settings.json_schema) if settings.json_schema is not None else None
         self.chain = make_sampler(settings, self.vocab_size, answer_tokens)
+        # Plain greedy (no penalty, grammar or logprobs): the chain would only copy the whole vocabulary into
+        # candidates and take the first highest logit, which numpy's argmax over the logits row gives as well
+        # (the same token, ties included), without the copy.
+        self.argmax = (not settings.sampled and not settings.penalized and settings.plain)
 
     def choose(self, context, index: int) -> tuple[int, TokenLogprob | None]:
         """The next token from the logits at batch position `index` (-1: the last), and its log
         probabilities when the request asked for them."""
+        if self.argmax:
+            return int(self._logits(context, index).argmax()), None
         if self.matcher is None and self.logprobs is None:
             return llama_cpp.llama_sampler_sample(self.chain, context, index), None
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context, index), shape=(self.vocab_size,))
+        logits = self._logits(context, index)
         if self.matcher is not None:
             self._forbid_what_the_grammar_does_not_allow(logits)
         if self.logprobs is None:
@@ -84,6 +90,10 @@ class Decoding:
         if self.matcher is not None:
             self.matcher.consume_token(token)
         return token, logprob
+
+    def _logits(self, context, index: int) -> np.ndarray:
+        """The context's own logits row at batch position `index`: a view, not a copy."""
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context, index), shape=(self.vocab_size,))
 
     @property
     def grammar_complete(self) -> bool:
