@@ -69,7 +69,7 @@ MUTATIONS = [
              '(self.settings["auth_token"] or self.settings["admin_token"],)',
              k("test_ollama.py", "need_the_admin_scope")),
     Mutation("images-black", "llmws_server/core/images.py",
-             'return image.convert("RGB")', 'return Image.new("RGB", image.size)',
+             'return opened.convert("RGB")', 'return Image.new("RGB", opened.size)',
              k("test_vision.py", "depends_on_the_images_pixels")),
     Mutation("images-first-user-turn", "llmws_server/ws/protocol.py",
              'next((turn for turn in reversed(turns) if', 'next((turn for turn in turns if',

@@ -57,6 +57,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_session_buffer_mb": 64,
         "max_image_bytes": 4194304,
         "max_image_pixels": 40000000,
+        "max_request_pixels": 40000000,
         "max_images_per_request": 8,
         "max_embedding_inputs": 256,
         "max_context_length": 128000,
@@ -72,13 +73,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 INTEGER_KEYS = {"port", "http_port", "max_message_size", "max_clients", "max_clients_per_ip", "max_sessions",
                 "max_http_requests_per_ip", "max_connections", "max_connections_per_ip",
                 "queue_size_per_client", "max_queued_requests", "max_context_length", "max_new_tokens", "top_k",
-                "max_image_bytes", "max_image_pixels", "max_images_per_request", "max_embedding_inputs", "seed",
+                "max_image_bytes", "max_image_pixels", "max_request_pixels", "max_images_per_request",
+                "max_embedding_inputs", "seed",
                 "count", "max_restarts"}
 POSITIVE_KEYS = {"port", "max_message_size", "max_clients", "max_clients_per_ip", "max_sessions",
                  "max_http_requests_per_ip", "max_connections", "max_connections_per_ip",
                  "hello_timeout_s",
                  "idle_timeout_s", "queue_size_per_client", "max_queued_requests", "detached_queue_timeout_s",
-                 "max_session_buffer_mb", "max_image_bytes", "max_image_pixels", "max_images_per_request",
+                 "max_session_buffer_mb", "max_image_bytes", "max_image_pixels", "max_request_pixels",
+                 "max_images_per_request",
                  "max_embedding_inputs", "max_context_length", "timeout_token_generation", "timeout_s",
                  "count", "num_cpus"}
 NON_NEGATIVE_KEYS = {"stream_resume_s", "num_gpus"}

@@ -12,7 +12,7 @@ import sys
 import openai
 import pexpect
 import pytest
-from conftest import REPO, Client, free_port, inference, text_of
+from conftest import BLOCKER, REPO, Client, free_port, inference, text_of
 from PIL import Image
 
 FAMILIES = ["idefics3", "llava"]
@@ -44,7 +44,7 @@ def vision_servers(start_server, vision_models, tiny_model):
         return populate
     return {family: start_server(vision_models[family], populate_for(family),
                                  limits={"max_image_bytes": 30000, "max_image_pixels": 1_000_000,
-                                         "max_images_per_request": 3})
+                                         "max_request_pixels": 1_500_000, "max_images_per_request": 3})
             for family in FAMILIES}
 
 
@@ -189,6 +189,8 @@ def tiff() -> str:
     ([tiff()], "images[0]: TIFF images are not supported"),
     ([RED, data_url(png(120, 120, noise=True))], "images[1] is over limits.max_image_bytes (30000 bytes)"),
     ([data_url(png(2000, 1000))], "images[0] is 2000x1000: over limits.max_image_pixels (1000000)"),
+    ([data_url(png(1000, 1000))] * 2, "2 images of 2000000 pixels in all: over limits.max_request_pixels (1500000)"),
+    ([data_url(png(400, 300)[:200])], "images[0] is not an image Pillow can read"),  # a whole header, cut data
     ([RED] * 4, "4 images: at most 3 a request"),
     (["https://example.com/cat.png"], "the server fetches no URL and reads no file"),
     (["/etc/passwd"], "the server fetches no URL and reads no file"),
@@ -358,3 +360,35 @@ async def test_the_openai_api_takes_images_as_content_parts(start_server, vision
         await api.chat.completions.create(model="any", max_tokens=8, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, {"type": "text", "text": "x"}]}])
     assert "images[0]" in refused.value.body["message"]
+
+
+async def test_queued_image_requests_hold_their_compressed_bytes_not_their_pixels(start_server, vision_models):
+    """#43.5: an image request's pixels are decoded when it starts. Ten requests with one 6000x6000 image
+    each (about 100 MB of pixels apiece) wait behind a long answer, and the server grows by far less than
+    their pixels; cancelled, they never decode, and the next image request is answered."""
+    import psutil
+
+    server = start_server(vision_models["llava"])
+    process = psutil.Process(server.process.pid)
+    client = await Client.open(server.url)
+    await client.send(BLOCKER)
+    await client.until("start")
+    before = process.memory_info().rss
+    big = data_url(png(6000, 6000, colour=(128, 128, 128)))
+    for index in range(10):
+        await client.send(with_images([big], request_id=f"big-{index}"))
+    waiting: set[str] = set()
+    while len(waiting) < 10:  # each told its place: all ten wait
+        message = await client.recv()
+        if message["type"] == "queued":
+            waiting.add(message["request_id"])
+    grown = process.memory_info().rss - before
+    assert grown < 300 * 1024 ** 2, f"the server grew by {grown // 1024 ** 2} MB with ten queued images"
+    for request_id in [f"big-{index}" for index in range(10)] + ["blocker"]:
+        await client.send({"type": "cancel", "request_id": request_id})
+    await client.send(with_images([RED], request_id="after"))
+    message: dict = {}
+    while not (message.get("request_id") == "after" and message["type"] in ("done", "error")):
+        message = await client.recv()
+    assert message["type"] == "done", message
+    await client.close()

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmws_server.core import events as ev
 from llmws_server.core.events import FinishReason, JobState, Stamped
+from llmws_server.core.images import ImageError, decoded
 from llmws_server.core.output_parsers import OutputParser
 from llmws_server.core.requests import InferenceRequest
 from llmws_server.core.tools import parser_for, rendered
@@ -90,7 +91,11 @@ class InferenceJob(Job):
         """Tokenize, refuse a prompt that leaves no room, clamp max_new_tokens to the room left, and say
         it started. Returns (engines.api.Prompt, max tokens), or None when refused."""
         if self.raw_text is None:
-            turns, tools = rendered(self.messages, self.request.tools, engine.chat_template)
+            try:
+                turns, tools = rendered(decoded(self.messages), self.request.tools, engine.chat_template)
+            except ImageError as exc:  # its header promised pixels its data does not hold
+                self.fail(str(exc))
+                return None
             prompt = engine.encode(turns, tools)
             self.parser = parser_for(self.request.tools, self.split_reasoning, engine.chat_template, self.tool_parser)
         else:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from llmws_server.core import events as ev
+from llmws_server.core.images import decoded
 from llmws_server.core.jobs import Job
 from llmws_server.core.requests import InferenceRequest
 from llmws_server.core.tools import rendered
@@ -119,5 +120,5 @@ class CountJob(ReplyJob):
     def answer(self, engine: "Engine") -> int:
         if self.request.raw_text is not None:
             return len(engine.encode_text(self.request.raw_text).ids)
-        turns, tools = rendered(self.request.turns, self.request.tools, engine.chat_template)
+        turns, tools = rendered(decoded(self.request.turns), self.request.tools, engine.chat_template)
         return len(engine.encode(turns, tools).ids)

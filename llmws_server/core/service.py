@@ -11,7 +11,7 @@ from typing import cast
 from llmws_server.config import Config, generation_defaults
 from llmws_server.core.batching import BatchingWorker
 from llmws_server.core.events import Failed, JobState, Stamped
-from llmws_server.core.images import decode_images
+from llmws_server.core.images import check_images
 from llmws_server.core.jobs import InferenceJob
 from llmws_server.core.metrics import Metrics
 from llmws_server.core.model_control import ModelControl
@@ -124,7 +124,7 @@ class Service:
         session.add_job(job, self.limits["queue_size_per_client"])
         if images_of(turns):
             try:
-                await self._decode_images(turns)
+                await self._check_images(turns)
             except BaseException:
                 session.drop_job(job.request_id)
                 raise
@@ -147,14 +147,15 @@ class Service:
         else:
             taken.fail(text, max_queued_requests=most)
 
-    async def _decode_images(self, turns: list[dict]) -> None:
-        """Replace each turn's encoded images with decoded ones (off the event loop), or refuse them all."""
+    async def _check_images(self, turns: list[dict]) -> None:
+        """Replace each turn's images as sent with checked ones (their headers read off the event loop; the
+        pixels are decoded when the request starts), or refuse them all."""
         if not self.engine.vision:
             raise Refused(f"This model does not take images: {self.engine.name}", "images")
-        decoded = iter(await asyncio.to_thread(decode_images, images_of(turns), self.limits))
+        checked = iter(await asyncio.to_thread(check_images, images_of(turns), self.limits))
         for turn in turns:
             if "images" in turn:
-                turn["images"] = [next(decoded) for _ in turn["images"]]
+                turn["images"] = [next(checked) for _ in turn["images"]]
 
     async def embed(self, inputs: object, session=None, field: str = "input") -> Embedded:
         """The inputs' vectors (core.reply_jobs), queued in the session's lane (without one, a lane of its
@@ -165,7 +166,7 @@ class Service:
     async def count_tokens(self, request: InferenceRequest, session=None) -> int:
         """The request's prompt tokens, as the model would read it."""
         if images_of(request.turns):
-            await self._decode_images(request.turns)
+            await self._check_images(request.turns)
         return await self._reply(CountJob(session or StreamSession(), asyncio.get_running_loop(), request))
 
     async def _reply(self, job: ReplyJob):
