@@ -182,6 +182,9 @@ MUTATIONS = [
     Mutation("restart-keep-ignored", "llmws_server/core/service.py",
              'if self.config.server["keep_sessions_over_restart"]:', "if False:",
              k("test_restart.py", "only_what_it_had_not_seen")),
+    # the pixels of one request's images together (#43.5)
+    Mutation("request-pixels-unbounded", "llmws_server/core/images.py",
+             "    if total > most:", "    if total > most * 64:", k("test_vision.py", "bad_images")),
     # a short job takes no batch slot (core/batching.py)
     Mutation("embedding-waits-for-a-slot", "llmws_server/core/batching.py",
              "if not job.runs_beside_batch and len(self.members) + self.starting + slots",
