@@ -1,56 +1,16 @@
 """The output parsers without a model: a streamed answer's text pieces in, Text, Reasoning and tool call
 events out, whatever the split."""
-import json
-import re
-from dataclasses import replace
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmws_server.core.events import Text
-from llmws_server.core.output_parsers import (
-    STYLES,
-    OutputParser,
-    Reasoning,
-    ToolCallArguments,
-    ToolCallStarted,
-)
-from llmws_server.core.tool_templates import choose_style, generic_tool_prompt, generic_tool_turns
+from llmws_server.core.output_parsers import STYLES, OutputParser, Reasoning
+
+from .parsing import Args, Started, merged, parse
 
 WEATHER = '{"city": "Paris", "unit": "celsius"}'
 TRICKY = '{"query": {"text": "a } b \\" c {", "tags": ["x", {"y": "]"}]}, "n": -1.5e3, "ok": true}'
-
-
-def Started(index: int, name: str) -> ToolCallStarted:
-    return ToolCallStarted(index, "ID", name)
-
-
-def Args(index: int, text: str) -> ToolCallArguments:
-    return ToolCallArguments(index, text)
-
-
-def merged(events: list) -> list:
-    """Adjacent Text, Reasoning and one call's arguments pieces as one; ids checked, then replaced by "ID"."""
-    out: list = []
-    for event in events:
-        if isinstance(event, ToolCallStarted):
-            assert re.fullmatch(r"call_[0-9a-f]{24}", event.id), event.id
-            event = Started(event.index, event.name)
-        last = out[-1] if out else None
-        if (type(last) is type(event) and isinstance(event, (Text, Reasoning, ToolCallArguments))
-                and getattr(last, "index", None) == getattr(event, "index", None)):
-            out[-1] = replace(event, text=last.text + event.text)
-        else:
-            out.append(event)
-    return out
-
-
-def parse(answer: str | list[str], style: str | None, reasoning: bool = False, tools: frozenset = frozenset()):
-    """The merged events of `answer`, fed whole or in the pieces given."""
-    parser = OutputParser(style, reasoning, tools)
-    events = [event for piece in ([answer] if isinstance(answer, str) else answer) for event in parser.feed(piece)]
-    return merged(events + parser.finish())
 
 
 # -- hermes -----------------------------------------------------------------------------------------------
@@ -292,73 +252,3 @@ def test_one_character_at_a_time_gives_the_expected_events():
         Started(2, "h"), Args(2, WEATHER), Text("[TOOL_CALLS]bad name[ARGS]{}")]
     style, reasoning, answer = ANSWERS[4]
     assert parse(list(answer), style, reasoning) == [Reasoning("x"), Started(0, "search"), Args(0, TRICKY)]
-
-
-# -- choosing a style, and the generic tool prompt --------------------------------------------------------
-
-@pytest.mark.parametrize("template, style", [
-    ("{% for m in messages %}<tool_call>{{ m }}</tool_call>{% endfor %}", "hermes"),
-    ("[AVAILABLE_TOOLS]{{ tools }}[/AVAILABLE_TOOLS] [TOOL_CALLS]", "mistral"),
-    ("<|start_header_id|>ipython<|end_header_id|>", "llama3"),
-    ("{{ '<|python_tag|>' + call }}", "llama3"),
-    ("{% for m in messages %}{{ m.content }}{% endfor %}", "hermes"),
-    (None, "hermes"),
-])
-def test_choose_style_reads_the_template(template, style):
-    assert choose_style(template) == style
-
-
-def test_choose_style_honours_the_configured_style():
-    for style in STYLES:
-        assert choose_style("<tool_call>", style) == style
-    with pytest.raises(ValueError):
-        choose_style("<tool_call>", "xml")
-
-
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                                          "required": ["city"]}}},
-         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
-
-
-def test_generic_tool_prompt_lists_each_tool_as_json_and_shows_the_call_form():
-    prompt = generic_tool_prompt(TOOLS)
-    listed = prompt.split("<tools>\n")[1].split("\n</tools>")[0]
-    assert [json.loads(line) for line in listed.split("\n")] == TOOLS
-    assert '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>' in prompt
-    assert "call" in prompt.split("<tools>")[0]
-
-
-def test_generic_tool_turns_write_calls_and_responses_as_text():
-    messages = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Weather and time in Paris?", "images": ["img"]},
-        {"role": "assistant", "content": "Checking.", "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
-            {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
-        {"role": "tool", "tool_call_id": "call_2", "content": "12:00"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_3", "type": "function", "function": {"name": "get_time", "arguments": ""}}]},
-        {"role": "tool", "tool_call_id": "call_3", "content": "12:01"},
-        {"role": "assistant", "content": "18 C at noon."},
-    ]
-    assert generic_tool_turns(messages) == [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Weather and time in Paris?", "images": ["img"]},
-        {"role": "assistant", "content": 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": '
-                                         '{"city": "Paris"}}\n</tool_call>\n<tool_call>\n{"name": "get_time", '
-                                         '"arguments": {}}\n</tool_call>'},
-        {"role": "user", "content": "<tool_response>\n18 C\n</tool_response>\n<tool_response>\n12:00\n"
-                                    "</tool_response>"},
-        {"role": "assistant", "content": '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'},
-        {"role": "user", "content": "<tool_response>\n12:01\n</tool_response>"},
-        {"role": "assistant", "content": "18 C at noon."},
-    ]
-    assert messages[3]["tool_call_id"] == "call_1"  # the input is left as it was
-
-
-def test_generic_tool_turns_parse_back_to_the_same_calls():
-    turn = generic_tool_turns([{"role": "assistant", "content": "", "tool_calls": [
-        {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}])[0]
-    assert parse(turn["content"], "hermes") == [Started(0, "get_weather"), Args(0, '{"city": "Paris"}')]
