@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -55,7 +56,7 @@ def test_greedy_is_temperature_zero_or_do_sample_false(temperature, do_sample, s
 
 
 def test_every_outgoing_message_has_its_documented_type():
-    protocol_doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    protocol_doc = (REPO / "docs" / "protocol.md").read_text()
     built = [protocol.welcome("s", False, "m", {}, {}, {}), protocol.log("x"), protocol.error("x"), protocol.queued(1),
              protocol.start(1, 2, 0, False), protocol.token("x"), protocol.done(3, "stop", 6.0),
              wire.message(events.Failed(str(ContextTooLong(9, 8)), ContextTooLong(9, 8).fields)),
