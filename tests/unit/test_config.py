@@ -4,8 +4,10 @@ import json
 import pytest
 from conftest import REPO
 
-from llmws_server.config import DEFAULTS, generation_defaults, load_config, validate_generation
+from llmws_server.config import DEFAULTS, GenerationSettings, generation_defaults, load_config, validate_generation
 from llmws_server.errors import ConfigError, Refused
+
+DEFAULT_SETTINGS = DEFAULTS["generation_defaults"]
 
 
 def test_repo_config_has_every_key_of_the_contract():
@@ -64,6 +66,12 @@ def test_generation_settings_in_range_pass():
     settings = {"temperature": 0, "top_p": 1, "top_k": 0, "max_new_tokens": 1, "repetition_penalty": 1.0,
                 "do_sample": False}
     assert validate_generation(dict(settings)) == settings
+
+
+@pytest.mark.parametrize("temperature, do_sample, sampled", [(0, True, False), (0.7, False, False), (0.7, True, True)])
+def test_greedy_is_temperature_zero_or_do_sample_false(temperature, do_sample, sampled):
+    settings = GenerationSettings(**{**DEFAULT_SETTINGS, "temperature": temperature, "do_sample": do_sample})
+    assert settings.sampled is sampled
 
 
 def test_generation_defaults_come_from_config_json_then_the_model_then_the_built_in_ones(tmp_path):
