@@ -1,19 +1,13 @@
-"""Resources: the context estimate against hand-worked numbers, CPU figures, GPU paths through a fake
-NVML/CUDA layer (and the real one where a GPU is present), dtype/attention choice, and OOM recovery."""
-import sys
+"""resources.py: the context estimate against hand-worked numbers, CPU figures, GPU paths through a fake
+NVML/CUDA layer (and the real one where a GPU is present)."""
 import types
 
 import psutil
 import pytest
 import torch
-from conftest import ONE_AT_A_TIME, Client, inference
 from transformers import Gemma2Config, LlamaConfig, Qwen2Config
 
 from llmws_server import resources
-from llmws_server.config import DEFAULTS
-from llmws_server.engines.api import Prompt
-from llmws_server.engines.transformers.batching import GREEDY
-from llmws_server.engines.transformers.engine import Engine, choose_attention, choose_dtype
 
 GB = 1024 ** 3
 LLAMA_31_8B = LlamaConfig(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, hidden_size=4096,
@@ -136,60 +130,8 @@ def test_gpu_figures_fall_back_to_torch_cuda_without_nvml():
     assert info["compute_capability"] == [8, 9] and len(info["devices"]) == 2
 
 
-@pytest.mark.parametrize("capability, dtype", [(None, torch.float32), ([7, 5], torch.float16), ([8, 0], torch.bfloat16),
-                                               ([8, 6], torch.bfloat16), ([8, 9], torch.bfloat16),
-                                               ([10, 0], torch.bfloat16)])
-def test_auto_dtype_follows_the_architecture(capability, dtype):
-    assert choose_dtype("auto", capability) == dtype
-    assert choose_dtype("float16", capability) == torch.float16
-
-
-def test_flash_attention_only_where_it_can_run():
-    assert choose_attention(True, None) == "sdpa"
-    assert choose_attention(True, [7, 5]) == "sdpa"
-    assert choose_attention(False, [9, 0]) == "sdpa"
-
-
-def test_flash_attention_2_where_flash_attn_imports_on_sm_8_or_newer(monkeypatch):
-    # flash_attn builds only against CUDA: an importable stand-in shows the choice (the gpu tests load it for real)
-    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
-    assert choose_attention(True, [8, 0]) == choose_attention(True, [9, 0]) == "flash_attention_2"
-    assert choose_attention(True, [7, 5]) == choose_attention(False, [8, 0]) == choose_attention(True, None) == "sdpa"
-
-
 @pytest.mark.gpu
 def test_real_gpu_figures():
     info = resources.cuda_info()
     assert info["total_gb"] > 0 and info["compute_capability"][0] >= 3
     assert info["devices"][0]["device"] == torch.cuda.get_device_name(0)
-
-
-@pytest.mark.gpu
-def test_generating_on_cuda_runs_no_cudnn_attention(tiny_model):
-    # cuDNN's attention builds a plan for every new key length, i.e. for every generated token
-    from torch.profiler import ProfilerActivity, profile
-
-    engine = Engine(tiny_model, DEFAULTS["model"], DEFAULTS["optimization"], 4096)
-    with profile(activities=[ProfilerActivity.CUDA]) as profiled:
-        tokens, _ = engine.generate(Prompt([1, 2, 3, 4]), GREEDY, 8, lambda text, logprobs: None, lambda: None)
-    kernels = {event.name for event in profiled.events() if event.device_type == torch.autograd.DeviceType.CUDA}
-    assert tokens == 8 and kernels
-    assert not torch.backends.cuda.cudnn_sdp_enabled()
-    assert not [name for name in kernels if "cudnn" in name.lower()]
-
-
-async def test_out_of_memory_is_reported_and_the_server_carries_on(start_server, tiny_model):
-    # The fault is injected into the one-at-a-time path (engine.generate)
-    server = start_server(tiny_model, environment={"LLMWS_FAULT_OOM": "<<oom>>"}, optimization=ONE_AT_A_TIME)
-    client = await Client.open(server.url)
-    before = client.welcome["capabilities"]["max_context"]
-    await client.send(inference("please <<oom>> now", max_new_tokens=1000))
-    messages = await client.until("error")
-    assert messages[0]["type"] == "start"
-    assert messages[-1]["message"] == "CUDA out of memory. Context too long. Please retry with shorter input."
-    needed = messages[0]["tokens_in"] + messages[0]["max_tokens"]
-    after = (await Client.open(server.url)).welcome["capabilities"]["max_context"]
-    assert after == needed * 3 // 4 < before
-    await client.send(inference("a normal request", max_new_tokens=5))
-    assert (await client.until("done"))[-1]["total_tokens"] == 5
-    await client.close()
