@@ -251,6 +251,9 @@ BLOCKER = inference("block", max_new_tokens=4000, request_id="blocker")  # runs 
 # The one-at-a-time worker, for tests of the queue: a blocker there makes every later request wait (with
 # batching on, the default, they would generate beside it; test_batching covers its queue).
 ONE_AT_A_TIME = {"max_batch_size": 1}
+# What the batching tests send, on a server (test_batching) and in-process (unit/engines/transformers).
+PROMPTS = ["Tell me about rivers", "A long story", "Name a colour", "Why is the sky blue?", "Count to ten",
+           "What is a dragon?"]
 
 
 @pytest.fixture(scope="session")
