@@ -1,20 +1,14 @@
 """Embeddings through the real `openai` package (/v1/embeddings) and the WebSocket `embed` message, on the
-default model under transformers and, from its GGUF, under llama.cpp; the pooling a sentence-transformers
-folder names, on a tiny model."""
+default model under transformers and, from its GGUF, under llama.cpp (the pooling a sentence-transformers
+folder names: tests/unit/engines/transformers/test_embedding.py)."""
 import array
 import base64
 import json
 import math
-import shutil
 
 import openai
 import pytest
-import torch
 from conftest import BLOCKER, ENGINES, Client, engine_server, free_port
-
-from llmws_server.config import DEFAULTS
-from llmws_server.engines.transformers import embedding
-from llmws_server.engines.transformers.engine import Engine
 
 MAX_INPUTS = 4
 CONFIG = {"limits": {"max_context_length": 512, "max_embedding_inputs": MAX_INPUTS}}
@@ -120,33 +114,6 @@ async def test_an_embedding_is_answered_beside_a_full_batch(start_server, tiny_m
         assert [m["finish_reason"] for m in ends] == ["cancelled", "cancelled"]  # both still ran till then
     finally:
         await client.close()
-
-
-def test_a_sentence_transformers_folder_names_its_pooling(tiny_model, tmp_path):
-    folder = tmp_path / "tiny-st"
-    shutil.copytree(tiny_model, folder)
-    (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_lasttoken": True}))
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-    (folder / "modules.json").write_text(json.dumps(modules))
-    assert embedding.pooling_of(folder) == embedding.Pooling("last", False)
-    assert embedding.pooling_of(tiny_model) == embedding.Pooling("mean", True)
-    engine = Engine(folder, DEFAULTS["model"], DEFAULTS["optimization"], 512)
-    vectors, _ = engine.embed(["one two three", "four"])
-    ids = engine.tokenizer("one two three")["input_ids"]
-    with torch.inference_mode():
-        hidden = engine.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
-    assert vectors[0] == pytest.approx(hidden[-1].float().tolist(), abs=1e-4)  # the last token's, not normalised
-    assert not math.isclose(math.hypot(*vectors[0]), 1, abs_tol=1e-3)
-
-
-def test_groups_keep_each_forward_pass_within_its_token_budget():
-    ids = [[1] * length for length in (5, 4000, 3, 4000, 4000, 10)]
-    found = embedding.groups(ids)
-    assert sorted(index for group in found for index in group) == list(range(len(ids)))
-    assert all(max(len(ids[i]) for i in group) * len(group) <= embedding.FORWARD_TOKENS for group in found)
-    assert found[0] == [2, 0, 5]  # the short ones together
 
 
 async def test_embed_requests_in_flight_together_are_each_answered(server):
