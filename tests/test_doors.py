@@ -1,8 +1,8 @@
 """Issue #43.1: both ports obey one connection policy at accept (per address, in total), the HTTP port closes
 a connection that does not send a whole request in time, refuses an impossible body unread, and a flood of
-refusals is a line in the log, not a line per connection. The attackers come from 127.0.0.2 and up."""
+refusals is a line in the log, not a line per connection (the log's rule: tests/unit/test_listeners.py; the
+admin scope off loopback: tests/unit/ws/test_handshake.py). The attackers come from 127.0.0.2 and up."""
 import asyncio
-import logging
 import re
 import resource
 import socket
@@ -12,13 +12,9 @@ import httpx
 import pytest
 from conftest import Client, free_port
 from websockets.asyncio.client import connect
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.http11 import Request
 
-from llmws_server.config import DEFAULTS
-from llmws_server.listeners import RESERVED_FILES, ConnectionPolicy, RepeatedLog
-from llmws_server.ws.handshake import Handshake
+from llmws_server.listeners import RESERVED_FILES, ConnectionPolicy
 
 PER_ADDRESS, TOTAL, DEADLINE_S = 8, 20, 2
 
@@ -170,26 +166,7 @@ def test_the_open_files_limit_is_raised_to_the_hard_one_and_the_cap_logged(start
     assert ConnectionPolicy.from_limits({"max_connections": 1024, "max_connections_per_ip": 64}, 300).total == 44
 
 
-def test_an_event_loop_error_that_repeats_is_logged_once_with_a_count(caplog):
-    class Loop:
-        def __init__(self):
-            self.reported: list[str] = []
-
-        def default_exception_handler(self, context):
-            self.reported.append(context["message"])
-
-    loop, repeated = Loop(), RepeatedLog(logging.getLogger("test"), window_s=0.5)
-    for _ in range(1000):
-        repeated.loop_errors(loop, {"message": "socket.accept() out of system resource",  # type: ignore[arg-type]
-                                    "exception": OSError(24, "Too many open files")})
-    assert loop.reported == ["socket.accept() out of system resource"]
-    time.sleep(0.6)
-    repeated.loop_errors(loop, {"message": "socket.accept() out of system resource",  # type: ignore[arg-type]
-                                "exception": OSError(24, "Too many open files")})
-    assert loop.reported[1] == "socket.accept() out of system resource (and 999 more times in the last 0.5 s)"
-
-
-# -- the smaller doors: doubled headers, rebinding, CORS, idle WebSocket connections, admin off loopback ----
+# -- the smaller doors: doubled headers, rebinding, CORS, idle WebSocket connections ----------------------
 
 def raw_request(port: int, head: bytes) -> bytes:
     """A request as written, from the attacker's address; the answer's status line and headers."""
@@ -256,15 +233,3 @@ async def test_when_full_the_longest_idle_websocket_makes_room_for_a_newcomer(re
     assert (await idle[1].request({"type": "ping"}))["type"] == "pong"
     await newcomer.close()
     await idle[1].close()
-
-
-@pytest.mark.parametrize("address, admin_token, may", [
-    ("127.0.0.1", None, True), ("127.0.0.2", None, True), ("::1", None, True), ("::ffff:127.0.0.1", None, True),
-    ("10.0.0.5", None, False), ("192.168.1.20", None, False), ("10.0.0.5", "admin", True)])
-def test_without_an_admin_token_models_are_managed_from_loopback_only(address, admin_token, may):
-    settings = {**DEFAULTS["server"], "admin_token": admin_token}
-    request = Request("/", Headers({"Host": "x", **({"Authorization": "Bearer admin"} if admin_token else {})}))
-    problem = Handshake(settings).admin_problem(request, address)
-    assert (problem is None) == may, problem
-    if not may:
-        assert "server.admin_token" in problem and "loopback" in problem

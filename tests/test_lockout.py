@@ -9,8 +9,6 @@ import pytest
 from conftest import BLOCKER, ONE_AT_A_TIME, Client, free_port, inference, refused_frame
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmws_server.ws.connection import Connection
-
 ATTACKER = "127.0.0.2"  # loopback too, but another address than the polite client's
 
 
@@ -51,40 +49,6 @@ async def test_http_refuses_a_lone_surrogate_with_400_naming_the_field(server, p
         assert "not valid Unicode" in response.json()["error"]["message"]
         polite = {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
         assert (await http.post("/v1/chat/completions", json=polite)).status_code == 200
-
-
-class FakeSocket:
-    """What Connection needs of a websocket: send, close and the address."""
-
-    remote_address = ("127.0.0.1", 1)
-
-    def __init__(self):
-        self.sent: list[str] = []
-        self.got = asyncio.Event()
-
-    async def send(self, text: str) -> None:
-        text.encode("utf-8")  # as the real one does: a str it cannot encode raises
-        self.sent.append(text)
-        self.got.set()
-
-    async def close(self, code: int, reason: str) -> None:
-        pass
-
-
-async def test_no_outgoing_message_can_break_a_connection():
-    websocket = FakeSocket()
-    connection = Connection(websocket, 1 << 20)  # type: ignore[arg-type]
-    connection.send({"type": "error", "message": "Unknown field(s): \udfff"})  # escaped, not dropped
-    connection.send({"type": "log", "message": object()})  # cannot be JSON: an error is sent instead
-    connection.send({"type": "pong"})
-    while len(websocket.sent) < 3:
-        websocket.got.clear()
-        await asyncio.wait_for(websocket.got.wait(), 5)
-    assert json.loads(websocket.sent[0])["message"] == "Unknown field(s): \udfff"
-    assert json.loads(websocket.sent[1])["message"].startswith("Internal error: a reply could not be encoded")
-    assert json.loads(websocket.sent[2]) == {"type": "pong"}
-    assert not connection.sender.done()
-    connection.stop()
 
 
 async def test_the_server_answers_on_after_the_bad_text(server):
