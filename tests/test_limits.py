@@ -12,10 +12,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from llmws_server.config import DEFAULTS
-from llmws_server.core.events import Log, Stamped
 from llmws_server.sessions.file_buffer import simple_decrypt
-from llmws_server.sessions.store import UNUSED_IDLE_S, SessionStore
-from llmws_server.ws.wire import CODEC
 
 
 def buffered_types(server, session_id) -> list[str]:
@@ -97,10 +94,6 @@ def impatient_server(start_server, tiny_model):
     return start_server(tiny_model, limits={"hello_timeout_s": 1, "idle_timeout_s": 2})
 
 
-def test_the_default_hello_timeout_is_short():
-    assert DEFAULTS["limits"]["hello_timeout_s"] <= 10
-
-
 async def test_connections_that_never_say_hello_do_not_lock_others_out(impatient_server):
     silent = [await connect(impatient_server.url) for _ in range(DEFAULTS["limits"]["max_clients"])]
     for websocket in silent:
@@ -171,17 +164,6 @@ async def test_sessions_are_capped_and_unused_ones_make_room(start_server, tiny_
     assert closed.rcvd.code == 1013 and "too many sessions" in closed.rcvd.reason
     for client in held:
         await client.close()
-
-
-def test_sessions_that_never_ran_anything_are_forgotten_quickly(tmp_path):
-    store = SessionStore(tmp_path, {}, CODEC)
-    unused, used = store.open()[0], store.open()[0]
-    used.emit(Stamped(Log("x")))
-    for session in (unused, used):
-        session.detach(None)
-        session.detached_at = 0.0
-    assert store.expire(idle_s=24 * 3600, now=UNUSED_IDLE_S + 1) == 1
-    assert set(store.sessions) == {used.id}
 
 
 async def test_buffers_and_logs_are_readable_by_the_servers_user_only(tiny_server):

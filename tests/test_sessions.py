@@ -8,7 +8,7 @@ import pytest
 from conftest import BLOCKER, ONE_AT_A_TIME, REPO, Client, inference, text_of
 from websockets.exceptions import ConnectionClosed
 
-from llmws_server.sessions.file_buffer import simple_decrypt, simple_encrypt
+from llmws_server.sessions.file_buffer import simple_decrypt
 
 LONG = inference("Tell me a long story", max_new_tokens=150, request_id="story")
 
@@ -23,11 +23,6 @@ def reference(tiny_server):
         await client.close()
         return messages
     return asyncio.run(answer())
-
-
-def test_simple_encryption_is_the_seeds():
-    assert simple_encrypt("hello") == "BAkBGxw="  # bytes 04 09 01 1b 1c: b"hello" XOR b"llmws"
-    assert simple_decrypt(simple_encrypt('{"data": "é ✓ 🐉"}')) == '{"data": "é ✓ 🐉"}'
 
 
 async def test_buffer_file_holds_every_stream_message_in_the_seeds_format(tiny_server):
@@ -195,42 +190,3 @@ def test_a_second_server_on_the_same_port_changes_nothing(start_server, tiny_mod
         await client.close()
 
     asyncio.run(resume())
-
-
-def test_a_session_left_for_a_day_is_forgotten_not_sooner(tmp_path):
-    """The server expires sessions with SESSION_IDLE_S, a day: the store's rule, with its clock injected."""
-    from llmws_server.core.events import Log, Stamped
-    from llmws_server.core.service import SESSION_IDLE_S
-    from llmws_server.sessions.store import SessionStore
-    from llmws_server.ws.wire import CODEC
-
-    assert SESSION_IDLE_S == 24 * 3600
-    store = SessionStore(tmp_path, {}, CODEC)
-    session = store.open()[0]
-    session.emit(Stamped(Log("x")))
-    session.detach(None)
-    session.detached_at = 1000.0
-    assert store.expire(SESSION_IDLE_S, now=1000.0 + SESSION_IDLE_S - 60) == 0  # a minute short of a day
-    assert store.open(session.id) == (session, True) and session.buffer.file.exists()
-    assert store.expire(SESSION_IDLE_S, now=1000.0 + SESSION_IDLE_S + 60) == 1
-    assert session.id not in store.sessions and not session.buffer.file.exists()
-
-
-def test_idle_sessions_are_forgotten_with_their_buffers(tmp_path):
-    from llmws_server.core.events import Log, Stamped
-    from llmws_server.sessions.store import SessionStore
-    from llmws_server.ws.wire import CODEC
-
-    store = SessionStore(tmp_path, {}, CODEC)
-    left, busy, live = (store.open()[0] for _ in range(3))
-    for session in (left, busy, live):
-        session.emit(Stamped(Log("x")))
-    for session in (left, busy):
-        session.detach(None)  # no connection was live: they were left at once
-        session.detached_at = 100.0
-    busy.jobs["r1"] = object()
-    live.connection = object()
-    assert store.expire(idle_s=50, now=140.0) == 0  # not idle long enough yet
-    assert store.expire(idle_s=50, now=200.0) == 1
-    assert set(store.sessions) == {busy.id, live.id} and not left.buffer.file.exists()
-    assert store.open(left.id)[1] is False  # a forgotten id gets a fresh session

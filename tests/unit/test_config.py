@@ -109,3 +109,7 @@ def test_replicas_settings_are_checked(tmp_path, replicas, accepted):
     else:
         with pytest.raises(ConfigError, match="replicas." + next(iter(replicas))):
             load_config(tmp_path / "config.json")
+
+
+def test_the_default_hello_timeout_is_short():
+    assert DEFAULTS["limits"]["hello_timeout_s"] <= 10
