@@ -11,7 +11,6 @@ from conftest import Client, build_tiny_model, inference, text_of
 from git_repos import gated_git, gated_path, lfs_repo_of, until_exists
 
 from llm import LLMWSEnhancedClient, LLMWSError
-from llmws_server.catalog import downloads
 from llmws_server.config import DEFAULTS
 
 POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize 1234\n".format("0" * 64)
@@ -426,16 +425,6 @@ async def test_hostile_gguf_file_names_are_refused_and_write_nothing(models_serv
     assert reply["type"] == "error" and words in reply["message"]
     assert tree(models_server.root) == before
     await client.close()
-
-
-def test_a_link_to_one_gguf_file_names_the_repo_and_the_file(tmp_path):
-    class Config:
-        download = {"allowed_url_prefixes": ["https://huggingface.co/"], "timeout_s": 60}
-        paths = {"models_dir": tmp_path}
-        root = tmp_path
-    checked = downloads.Downloads(Config).check(
-        "https://huggingface.co/org/name-GGUF/resolve/main/sub/name.Q4_K_M.gguf", "name")
-    assert checked == ("https://huggingface.co/org/name-GGUF", tmp_path / "name", "sub/name.Q4_K_M.gguf")
 
 
 @pytest.mark.parametrize("repo, target, words", [

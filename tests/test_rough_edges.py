@@ -1,6 +1,7 @@
-"""Issue #41's rough edges: a model folder that is an operator's symlink (served, listed, switched back to),
-server.http_port 0 in config.json (no HTTP API, as --http-port 0), and relative paths read from the config
-file's folder (the missing-path error says so)."""
+"""Issue #41's rough edges on a real server: a model folder that is an operator's symlink (served, listed,
+switched back to), server.http_port 0 in config.json (no HTTP API, as --http-port 0), and relative paths read
+from the config file's folder (the missing-path error says so). The catalog's and the config's own rules for
+them are in tests/unit/catalog/test_folders.py and tests/unit/test_config.py."""
 import json
 import shutil
 import subprocess
@@ -10,61 +11,7 @@ import psutil
 import pytest
 from conftest import REPO, Client, free_port
 
-from llmws_server.catalog import folders as catalog
-from llmws_server.config import load_config
-from llmws_server.errors import ConfigError, Refused
-
 # -- symlinked model folders ------------------------------------------------------------------------------
-
-
-@pytest.fixture()
-def linked(tmp_path, tiny_model):
-    """A project whose models/linked and var/models/vlink are symlinks to model folders outside it, with
-    a model folder one level inside a linked folder (outside/nested/deep) that no name may reach."""
-    config = load_config(tmp_path / "project" / "config.json")
-    config.paths["models_dir"].mkdir(parents=True)
-    (config.paths["var_dir"] / "models").mkdir(parents=True)
-    outside = tmp_path / "cache"
-    shutil.copytree(tiny_model, outside / "snapshot-a")
-    shutil.copytree(tiny_model, outside / "nested" / "deep")
-    (config.paths["models_dir"] / "linked").symlink_to(outside / "snapshot-a", target_is_directory=True)
-    (config.paths["models_dir"] / "to-nested").symlink_to(outside / "nested", target_is_directory=True)
-    (config.paths["var_dir"] / "models" / "vlink").symlink_to(outside / "snapshot-a", target_is_directory=True)
-    return config
-
-
-def test_an_operators_symlink_in_models_or_var_models_is_found_by_its_name(linked):
-    models_dir, var_models = linked.paths["models_dir"], linked.paths["var_dir"] / "models"
-    for given in ("linked", "models/linked", "./models/linked"):
-        assert catalog.find_model(linked, given) == ("models", models_dir / "linked")
-    for given in ("vlink", "var/models/vlink"):
-        assert catalog.find_model(linked, given) == ("var", var_models / "vlink")
-
-
-@pytest.mark.parametrize("given, words", [
-    ("../x", "Model not found"), ("../cache/snapshot-a", "Model not found"),
-    ("models/../models/linked", "Model not found"), ("models/linked/..", "Model not found|not a valid model name"),
-    ("models/to-nested/deep", "Model not found"), ("to-nested/deep", "Model not found"),
-    ("var/models/../../models/linked", "Model not found"), ("cache/snapshot-a", "Model not found"),
-    ("models/to-nested", "Model not found"),  # followed, but no model folder there
-    ("models/.linked", "not a valid model name"), (str(REPO), "Model not found"),
-])
-def test_names_that_reach_elsewhere_are_still_refused(linked, given, words):
-    with pytest.raises(Refused, match=words):
-        catalog.find_model(linked, given)
-
-
-def test_the_catalogue_lists_linked_folders_and_delete_never_follows_a_link(linked):
-    entries = {entry["name"]: entry for entry in catalog.scan(linked)}
-    assert entries["linked"] == {**entries["linked"], "path": "models/linked", "source": "models", "complete": True}
-    assert entries["vlink"] == {**entries["vlink"], "path": "var/models/vlink", "source": "var", "complete": True}
-    assert "to-nested" not in entries and "deep" not in entries
-    loaded = linked.paths["models_dir"] / "linked"
-    for name, refusal in [("vlink", "not found"), ("linked", "deleted manually")]:
-        with pytest.raises(Refused, match=refusal):
-            catalog.delete(linked, name, loaded)
-    assert (linked.paths["var_dir"] / "models" / "vlink").is_symlink()
-    assert (linked.paths["var_dir"] / "models" / "vlink" / "config.json").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -111,17 +58,6 @@ async def test_switches_by_names_with_more_to_them_are_refused_on_the_server(lin
 
 
 # -- server.http_port 0 -----------------------------------------------------------------------------------
-
-def test_http_port_0_or_null_in_the_file_is_no_http_api_and_out_of_range_is_refused(tmp_path):
-    file = tmp_path / "config.json"
-    for value in (0, None):
-        file.write_text(json.dumps({"server": {"http_port": value}}))
-        assert load_config(file).server["http_port"] is None
-    for value in (70000, -1):
-        file.write_text(json.dumps({"server": {"http_port": value}}))
-        with pytest.raises(ConfigError, match=r"server.http_port': must be 1 to 65535 \(or 0 or null"):
-            load_config(file)
-
 
 def test_a_config_with_http_port_70000_stops_the_start(tmp_path):
     file = tmp_path / "config.json"

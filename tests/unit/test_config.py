@@ -113,3 +113,14 @@ def test_replicas_settings_are_checked(tmp_path, replicas, accepted):
 
 def test_the_default_hello_timeout_is_short():
     assert DEFAULTS["limits"]["hello_timeout_s"] <= 10
+
+
+def test_http_port_0_or_null_in_the_file_is_no_http_api_and_out_of_range_is_refused(tmp_path):
+    file = tmp_path / "config.json"
+    for value in (0, None):
+        file.write_text(json.dumps({"server": {"http_port": value}}))
+        assert load_config(file).server["http_port"] is None
+    for value in (70000, -1):
+        file.write_text(json.dumps({"server": {"http_port": value}}))
+        with pytest.raises(ConfigError, match=r"server.http_port': must be 1 to 65535 \(or 0 or null"):
+            load_config(file)
