@@ -60,6 +60,10 @@ class ReplicaWorker(BatchingWorker):
         if self.replica.state is ReplicaState.SERVING:  # one that could not load never starts
             super().start(loop)
 
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.thread.ident is not None:  # one that could not load never started its thread: no join
+            super().stop(timeout)
+
     def _positions_changed(self) -> None:
         self.pool._positions_changed()
 
@@ -113,8 +117,9 @@ class ReplicaPool(Worker):
     def status(self) -> list[dict]:
         """Each replica: where it runs, its state, and the requests it holds."""
         with self.lock:
-            return [{**replica.replica.status(), "requests": replica.load(), "served": replica.served,
-                     "slots": replica.max_batch_size} for replica in self.replicas]
+            return sorted(({**replica.replica.status(), "requests": replica.load(), "served": replica.served,
+                            "slots": replica.max_batch_size} for replica in self.replicas),
+                          key=lambda status: status["index"])  # those that loaded come first in self.replicas
 
     def replica_gone(self) -> None:
         """A replica is gone for good: with none left, what waits fails with the cause."""
