@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 
 import llmws_server
 from llmws_server.config import Config
@@ -39,9 +40,10 @@ def start_replicas(folder: Path, config: Config) -> list[RemoteEngine]:
         try:
             engine = RemoteEngine(index, actor, ray.get(actor.describe.remote()))
         except Exception as exc:
-            log.error("replica %d could not load %s: %s", index, folder.name, str(exc).split("\n")[0])
+            cause = load_failure(exc)
+            log.error("replica %d could not load %s: %s", index, folder.name, cause)
             engine = RemoteEngine(index, actor, None)
-            engine.state, engine.cause = ReplicaState.DEAD, f"it could not load the model: {exc}".split("\n")[0]
+            engine.state, engine.cause = ReplicaState.DEAD, f"it could not load the model: {cause}"
             ray.kill(actor, no_restart=True)
         else:
             log.info("%s serves %s on %s", engine.label, engine.name, engine.device)
@@ -49,3 +51,12 @@ def start_replicas(folder: Path, config: Config) -> list[RemoteEngine]:
     if all(engine.state is ReplicaState.DEAD for engine in engines):
         raise Refused(f"No engine replica could load {folder.name}: {engines[0].cause}")
     return sorted(engines, key=lambda engine: engine.state is ReplicaState.DEAD)
+
+
+def load_failure(exc: BaseException) -> str:
+    """Why a replica could not load, in one line: what its constructor raised (the last line of the
+    traceback Ray hands on), else the first line of Ray's own error."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[-1] if isinstance(exc, RayActorError) and exc.actor_init_failed else lines[0]

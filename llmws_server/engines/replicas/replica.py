@@ -8,6 +8,7 @@ come in; the engine's own batch takes calls from any thread.
 import logging
 import os
 import queue
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +50,9 @@ class Replica:
         from llmws_server.engines.registry import load_engine  # the engines' imports, in this process only
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        if not Path(folder).exists():  # only the code travels to the nodes, not the weights
+            raise FileNotFoundError(f"{folder} is not on this node ({socket.gethostname()}): every node needs the "
+                                    "model folder at the same path as the server")
         self.engine = load_engine(folder, config)
         self.batch: Batch | None = None
         self.solo_stop: str | None = None  # why the solo request must stop, once the server says so
