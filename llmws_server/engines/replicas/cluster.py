@@ -1,6 +1,7 @@
 """Engine replicas on a Ray cluster: replicas.count actors (replica.Replica), each loading the model on
-the CPUs and GPUs Ray gives it (replicas.num_cpus, replicas.num_gpus), restarted by Ray after a crash up
-to replicas.max_restarts times. Ray is imported only here, and only when replicas.ray_address is set.
+the CPUs and GPUs Ray gives it (replicas.num_cpus, replicas.num_gpus) on a node that offers the custom
+resources it asks for (replicas.resources), restarted by Ray after a crash up to replicas.max_restarts
+times. Ray is imported only here, and only when replicas.ray_address is set.
 """
 import logging
 from pathlib import Path
@@ -31,10 +32,11 @@ def start_replicas(folder: Path, config: Config) -> list[RemoteEngine]:
              num_cpus=settings["count"] * settings["num_cpus"] if local else None,
              runtime_env={"py_modules": [str(Path(llmws_server.__file__).parent)]})
     log.info("Ray cluster at %s: %s", address, ray.cluster_resources())
-    actor_class = ray.remote(Replica).options(
-        num_cpus=settings["num_cpus"], num_gpus=settings["num_gpus"], max_restarts=settings["max_restarts"],
-        max_task_retries=0, max_concurrency=MAX_CONCURRENCY)
-    actors: list[Any] = [actor_class.remote(folder, config) for _ in range(settings["count"])]
+    actor_class = ray.remote(Replica)
+    options = {"num_cpus": settings["num_cpus"], "num_gpus": settings["num_gpus"],
+               "max_restarts": settings["max_restarts"], "max_task_retries": 0, "max_concurrency": MAX_CONCURRENCY}
+    actors: list[Any] = [actor_class.options(**options, resources=resources).remote(folder, config)
+                         for resources in replica_resources(settings)]
     engines = []
     for index, actor in enumerate(actors):
         try:
@@ -51,6 +53,13 @@ def start_replicas(folder: Path, config: Config) -> list[RemoteEngine]:
     if all(engine.state is ReplicaState.DEAD for engine in engines):
         raise Refused(f"No engine replica could load {folder.name}: {engines[0].cause}")
     return sorted(engines, key=lambda engine: engine.state is ReplicaState.DEAD)
+
+
+def replica_resources(settings: dict) -> list[dict]:
+    """The custom Ray resources each replica asks for: replicas.resources, one object for every replica or
+    a list of one per replica (replica i goes to a node that offers the i-th; ray start --resources)."""
+    resources = settings.get("resources") or {}
+    return list(resources) if isinstance(resources, list) else [resources] * settings["count"]
 
 
 def load_failure(exc: BaseException) -> str:
