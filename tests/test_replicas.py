@@ -1,15 +1,22 @@
 """Engine replicas on a local Ray cluster (replicas.ray_address "local"): two CPU replicas of the tiny
-model behind the one fair queue, with positions, resume, cancel, and a replica killed mid-stream."""
+model behind the one fair queue, with positions, resume, cancel, and a replica killed mid-stream; and on
+a two-node cluster whose one node lacks the model folder."""
 import asyncio
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import REPO, Client, free_port, inference, text_of
+from prometheus_client.parser import text_string_to_metric_families
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -216,3 +223,126 @@ async def test_an_image_request_runs_on_a_replica_with_the_answer_of_one_engine(
     assert texts["remote"] == texts["local"] and texts["remote"][0] != texts["remote"][1]
     assert all(next(m for m in messages if m["type"] == "start")["images_in"] == 1 for messages in answers["remote"])
     assert (await replicas(remote))[0]["served"] == 2  # the replica answered them
+
+
+# -- a two-node cluster on this machine, one node without the model ---------------------------------------
+
+RAY_START = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats",
+             "--num-cpus=1", "--num-gpus=0"]
+MOUNT_NAMESPACES = (["unshare", "--mount", "--propagation", "private"],  # root
+                    ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private"])  # a user
+HIDE_AND_RUN = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'  # sh -c: the folder $2 shows $1's contents
+
+
+def mount_namespace(probe: Path) -> list[str] | None:
+    """An unshare command whose process gets a mount namespace of its own, where it may bind-mount (tried
+    on `probe`); None where this machine allows none."""
+    for command in MOUNT_NAMESPACES:
+        try:
+            if subprocess.run([*command, "sh", "-c", HIDE_AND_RUN, "sh", probe, probe, "true"],
+                              capture_output=True, timeout=60).returncode == 0:
+                return command
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+    return None
+
+
+class RayNode:
+    """`ray start --block` in a session of its own, its output in a file."""
+
+    def __init__(self, command: list[str], out: Path, environment: dict):
+        self.out = out
+        self.process = subprocess.Popen(command, stdout=out.open("w"), stderr=subprocess.STDOUT,
+                                        start_new_session=True, env={**os.environ, **environment})
+
+    def wait_started(self, timeout=180) -> None:
+        deadline = time.monotonic() + timeout
+        while "Ray runtime started" not in self.out.read_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start did not start a node:\n{self.out.read_text()[-4000:]}")
+            time.sleep(0.2)
+
+    @staticmethod
+    def stop(nodes: list["RayNode"]) -> None:
+        """SIGTERM ends each node's processes (ray start --block); what their sessions still hold, SIGKILL."""
+        for node in nodes:
+            node.process.terminate()
+        for node in nodes:
+            try:
+                node.process.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(node.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            node.process.wait()
+
+
+@pytest.fixture
+def cluster_missing_the_model_on_one_node(tiny_model):
+    """A Ray cluster of two nodes on this machine, each with one CPU: the head, custom resource
+    node_with_model; and one in a mount namespace of its own where the tiny model's folder is not there
+    (an empty folder is bind-mounted over its parent), custom resource node_without_model. Its address, and
+    the environment that joins it: Ray's token authentication with a token of its own (a token in
+    ~/.ray/auth_token, which Ray >= 2.59 writes for its local clusters, would turn it on for the head only)."""
+    temp = Path(tempfile.mkdtemp(prefix="llmws-ray-", dir="/tmp"))  # short: Ray's socket paths live in it
+    (temp / "empty").mkdir()
+    namespace = mount_namespace(temp / "empty")
+    if namespace is None:
+        shutil.rmtree(temp, ignore_errors=True)
+        pytest.skip("needs a mount namespace (unshare) to start a Ray node without the model folder")
+    port, environment = free_port(), {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    nodes = [RayNode([*RAY_START, "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}",
+                      '--resources={"node_with_model": 1}'], temp / "head.out", environment)]
+    try:
+        nodes[0].wait_started()
+        nodes.append(RayNode([*namespace, "sh", "-c", HIDE_AND_RUN, "sh", str(temp / "empty"), str(tiny_model.parent),
+                              *RAY_START, f"--address=127.0.0.1:{port}", '--resources={"node_without_model": 1}'],
+                             temp / "bare.out", environment))
+        nodes[1].wait_started()
+        yield f"127.0.0.1:{port}", environment
+    finally:
+        RayNode.stop(nodes)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+async def test_replica_0_cannot_load_the_model_on_its_node_and_replica_1_serves(
+        cluster_missing_the_model_on_one_node, start_server, tiny_model):
+    """replicas.resources puts replica 0 on the node without the model folder and replica 1 on the other: the
+    server starts, lists replica 0 dead with the cause, reads the model from replica 1 (cluster.start_replicas
+    puts the replicas that loaded first), and replica 1 serves every request with one engine's greedy texts."""
+    address, environment = cluster_missing_the_model_on_one_node
+    server = start_server(tiny_model, environment=environment, replicas={
+        "ray_address": address, "count": 2, "resources": [{"node_without_model": 1}, {"node_with_model": 1}]},
+        optimization={"max_batch_size": SLOTS}, server={"http_port": free_port()})
+    try:
+        dead, serving = await replicas(server)
+        assert dead["index"] == 0 and dead["state"] == "dead" and dead["pid"] is None, dead
+        assert dead["cause"].startswith("it could not load the model: FileNotFoundError: "
+                                        f"{tiny_model} is not on this node"), dead
+        assert serving["index"] == 1 and serving["state"] == "serving" and serving["device"] == "cpu", serving
+        assert f"replica 0 could not load {tiny_model.name}: FileNotFoundError" in server.output()
+        assert ready(server) == 200
+        with urllib.request.urlopen(server.http_url + "/metrics", timeout=10) as answer:
+            gauges = {(sample.labels["replica"], sample.labels["state"]): sample.value
+                      for family in text_string_to_metric_families(answer.read().decode())
+                      for sample in family.samples if sample.name == "llmws_replica_serving"}
+        assert gauges == {("0", "dead"): 0.0, ("1", "serving"): 1.0}, gauges
+
+        single = start_server(tiny_model, optimization={"max_batch_size": SLOTS})  # the engine in process
+        clients = [await Client.open(server.url) for _ in range(4)]
+        alone = await Client.open(single.url)
+        assert clients[0].welcome["model"] == tiny_model.name  # as replica 1 describes it
+        assert clients[0].welcome["capabilities"] == alone.welcome["capabilities"]
+        prompts = [inference(f"Client {index} asks", max_new_tokens=16) for index in range(4)]
+        answers = await asyncio.gather(*(client.until_done(prompt) for client, prompt in zip(clients, prompts)))
+        assert all(answer[-1]["type"] == "done" and answer[-1]["total_tokens"] == 16 for answer in answers), answers
+        for prompt, answer in zip(prompts, answers):
+            assert text_of(await alone.until_done(prompt)) == text_of(answer)
+        assert [replica["served"] for replica in await replicas(server)] == [0, 4]
+        for client in [*clients, alone]:
+            await client.close()
+    finally:
+        server.stop()  # before its cluster
+    assert server.process.returncode == 0, server.output()[-3000:]  # a replica that never started stops too
