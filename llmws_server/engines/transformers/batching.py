@@ -115,12 +115,12 @@ class Solo:
         found = []
         try:
             item = self.results.get(timeout=timeout)
-            while True:
-                if item is None:
-                    self.over = True
-                    break
+            while item is not None:
                 found.append(item)
+                if item.finished:  # nothing of this run follows; a request added now starts alone
+                    break
                 item = self.results.get_nowait()
+            self.over = True
         except queue.Empty:
             pass
         return found

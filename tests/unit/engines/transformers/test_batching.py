@@ -1,6 +1,6 @@
 """engines/transformers/batching.py in-process, on the real engine and the tiny random model (no server): the KV
 cache's size, the solo run's and the batch's threads, requests that join a solo run, and the model freed when a
-batch froze it for the garbage collector."""
+batch froze it for the garbage collector, and a request right after a solo run's end running alone too."""
 import pytest
 from conftest import PROMPTS, REPO
 
@@ -245,6 +245,47 @@ def test_a_held_continuation_still_runs_when_the_joiners_are_cancelled_before_th
         assert finished[0].tokens == 12 and text == expected
     finally:
         engine.generate = generate
+        batch.close()
+
+
+def test_a_request_right_after_a_solo_run_runs_alone_too(tiny_model):
+    """A solo run's end, once handed on, lets the next request run alone (plain generate()), not in a
+    batch of one (slower: the paged cache and a scheduled step for one row), even when the run's thread
+    has not yet put its last word on the queue: the worker read the end first, the batch still held the
+    run, and a constrained answer right after another ran at about half its speed. The test holds the
+    run's thread back (its settle) until the end has been read, the order that lost the race."""
+    import threading
+
+    from llmws_server.config import GenerationSettings, load_config
+    from llmws_server.engines.api import Prompt
+    from llmws_server.engines.transformers.engine import Engine
+
+    engine = Engine.for_config(tiny_model, load_config(REPO / "config.json"))
+    alone, generate = [], engine.generate
+
+    def recording(*args, **kwargs):
+        alone.append(args[0].ids)
+        return generate(*args, **kwargs)
+    engine.generate = recording
+    batch = engine.open_batch(2)
+    end_read, settle = threading.Event(), batch.settle
+
+    def settle_after_the_end_is_read(*args):
+        assert end_read.wait(30)
+        settle(*args)
+    batch.settle = settle_after_the_end_is_read
+    settings = GenerationSettings(**{**GREEDY_12, "max_new_tokens": 6})
+    try:
+        first = batch.add(Prompt([1, 2, 3]), 6, settings)
+        while not any(p.finished and p.request == first for p in batch.progress(timeout=5)):
+            pass
+        end_read.set()
+        second = batch.add(Prompt([4, 5, 6]), 6, settings)
+        while not any(p.finished and p.request == second for p in batch.progress(timeout=5)):
+            pass
+        assert alone[-2:] == [[1, 2, 3], [4, 5, 6]]  # both ran alone
+    finally:
+        end_read.set()
         batch.close()
 
 
