@@ -9,8 +9,10 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -21,6 +23,9 @@ from llmws_server.engines.text import TextStream
 from llmws_server.engines.transformers.picking import Picker
 from llmws_server.engines.transformers.sampling import request_kwargs, request_sampling
 from llmws_server.errors import OUT_OF_MEMORY
+
+if TYPE_CHECKING:  # the engine opens its batches: it imports this module
+    from llmws_server.engines.transformers.engine import Engine
 
 PAGE_SIZE = 256
 # Tokens one batching step may take in (longer prompts are prefilled in pieces, the others decoding
@@ -74,7 +79,8 @@ class Solo:
     next step reads their prompts (as many as it takes); a continuation with tokens enters the step
     after (`settle`). Where a solo run's thread lives is the batch's `on_solo_thread`."""
 
-    def __init__(self, batch: "TransformersBatch", name: str, prompt, max_tokens: int, settings):
+    def __init__(self, batch: "TransformersBatch", name: str, prompt: Prompt, max_tokens: int,
+                 settings: GenerationSettings):
         self.batch, self.name = batch, name
         self.handoff, self.cancelled = threading.Event(), threading.Event()
         self.settled = threading.Event()  # it has finished, or gone on in the batch (set by the batch)
@@ -82,13 +88,13 @@ class Solo:
         self.over = False
         batch.on_solo_thread(self._run, prompt, max_tokens, settings)
 
-    def _run(self, prompt, max_tokens: int, settings) -> None:
+    def _run(self, prompt: Prompt, max_tokens: int, settings: GenerationSettings) -> None:
         stream = TextStream(self.batch.engine.tokenizer)
 
-        def on_text(text, logprobs=()):
+        def on_text(text: str, logprobs: tuple = ()) -> None:
             self.results.put(Progress(self.name, text, len(stream.ids), False, logprobs=logprobs))
 
-        def should_stop():
+        def should_stop() -> str | None:
             return "cancelled" if self.cancelled.is_set() else "handoff" if self.handoff.is_set() else None
 
         continuation = None
@@ -126,7 +132,7 @@ class Solo:
         return found
 
 
-def one_forward_at_a_time(model) -> list:
+def one_forward_at_a_time(model: Any) -> list:
     """Hooks that let the batch's thread and a solo run's run the model one at a time. While a forward runs,
     transformers sets `is_causal` on the model's one config (utils.generic.merge_with_config_defaults), and
     the batch's steps pass is_causal=False (they bring their own masks): a solo step that ran meanwhile
@@ -135,18 +141,18 @@ def one_forward_at_a_time(model) -> list:
     the batch while the manager is still in a step (its schema complete) and the next starts alone at once."""
     lock = threading.Lock()
 
-    def enter(module, args) -> None:
+    def enter(module: Any, args: tuple) -> None:
         lock.acquire()
 
-    def leave(module, args, output) -> None:
+    def leave(module: Any, args: tuple, output: Any) -> None:
         lock.release()
     return [model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True)]
 
 
 class TransformersBatch:
-    def __init__(self, engine, slots: int):
-        self.engine = engine
-        self.model = engine.model
+    def __init__(self, engine: "Engine", slots: int):
+        assert engine.model is not None  # a batch is opened on a loaded model
+        self.engine, self.model = engine, engine.model
         self.hooks = one_forward_at_a_time(self.model)
         tokenizer = engine.tokenizer
         eos = self.model.generation_config.eos_token_id
@@ -196,7 +202,7 @@ class TransformersBatch:
         self.on_solo_thread(self.engine.generate, Prompt(WARM_PROMPT), GREEDY, 2, lambda text, logprobs: None,
                             lambda: None).result()
 
-    def on_solo_thread(self, run, *args) -> Future:
+    def on_solo_thread(self, run: Callable[..., Any], *args: Any) -> Future:
         """Run a solo request (plain generate()). Solo runs take turns on one warm thread: a fresh one
         costs a CPU's first token about 35 ms, and on CUDA, while cuDNN's attention was on (it is off now:
         engine.avoid_cudnn_attention), it built cuDNN's plans (cached per thread) again at every step (on an
@@ -230,11 +236,12 @@ class TransformersBatch:
             self.manager.join(time.perf_counter(), timeout=30)
             # stop() put back the model's own attention; the batch may need its paged one
             config = self.manager.continuous_batching_config
-            self.manager.switch_to_cb_friendly_attn(self.model, config.auto_switch_to_flash)
+            # (transformers types the model as its own protocol, which its model classes do not declare)
+            self.manager.switch_to_cb_friendly_attn(self.model, config.auto_switch_to_flash)  # type: ignore[arg-type]
             self.manager.start()
             self.parked = False
 
-    def add(self, prompt, max_tokens: int, settings) -> str:
+    def add(self, prompt: Prompt, max_tokens: int, settings: GenerationSettings) -> str:
         request = uuid.uuid4().hex
         if not settings.plain:  # made before it runs: alone or in the batch, one picker all along
             self.pickers[request] = self.engine.picker(settings)
@@ -331,7 +338,7 @@ class TransformersBatch:
         if not self.streams and not self.joining and self.solo is None:
             self._park()
 
-    def _progress(self, stream: TextStream, result) -> Progress:
+    def _progress(self, stream: TextStream, result: Any) -> Progress:
         tokens = list(result.generated_tokens)
         if result.error:
             self.streams.pop(result.request_id, None)

@@ -10,9 +10,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 import llguidance.hf
@@ -30,8 +31,8 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from llmws_server import resources
-from llmws_server.config import GenerationSettings
-from llmws_server.engines.api import Prompt
+from llmws_server.config import Config, GenerationSettings
+from llmws_server.engines.api import Prompt, TokenLogprob
 from llmws_server.engines.text import Streamer, TextStream
 from llmws_server.engines.transformers import embedding
 from llmws_server.engines.transformers.batching import SLOT_TOKENS, TransformersBatch
@@ -50,7 +51,7 @@ FAULT_OOM_MARKER = os.environ.get("LLMWS_FAULT_OOM")
 BATCH_SIZE = {"cpu": 32, "cuda": 32}
 
 
-def choose_dtype(name: str, compute_capability) -> torch.dtype:
+def choose_dtype(name: str, compute_capability: list[int] | None) -> torch.dtype:
     """'auto': float32 on a CPU, bfloat16 on CUDA 8.0 or newer, float16 on older CUDA."""
     if name != "auto":
         return getattr(torch, name)
@@ -59,7 +60,7 @@ def choose_dtype(name: str, compute_capability) -> torch.dtype:
     return torch.bfloat16 if tuple(compute_capability) >= (8, 0) else torch.float16
 
 
-def choose_attention(use_flash: bool, compute_capability) -> str:
+def choose_attention(use_flash: bool, compute_capability: list[int] | None) -> str:
     if use_flash and compute_capability is not None and tuple(compute_capability) >= (8, 0):
         try:
             importlib.import_module("flash_attn")
@@ -69,7 +70,7 @@ def choose_attention(use_flash: bool, compute_capability) -> str:
     return "sdpa"
 
 
-def takes_images(model_config) -> bool:
+def takes_images(model_config: Any) -> bool:
     """An image-text-to-text model (Qwen2-VL, Idefics3/SmolVLM, LLaVA, Gemma 3, ...)."""
     return model_config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and hasattr(model_config,
                                                                                          "vision_config")
@@ -78,15 +79,15 @@ def takes_images(model_config) -> bool:
 class _StopWhen(StoppingCriteria):
     """Ends generation when `check()` returns a reason (cancelled, timeout)."""
 
-    def __init__(self, check):
+    def __init__(self, check: Callable[[], str | None]):
         self.check = check
-        self.reason = None
+        self.reason: str | None = None
 
     def stops(self) -> bool:
         self.reason = self.reason or self.check()
         return self.reason is not None
 
-    def __call__(self, input_ids, scores, **kwargs):
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self.stops(), dtype=torch.bool, device=input_ids.device)
 
 
@@ -94,7 +95,7 @@ class _StoppedReading(Exception):
     """A stop came while generate() read the prompt."""
 
 
-def decoder_layers(model) -> list:
+def decoder_layers(model: Any) -> list:
     """The layers a prompt's read may stop between (none found: it runs to its end)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     return list(getattr(decoder, "layers", None) or [])
@@ -158,7 +159,7 @@ class Engine:  # engines.api.Engine
                 "device": self.device, "sdpa": self.attention == "sdpa", "training": not self.vision}
 
     @classmethod
-    def for_config(cls, model_dir: Path, config) -> "Engine":
+    def for_config(cls, model_dir: Path, config: Config) -> "Engine":
         return cls(model_dir, config.model, config.optimization, config.limits["max_context_length"])
 
     @property
@@ -207,7 +208,8 @@ class Engine:  # engines.api.Engine
             self._grammar_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer)
         return self._grammar_tokenizer
 
-    @functools.lru_cache(maxsize=65536)  # noqa: B019: one cache for the engine's life
+    # one cache for the engine's life (it holds the engine: flake8-bugbear's B019 would say so)
+    @functools.lru_cache(maxsize=65536)
     def token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])
 
@@ -218,8 +220,9 @@ class Engine:  # engines.api.Engine
         ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         return ids | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
 
-    def generate(self, prompt: Prompt, settings, max_new_tokens: int, on_text, should_stop, stream=None,
-                 picker: Picker | None = None):
+    def generate(self, prompt: Prompt, settings: GenerationSettings, max_new_tokens: int,
+                 on_text: Callable[[str, tuple[TokenLogprob, ...]], None], should_stop: Callable[[], str | None],
+                 stream: TextStream | None = None, picker: Picker | None = None) -> tuple[int, str]:
         """Stream text pieces to `on_text` on this thread; return (tokens generated, finish reason).
         `stream` (engines.text.TextStream) may be given to keep the tokens, for a batch to go on from; a
         request whose settings are not plain picks its tokens with its `picker` (made here if not given)."""
@@ -247,14 +250,14 @@ class Engine:  # engines.api.Engine
         return generated, stopper.reason or reading.reason or ("length" if generated >= max_new_tokens else "stop")
 
     @contextlib.contextmanager
-    def _stoppable_read(self, reading: _StopWhen, stream: TextStream):
+    def _stoppable_read(self, reading: _StopWhen, stream: TextStream) -> Iterator[None]:
         """While generate() reads the prompt (its first step, and its longest: 0.1 s for a short chat
         prompt on a CPU, seconds for a long one), each decoder layer first asks `reading`, so a stop (a
         cancel, a batch taking over) ends the read within a layer, not after it. On this thread only:
         a batch's thread runs the same model."""
         thread, before = threading.get_ident(), len(stream.ids)
 
-        def ask(module, args):
+        def ask(module: torch.nn.Module, args: tuple) -> None:
             if len(stream.ids) == before and threading.get_ident() == thread and reading.stops():
                 raise _StoppedReading
         hooks = [layer.register_forward_pre_hook(ask) for layer in self.layers]
@@ -298,14 +301,14 @@ class Engine:  # engines.api.Engine
     def open_batch(self, slots: int) -> TransformersBatch:
         return TransformersBatch(self, slots)
 
-    def trainer(self, examples: list, settings) -> LoRATrainer:
+    def trainer(self, examples: list, settings: Any) -> LoRATrainer:  # core.training.TrainSettings
         return LoRATrainer(self, examples, settings)
 
     def save(self, folder: Path) -> None:
         save_model(self, folder)
 
     @staticmethod
-    def is_out_of_memory(exc: BaseException) -> bool:
+    def is_out_of_memory(exc: BaseException | None) -> bool:
         return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError))
 
     def free_memory(self) -> None:
@@ -342,18 +345,18 @@ def avoid_cudnn_attention() -> None:
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-def _until_done(picker: Picker, should_stop):
+def _until_done(picker: Picker, should_stop: Callable[[], str | None]) -> Callable[[], str | None]:
     """should_stop, and "stop" once the request's schema is complete (a model may have no end token)."""
-    def check():
+    def check() -> str | None:
         return "stop" if picker.done else should_stop()
     return check
 
 
-def _injected_oom():
+def _injected_oom() -> str | None:
     raise torch.cuda.OutOfMemoryError("injected by LLMWS_FAULT_OOM")
 
 
-def sampling_arguments(settings) -> dict:
+def sampling_arguments(settings: GenerationSettings) -> dict:
     """generate() arguments for GenerationSettings: every one, so that none comes from the model's
     generation_config.json instead (the session's settings already took it in)."""
     arguments: dict = {}
@@ -366,7 +369,9 @@ def sampling_arguments(settings) -> dict:
     return arguments
 
 
-def convert_gguf(gguf: Path, out: Path, name: str, step=lambda label: contextlib.nullcontext()) -> None:
+def convert_gguf(gguf: Path, out: Path, name: str,
+                 step: Callable[[str], contextlib.AbstractContextManager] = lambda label: contextlib.nullcontext()
+                 ) -> None:
     """A GGUF model as a transformers folder of float32 safetensors. A GGUF-loaded model refuses
     save_pretrained, so it is rebuilt from a clean config with the weights copied in. `step(label)` is a
     context manager around each of the four steps (to show progress)."""

@@ -13,7 +13,9 @@ The repetition penalty needs each request's own tokens, which do not fit the pro
 row: the rows' token ids are gathered when the step is prepared, so the manager must run steps one after
 the other (no asynchronous batching, no CUDA graphs; batching.py sets both).
 """
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import LogitsProcessorList
@@ -22,10 +24,11 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingLogitsProcessorList,
 )
 
+from llmws_server.config import GenerationSettings
 from llmws_server.engines.transformers.picking import Picker, force
 
 
-def request_kwargs(settings) -> dict:
+def request_kwargs(settings: GenerationSettings) -> dict:
     """A request's settings as the sampler reads them (the manager checks their types). A request whose
     settings are not plain has a Picker (picking.py), which chooses its token: the batch's row is greedy."""
     return {"greedy": not settings.sampled or not settings.plain, "temperature": float(settings.temperature),
@@ -47,7 +50,7 @@ class Step:
     picked: list[tuple[int, Picker]]  # rows whose request picks its own token
 
     @classmethod
-    def of(cls, requests, pickers: dict[str, Picker] | None = None) -> "Step":
+    def of(cls, requests: Sequence[Any], pickers: dict[str, Picker] | None = None) -> "Step":
         sampled, temperature, top_k, top_p = [], [], [], []
         tokens: list[int]
         picked: list[tuple[int, Picker]] = []
@@ -89,7 +92,7 @@ class Step:
             scores[row] = force(scores[row], picker.pick(scores[row]))
         return scores
 
-    def _draw(self, scores: torch.Tensor, device) -> torch.Tensor:
+    def _draw(self, scores: torch.Tensor, device: torch.device) -> torch.Tensor:
         """One token per row, drawn as generate() samples: temperature, then top_k, then top_p."""
         scores = scores / self.temperature.to(device).unsqueeze(-1)
         vocabulary = scores.size(-1)
@@ -109,7 +112,7 @@ class RequestSampler(ContinuousBatchingLogitsProcessor):
                         "repetition_penalty": float}
     ignored_kwargs = ()
 
-    def __init__(self, before_next_step=None, pickers: dict[str, Picker] | None = None):
+    def __init__(self, before_next_step: Callable[[], None] | None = None, pickers: dict[str, Picker] | None = None):
         self.step: Step | None = None
         self.pickers = {} if pickers is None else pickers  # the batch's, by request name
         # Run on the manager's thread each time a step's requests are chosen: a request it adds enters the
@@ -119,7 +122,7 @@ class RequestSampler(ContinuousBatchingLogitsProcessor):
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         int32_tensor.zero_()  # its one number per row is not used: the step holds the settings
 
-    def prepare_tensor_args(self, requests_with_new_token) -> torch.Tensor:
+    def prepare_tensor_args(self, requests_with_new_token: Sequence[Any]) -> torch.Tensor:
         self.step = Step.of(requests_with_new_token, self.pickers)
         if self.before_next_step is not None:
             self.before_next_step()
@@ -132,7 +135,7 @@ class RequestSampler(ContinuousBatchingLogitsProcessor):
         return self.step.apply(scores)
 
 
-def request_sampling(before_next_step=None, pickers: dict[str, Picker] | None = None
+def request_sampling(before_next_step: Callable[[], None] | None = None, pickers: dict[str, Picker] | None = None
                      ) -> ContinuousBatchingLogitsProcessorList:
     """The manager's processors: the sampler alone."""
     processors = ContinuousBatchingLogitsProcessorList(
