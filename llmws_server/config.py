@@ -3,9 +3,10 @@ import copy
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from llmws_server.errors import ConfigError, Refused
 
@@ -99,7 +100,7 @@ MAX_NUMBER = 2 ** 31 - 1  # no setting needs more, and torch takes every one tha
 SESSION_SETTINGS = ("seed", "frequency_penalty", "presence_penalty")  # settable, not in generation_defaults
 
 
-def is_number(value) -> bool:
+def is_number(value: object) -> TypeGuard[int | float]:
     """A finite int or float of a size every setting can take (a 400-digit int is not one)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
@@ -164,7 +165,7 @@ def validate_generation(settings: dict) -> dict:
     return settings
 
 
-def _check_range(settings, key, ok, text):
+def _check_range(settings: dict, key: str, ok: Callable[[float], bool], text: str) -> None:
     if key in settings and not ok(settings[key]):
         raise Refused(f"{key} {text} (got {settings[key]})")
 
@@ -196,7 +197,7 @@ class Config:
         return (self.root / value).resolve()
 
 
-def load_config(path) -> Config:
+def load_config(path: str | Path) -> Config:
     """Read config.json (writing the defaults if it is missing) and merge it over the defaults."""
     file = Path(path).resolve()
     if not file.exists():  # generation settings left to the model (generation_defaults())
@@ -284,7 +285,7 @@ def model_recommends(model_folder: Path) -> dict:
     return recommended
 
 
-def _type_problem(key, default, value):
+def _type_problem(key: str, default: object, value: object) -> str | None:
     if value is None and key in NULLABLE_KEYS or key == "max_batch_size":  # checked in load_config
         return None
     if isinstance(default, bool):

@@ -9,6 +9,8 @@ import math
 import os
 import platform
 from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol
 
 import psutil
 
@@ -22,7 +24,26 @@ def _gb(value_bytes: float) -> float:
     return round(value_bytes / GB, 2)
 
 
-def load_nvml():
+class CudaDevices(Protocol):
+    """The few calls of torch.cuda read here (tests hand in a fake)."""
+
+    def device_count(self) -> int: ...
+
+    def memory_allocated(self, device: int, /) -> int: ...
+
+    def memory_reserved(self, device: int, /) -> int: ...
+
+    def mem_get_info(self, device: int, /) -> tuple[int, int]: ...
+
+    def get_device_capability(self, device: int, /) -> tuple[int, int]: ...
+
+    def get_device_name(self, device: int, /) -> str: ...
+
+
+# `nvml` parameters below are Any: the pynvml module (no type stubs), a test's fake, or False (no NVML).
+
+
+def load_nvml() -> ModuleType | None:
     """pynvml, initialised, or None where the package or the driver is missing."""
     try:
         import pynvml
@@ -33,13 +54,13 @@ def load_nvml():
         return None
 
 
-def _torch_cuda():
+def _torch_cuda() -> CudaDevices | None:
     import torch
 
     return torch.cuda if torch.cuda.is_available() else None
 
 
-def gpus(nvml=None, cuda=None) -> list[dict]:
+def gpus(nvml: Any = None, cuda: CudaDevices | None = None) -> list[dict]:
     """Every visible GPU: name, memory, compute capability, and utilisation/temperature when NVML has them.
     nvml=False means: do not use NVML (the torch.cuda fallback)."""
     cuda = cuda if cuda is not None else _torch_cuda()
@@ -59,7 +80,7 @@ def gpus(nvml=None, cuda=None) -> list[dict]:
     return devices
 
 
-def _nvml_figures(nvml, index: int) -> dict:
+def _nvml_figures(nvml: Any, index: int) -> dict:
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
     memory = nvml.nvmlDeviceGetMemoryInfo(handle)
     name = nvml.nvmlDeviceGetName(handle)
@@ -74,7 +95,7 @@ def _nvml_figures(nvml, index: int) -> dict:
     return figures
 
 
-def cuda_info(nvml=None, cuda=None) -> dict | None:
+def cuda_info(nvml: Any = None, cuda: CudaDevices | None = None) -> dict | None:
     """The seed's `cuda` block (GPU 0, and the original's reserved_gb and num_gpus) with every GPU under
     `devices`, or None without CUDA."""
     devices = gpus(nvml, cuda)
@@ -92,7 +113,7 @@ def cpu_info() -> dict:
             "process_rss_gb": _gb(psutil.Process(os.getpid()).memory_info().rss)}
 
 
-def device_summary(nvml=None, cuda=None) -> dict:
+def device_summary(nvml: Any = None, cuda: CudaDevices | None = None) -> dict:
     """The welcome's `resources`: the GPU when there is one, else the CPU's RAM."""
     gpu = cuda_info(nvml, cuda)
     if gpu:
@@ -101,7 +122,7 @@ def device_summary(nvml=None, cuda=None) -> dict:
     return {"device": "cpu", "total_gb": cpu["total_gb"], "free_gb": cpu["available_gb"], "compute_capability": None}
 
 
-def free_memory_bytes(nvml=None, cuda=None) -> int:
+def free_memory_bytes(nvml: Any = None, cuda: CudaDevices | None = None) -> int:
     """Free memory where the model's KV cache will live: all GPUs together, else available RAM."""
     devices = gpus(nvml, cuda)
     if devices:
@@ -142,11 +163,11 @@ def check_weights_fit(folder: Path, bytes_per_element: int, quantized: bool) -> 
                          "(optimization.dtype), or free memory")
 
 
-def _text_config(model_config):
+def _text_config(model_config: object) -> object:
     return getattr(model_config, "text_config", None) or model_config
 
 
-def kv_cache_cost(model_config, bytes_per_element: int) -> tuple[int, int] | None:
+def kv_cache_cost(model_config: object, bytes_per_element: int) -> tuple[int, int] | None:
     """(bytes per token, fixed bytes): K and V = 2 x layers x key/value heads x head dim x element size.
     Sliding-window layers hold at most `sliding_window` tokens, so they cost a fixed amount instead."""
     config = _text_config(model_config)
@@ -164,7 +185,8 @@ def kv_cache_cost(model_config, bytes_per_element: int) -> tuple[int, int] | Non
     return (layers - sliding) * per_layer, sliding * per_layer * (window or 0)
 
 
-def kv_tokens_that_fit(model_config, free_bytes: int, bytes_per_element: int, params: int | None = None) -> int | None:
+def kv_tokens_that_fit(model_config: object, free_bytes: int, bytes_per_element: int,
+                       params: int | None = None) -> int | None:
     """How many tokens of KV cache fit in 60 % of what is free; None when the cache never grows past the
     sliding windows. Falls back to the seed's formula when the config lacks the fields."""
     usable = free_bytes * (1 - ACTIVATION_RESERVE)
@@ -175,7 +197,7 @@ def kv_tokens_that_fit(model_config, free_bytes: int, bytes_per_element: int, pa
     return int(max(usable - fixed, 0) / per_token)
 
 
-def estimate_max_context(model_config, free_bytes: int, bytes_per_element: int, cap: int,
+def estimate_max_context(model_config: object, free_bytes: int, bytes_per_element: int, cap: int,
                          params: int | None = None) -> int:
     """The tokens that fit (kv_tokens_that_fit), capped by the model's position limit and the configured maximum."""
     fitting = kv_tokens_that_fit(model_config, free_bytes, bytes_per_element, params)

@@ -5,6 +5,9 @@ requests' StreamSessions). One client's hundred queued requests do not put a new
 the newcomer's first request goes after at most one request of every lane already waiting.
 """
 import collections
+from collections.abc import Iterator
+
+from llmws_server.core.jobs import Job
 
 
 def lane_of(session: object) -> object:
@@ -13,14 +16,14 @@ def lane_of(session: object) -> object:
 
 
 class FairQueue:
-    def __init__(self):
-        self.lanes: dict[object, collections.deque] = {}  # lane -> its waiting jobs; dict order is the turn
+    def __init__(self) -> None:
+        self.lanes: dict[object, collections.deque[Job]] = {}  # lane -> its waiting jobs; dict order is the turn
         self.count = 0
 
     def __len__(self) -> int:
         return self.count
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Job]:
         """The jobs in the order they will start (if nothing is added or removed meanwhile)."""
         lanes = [list(lane) for lane in self.lanes.values()]
         for depth in range(max(map(len, lanes), default=0)):
@@ -28,15 +31,15 @@ class FairQueue:
                 if depth < len(lane):
                     yield lane[depth]
 
-    def append(self, job) -> None:
+    def append(self, job: Job) -> None:
         self.lanes.setdefault(lane_of(job.session), collections.deque()).append(job)
         self.count += 1
 
-    def head(self):
+    def head(self) -> Job:
         """The job that starts next."""
         return next(iter(self.lanes.values()))[0]
 
-    def popleft(self):
+    def popleft(self) -> Job:
         """Take the next job; its lane's turn goes to the back of the line."""
         key, lane = next(iter(self.lanes.items()))
         job = lane.popleft()
@@ -46,7 +49,7 @@ class FairQueue:
         self.count -= 1
         return job
 
-    def remove(self, job) -> None:
+    def remove(self, job: Job) -> None:
         """Take out a job that has not started; ValueError when it is not waiting."""
         key = lane_of(job.session)
         lane = self.lanes.get(key)
@@ -57,14 +60,14 @@ class FairQueue:
             del self.lanes[key]
         self.count -= 1
 
-    def of_session(self, session) -> list:
+    def of_session(self, session: object) -> list[Job]:
         return [job for job in self.lanes.get(lane_of(session), ()) if job.session is session]
 
     def waiting_in(self, lane: object) -> int:
         """How many jobs wait in a lane."""
         return len(self.lanes.get(lane, ()))
 
-    def fullest(self):
+    def fullest(self) -> Job | None:
         """The newest job of the lane holding the most (the first such in turn), or None when empty: the
         one a newcomer's request takes the place of when the queue is full."""
         lane = max(self.lanes.values(), key=len, default=None)

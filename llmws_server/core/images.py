@@ -23,7 +23,7 @@ class ImageError(Refused):
     """An image that cannot be used; the message says why."""
 
 
-def image_bytes(value, index: int, max_bytes: int) -> bytes:
+def image_bytes(value: object, index: int, max_bytes: int) -> bytes:
     """The bytes of one image as sent; ImageError names it (images[index]) and the problem."""
     where = f"images[{index}]"
     if not isinstance(value, str) or not value:

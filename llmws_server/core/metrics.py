@@ -2,11 +2,11 @@
 outcome, time to first token, tokens per second, tokens in and out, the queue, sessions, resumes and
 replayed messages, model switches and memory."""
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from llmws_server import resources
@@ -75,7 +75,7 @@ class ReplicaCollector(Collector):
     def __init__(self, status: Callable[[], list[dict]]):
         self.status = status
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         labels = ["replica", "node", "device", "state"]
         families = {"serving": GaugeMetricFamily("llmws_replica_serving", "1 while the replica serves", labels=labels),
                     "requests": GaugeMetricFamily("llmws_replica_requests", "Requests the replica holds",

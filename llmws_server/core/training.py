@@ -84,7 +84,7 @@ def _flag(message: dict, key: str, default: bool) -> bool:
     return value
 
 
-def train_settings(given) -> TrainSettings:
+def train_settings(given: object) -> TrainSettings:
     if not isinstance(given, dict):
         raise Refused("config must be an object")
     unknown = sorted(set(given) - set(DEFAULTS))
@@ -118,7 +118,7 @@ def parse_dataset(text: str) -> list:
     return examples
 
 
-def _example(item, number: int):
+def _example(item: object, number: int) -> str | list[dict[str, str]]:
     if isinstance(item, dict) and isinstance(item.get("text"), str) and item["text"].strip():
         return item["text"]
     turns = item.get("messages") if isinstance(item, dict) else None
