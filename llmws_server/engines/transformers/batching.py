@@ -29,10 +29,10 @@ if TYPE_CHECKING:  # the engine opens its batches: it imports this module
 
 PAGE_SIZE = 256
 # Tokens one batching step may take in (longer prompts are prefilled in pieces, the others decoding
-# between them). transformers' default of 8192 makes a float mask of 8192 x (cache + 8192) tokens:
-# gigabytes, filled on every new manager. A CPU's step takes time in proportion to its tokens (the
-# default model on 2 cores: about 1.5 ms a token), so there a step takes half as many: of requests sent
-# together, the first ones have their first token a step sooner, and the ones generating wait less.
+# between them). Not transformers' default of 8192: its float mask of 8192 x (cache + 8192) tokens is
+# gigabytes, filled on every new manager. A CPU's step takes time in proportion to its tokens, so there a
+# step takes half as many: of requests sent together, the first ones have their first token a step
+# sooner, and the ones generating wait less. (Figures: docs/benchmarks.md, "The figures behind the engines' rules".)
 STEP_TOKENS = {"cuda": 512, "cpu": 256}
 # The KV cache holds this many tokens per slot (one request may use more while the others use less).
 SLOT_TOKENS = 2048
@@ -177,15 +177,15 @@ class TransformersBatch:
         self.joining: list[Joiner] = []  # requests that wait for the solo run to go on in the batch
         self.held: list[Joiner] = []  # a solo run's continuation, until the joiners' first step is chosen
         self.lock = threading.Lock()  # a request joins, goes on from its solo run, or is cancelled: one at a time
-        # On a CPU only one thread that runs torch lives at a time (see _park); on CUDA both stay, warm (a new
-        # thread was 3x slower there while cuDNN's attention was on; see on_solo_thread).
+        # On a CPU only one thread that runs torch lives at a time (see _park); on CUDA both stay, warm
+        # (see on_solo_thread).
         self.one_torch_thread = engine.device_kind == "cpu"
         self.parked = False
         self._warm()
-        # What lives now (model, tokenizer, libraries) lives as long as the model: a full collection skips
-        # it from here on (each park's, in the manager's stop(): 240 ms for the default model, 0.1 once
-        # frozen). Once per model, not at every reopening (what a request holds then must stay
-        # collectable); Engine.free_memory unfreezes it before the model goes.
+        # What lives now (model, tokenizer, libraries) lives as long as the model: a full collection (each
+        # park's, in the manager's stop()) skips it from here on. Once per model, not at every reopening
+        # (what a request holds then must stay collectable); Engine.free_memory unfreezes it before the
+        # model goes.
         if not gc.get_freeze_count():
             gc.freeze()
         with self.lock:
@@ -204,9 +204,8 @@ class TransformersBatch:
 
     def on_solo_thread(self, run: Callable[..., Any], *args: Any) -> Future:
         """Run a solo request (plain generate()). Solo runs take turns on one warm thread: a fresh one
-        costs a CPU's first token about 35 ms, and on CUDA, while cuDNN's attention was on (it is off now:
-        engine.avoid_cudnn_attention), it built cuDNN's plans (cached per thread) again at every step (on an
-        H100: 15 tokens/s on a new thread against 45 on a warm one)."""
+        delays a CPU's first token, and on CUDA would build again what is cached per thread (cuDNN's
+        plans, where cuDNN's attention is on)."""
         if self.runner is None:
             self.runner = solo_thread()
         return self.runner.submit(run, *args)
@@ -214,20 +213,20 @@ class TransformersBatch:
     def _batch_takes_over(self) -> None:
         """On a CPU the solo thread ends when the batch takes over from a solo run (the next solo run starts
         a new one): a thread that has run torch keeps an OpenMP pool, and with more pools than cores the
-        other pool sleeps between operations instead of spinning (8 requests' steps about 13 % slower while
-        an idle solo thread lives). On CUDA it stays, for its cached plans (lock held)."""
+        other pool sleeps between operations instead of spinning (the batch's steps are slower while an idle
+        solo thread lives). On CUDA it stays, for its cached plans (lock held)."""
         if self.runner is not None and self.one_torch_thread:
             self.runner.shutdown(wait=False)  # called on that thread: it ends after this run
             self.runner = None
 
     def _park(self) -> None:
         """On a CPU the batch's thread ends while the batch is empty, for the same reason as the solo
-        thread's: while it lives, a solo run is about 8 % slower and its first token 20 ms later. The
-        manager keeps its cache and starts a new thread when a request enters (lock held)."""
+        thread's: while it lives, a solo run is slower and its first token later. The manager keeps its
+        cache and starts a new thread when a request enters (lock held)."""
         if self.one_torch_thread and not self.parked:
             self.manager.stop(block=False, keep_for_next_session=True)
-            # stop() leaves an idle loop asleep until its next 0.1 s wake-up; a request that came meanwhile
-            # waited for it in _unpark (8 clients right after a batch: their first token up to 100 ms later)
+            # stop() leaves an idle loop asleep until its next 0.1 s wake-up, which a request that came
+            # meanwhile would wait for in _unpark
             self.manager._wake_up_loop.set()
             self.parked = True
 
@@ -260,8 +259,8 @@ class TransformersBatch:
     def settle(self, solo: Solo, continuation: Joiner | None) -> None:
         """A solo run is over or goes on in the batch (on its thread): the batch takes the requests that
         joined meanwhile, and its continuation. A continuation with tokens reads its prompt and them
-        again, so it enters the step after theirs: their first tokens do not wait for it (8 clients'
-        first token about 70 ms sooner on a CPU), and it has its own first token already. One stopped
+        again, so it enters the step after theirs: their first tokens do not wait for it, and it has its
+        own first token already. One stopped
         while its prompt was read (engine.generate) has none: it enters first, as it came first."""
         with self.lock:
             if solo.cancelled.is_set():

@@ -45,9 +45,9 @@ if TYPE_CHECKING:  # what the Auto classes' from_pretrained gives (a PreTrainedM
 log = logging.getLogger("llmws.engine")
 # Fault injection for the tests: a prompt containing this text runs out of memory after its first token.
 FAULT_OOM_MARKER = os.environ.get("LLMWS_FAULT_OOM")
-# Requests a batch takes at once by default. On a 2-core CPU, 32 clients of the default model got 165
-# tokens/s together and their first token in 1.7 s with 32 slots, against 145 and 7.8 s with 16 (8 clients:
-# the same either way); the cache costs 46 KB a token in float32 (4.0 GB against 2.6 for the server).
+# Requests a batch takes at once by default: on a CPU too, 32 slots serve 32 clients faster and give them
+# their first token far sooner than 16, and cost 8 clients nothing (figures: docs/benchmarks.md, "The
+# figures behind the engines' rules").
 BATCH_SIZE = {"cpu": 32, "cuda": 32}
 
 
@@ -332,16 +332,15 @@ class Engine:  # engines.api.Engine
 def use_grouped_query_sdpa() -> None:
     """On a CPU, let SDPA share key/value heads itself (enable_gqa) even with an attention mask, instead of
     transformers copying them per query head first. Continuous batching always passes a mask; the same
-    text comes out, about 8 % faster at 8 requests (bench/bench.py). On CUDA a mask with GQA would fall
-    back to the slow math kernel, so this is for CPUs only."""
+    text comes out, faster (docs/benchmarks.md, "The figures behind the engines' rules"). On CUDA a mask with
+    GQA would fall back to the slow math kernel, so this is for CPUs only."""
     os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
 
 
 def avoid_cudnn_attention() -> None:
     """On CUDA, SDPA runs the flash or memory-efficient kernels, never cuDNN's: cuDNN builds a plan for each
-    new shape, and the keys grow by one at every generated token, so each step of a new length paid for a
-    plan (an H200, a first answer of 128 tokens: 11 s against 3 s for the same answer once the plans were
-    cached; a first batch of 8: about 100 ms a step)."""
+    new shape, and the keys grow by one at every generated token, so each step of a new length would pay
+    for a plan (docs/benchmarks.md, "The figures behind the engines' rules")."""
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 

@@ -76,9 +76,8 @@ class Picker:
 
     def _mask(self, matcher: llguidance.LLMatcher, scores: torch.Tensor) -> None:
         """-inf for the tokens the grammar does not allow. On the CPU through llguidance's numpy kernel: its
-        torch kernel is torch.compile'd (80 ms for the first row) and its parallel passes stall on a busy CPU
-        (15 ms a row against numpy's 6 under load, both 0.3 ms quiet: bench/constraint_cost.py); elsewhere on
-        the device."""
+        torch kernel is torch.compile'd (the first row waits for the compile) and its parallel passes stall
+        on a busy CPU (bench/constraint_cost.py; docs/benchmarks.md); elsewhere on the device."""
         guidance_torch.fill_next_token_bitmask(matcher, self.bitmask, 0)
         allowed = scores[: self.bitmask.size(1) * 32]
         if allowed.is_cpu:

@@ -7,8 +7,8 @@ one pass what generate() does with RepetitionPenaltyLogitsProcessor, Temperature
 TopKLogitsWarper and TopPLogitsWarper, in that order, with two differences that make it cheap:
 - the batch decodes greedily (argmax), and a sampled row draws its token here and keeps only it: a greedy
   row costs nothing, and a sampled one a draw among its top_k candidates (torch.topk), not a sort of the
-  whole vocabulary (transformers' per-request top-k and top-p sort it twice: about 5 ms a row per step on
-  a CPU, where a step of the default model takes about 30);
+  whole vocabulary (transformers' per-request top-k and top-p sort it twice, a sixth of a CPU's step:
+  docs/benchmarks.md, "The figures behind the engines' rules");
 The repetition penalty needs each request's own tokens, which do not fit the processors' one number per
 row: the rows' token ids are gathered when the step is prepared, so the manager must run steps one after
 the other (no asynchronous batching, no CUDA graphs; batching.py sets both).
