@@ -16,8 +16,9 @@ for no tests collected; a run past --timeout-s, 900 s unless told; a mutated fil
 with --baseline, tests that fail unmutated), with the seconds taken and, when broken, pytest's last lines.
 Then a Markdown table of them all.
 
-It takes long: each mutation runs its tests, which start real servers (one to three minutes a mutation,
-an hour or so for them all on 2 cores). A mutation marked expect="survived" (`# no test yet` beside it)
+It takes long: each mutation runs its tests, which mostly start real servers (one to three minutes a
+mutation, an hour or so for them all on 2 cores; those whose tests are unit tests, in tests/unit/, take
+seconds). A mutation marked expect="survived" (`# no test yet` beside it)
 breaks a rule no test checks yet: it is listed so that the gap shows, and reads as survived until a test
 is written. Exits 1 when any result is not the one expected (a guarded rule that survived, a gap now
 caught, or broken).
@@ -131,11 +132,11 @@ MUTATIONS = [
              "MAX_STOPS, MAX_STOP_CHARS = 4, 256", "MAX_STOPS, MAX_STOP_CHARS = 5, 256",
              k("test_openai.py", "four_stop")),
     Mutation("sessions-kept-an-hour", "llmws_server/core/service.py",
-             "SESSION_IDLE_S = 24 * 3600", "SESSION_IDLE_S = 3600", k("test_sessions.py", "left_for_a_day")),
+             "SESSION_IDLE_S = 24 * 3600", "SESSION_IDLE_S = 3600", k("unit/sessions/test_store.py", "left_for_a_day")),
     Mutation("expiry-at-half-the-idle-time", "llmws_server/sessions/store.py",
              "if seconds > (UNUSED_IDLE_S if session.seq == 0 else idle_s)]",
              "if seconds > (UNUSED_IDLE_S if session.seq == 0 else idle_s / 2)]",
-             k("test_sessions.py", "left_for_a_day")),
+             k("unit/sessions/test_store.py", "left_for_a_day")),
     Mutation("ready-during-a-switch", "llmws_server/core/model_control.py",
              'return self.worker.alive() and self.status()["status"] == ModelStatus.OK.value',
              "return self.worker.alive()", k("test_models.py", "ready_is_503")),
@@ -153,7 +154,7 @@ MUTATIONS = [
              k("test_fifo.py", "per_client_queue_limit")),
     Mutation("stop-string-kept", "llmws_server/http/runs.py",
              'ready, self.held = self.held[:at], ""', 'ready, self.held = self.held[:at + len(self.stop)], ""',
-             k("test_units.py", "stop_string")),
+             k("unit/http/test_runs.py", "stop_string")),
     Mutation("anthropic-stop-reason", "llmws_server/http/anthropic_shapes.py",
              'return "stop_sequence" if stop_sequence is not None else STOP_REASONS[reason]',
              "return STOP_REASONS[reason]", k("test_anthropic.py", "stop_sequence_ends")),
