@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from llmws_server.engines.transformers.engine import convert_gguf
@@ -60,13 +61,13 @@ def install_default_model(models_dir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def progress(what: str, every: float = 5.0):
+def progress(what: str, every: float = 5.0) -> Iterator[None]:
     """Log a step when it starts, every few seconds while it runs, and when it ends: a long silent step
     looks like a hang."""
     started, finished = time.monotonic(), threading.Event()
     log.info("%s ...", what)
 
-    def beat():
+    def beat() -> None:
         while not finished.wait(every):
             log.info("%s ... %d s", what, time.monotonic() - started)
     beating = threading.Thread(target=beat, name="progress", daemon=True)

@@ -10,11 +10,13 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypedDict
 from urllib.parse import urlsplit
 
 from llmws_server.catalog import folders as catalog
+from llmws_server.config import Config
 from llmws_server.errors import Refused
 
 MAX_CONCURRENT = 2
@@ -31,7 +33,7 @@ class HubPlace(TypedDict):
     cache_dir: str
 
 
-def check_file(file) -> str | None:
+def check_file(file: object) -> str | None:
     """A GGUF file's path inside the repo, or None for the whole repo; errors.Refused says why not."""
     if file is None:
         return None
@@ -41,7 +43,7 @@ def check_file(file) -> str | None:
 
 
 class Downloads:
-    def __init__(self, config):
+    def __init__(self, config: Config):
         self.allowed_prefixes = config.download["allowed_url_prefixes"]
         self.timeout_s = config.download["timeout_s"]
         self.models_dir = config.paths["models_dir"]
@@ -56,7 +58,7 @@ class Downloads:
             shutil.rmtree(folder, ignore_errors=True)
         return [folder.name for folder in leftovers]
 
-    def check(self, repo, target_dir, file=None) -> tuple[str, Path, str | None]:
+    def check(self, repo: object, target_dir: object, file: object = None) -> tuple[str, Path, str | None]:
         """(url, destination, file) for a request that may go ahead; errors.Refused says why not."""
         file = check_file(file)
         if file is None and isinstance(repo, str) and (match := FILE_URL.match(repo)):  # a link to one file
@@ -79,7 +81,7 @@ class Downloads:
             raise Refused(f"{MAX_CONCURRENT} downloads are running; try again when one is done")
         return repo, destination, file
 
-    async def download(self, url: str, destination: Path, log, file: str | None = None) -> dict:
+    async def download(self, url: str, destination: Path, log: Callable[[str], None], file: str | None = None) -> dict:
         """Fetch, verify, move into place; `log(text)` reports progress. Returns the catalogue entry."""
         self.active.add(destination.name)
         self.models_dir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +106,7 @@ class Downloads:
             self.active.discard(destination.name)
             shutil.rmtree(work, ignore_errors=True)
 
-    async def _fetch(self, url, work, log, file=None):
+    async def _fetch(self, url: str, work: Path, log: Callable[[str], None], file: str | None = None) -> None:
         if url.startswith("https://huggingface.co/") and importlib.util.find_spec("huggingface_hub"):
             log(f"Using huggingface_hub.{'hf_hub_download' if file else 'snapshot_download'}")
             await self._snapshot(url, work, log, file)
@@ -112,7 +114,7 @@ class Downloads:
             log("Using git + git-lfs")
             await self._git(url, work, log, file)
 
-    async def _git(self, url, work, log, file=None):
+    async def _git(self, url: str, work: Path, log: Callable[[str], None], file: str | None = None) -> None:
         if await _run(["git", "lfs", "version"], check=False) != 0:
             raise RuntimeError(GIT_LFS_ADVICE)
         progress_file = work.parent / f"{work.name}.progress"
@@ -136,7 +138,7 @@ class Downloads:
         finally:
             progress_file.unlink(missing_ok=True)
 
-    async def _snapshot(self, url, work, log, file=None):
+    async def _snapshot(self, url: str, work: Path, log: Callable[[str], None], file: str | None = None) -> None:
         from huggingface_hub import hf_hub_download, snapshot_download
 
         repo_id = "/".join(urlsplit(url).path.strip("/").split("/")[:2])
@@ -153,7 +155,7 @@ class Downloads:
         await fetch
 
 
-async def _run(argv, env=None, check=True) -> int:
+async def _run(argv: list[str], env: dict[str, str] | None = None, check: bool = True) -> int:
     """Run a command (an argument list, never a shell); its output becomes the error if it fails."""
     process = await asyncio.create_subprocess_exec(*argv, env=env, stdin=asyncio.subprocess.DEVNULL,
                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)

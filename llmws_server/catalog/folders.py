@@ -5,6 +5,7 @@ import re
 import shutil
 from pathlib import Path
 
+from llmws_server.config import Config
 from llmws_server.errors import Refused
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -25,7 +26,7 @@ def engine_for(folder: Path, setting: str = "auto") -> str:
     return "llama.cpp" if any(folder.glob("*.gguf")) and not any(folder.glob("*.safetensors")) else "transformers"
 
 
-def model_dirs(config) -> list[tuple[str, Path]]:
+def model_dirs(config: Config) -> list[tuple[str, Path]]:
     """(source, folder) pairs, in the seed's order of preference."""
     return [("models", config.paths["models_dir"]), ("var", config.paths["var_dir"] / "models")]
 
@@ -70,7 +71,7 @@ def describe(folder: Path, source: str, root: Path, loaded: Path | None = None) 
             **({"problem": problem} if problem else {})}
 
 
-def scan(config, loaded: Path | None = None) -> list[dict]:
+def scan(config: Config, loaded: Path | None = None) -> list[dict]:
     """Every model folder. Hidden folders (downloads and installs under way) are skipped."""
     entries = []
     for source, directory in model_dirs(config):
@@ -82,7 +83,7 @@ def scan(config, loaded: Path | None = None) -> list[dict]:
     return entries
 
 
-def auto_select(config) -> Path | None:
+def auto_select(config: Config) -> Path | None:
     """The seed's rule: models/ first, then var/models/; the first complete one in that order."""
     for entry in scan(config):
         if entry["complete"]:
@@ -90,21 +91,21 @@ def auto_select(config) -> Path | None:
     return None
 
 
-def check_name(name) -> str:
+def check_name(name: object) -> str:
     """A plain folder name: no separators, no leading dot or dash, nothing odd."""
     if not isinstance(name, str) or not SAFE_NAME.match(name) or name in (".", ".."):
         raise Refused(f"not a valid model name: {name!r} (letters, digits, . _ -; no leading dot)")
     return name
 
 
-def delete(config, name, loaded: Path) -> str:
+def delete(config: Config, name: object, loaded: Path) -> str:
     """Delete the var/models/ folder of this name and return the name; errors.Refused says why not."""
     folder = deletable(config, name, loaded)
     shutil.rmtree(folder)
     return folder.name
 
 
-def deletable(config, name, loaded: Path) -> Path:
+def deletable(config: Config, name: object, loaded: Path) -> Path:
     """The var/models/ folder a client may delete by this name; errors.Refused says why not. Models in models/
     are the operator's, deleted by hand; the loaded model is never deleted."""
     name = check_name(name)
@@ -118,7 +119,7 @@ def deletable(config, name, loaded: Path) -> Path:
     return folder
 
 
-def find_model(config, given) -> tuple[str, Path]:
+def find_model(config: Config, given: object) -> tuple[str, Path]:
     """(source, folder) for 'models/NAME', 'var/models/NAME' or a bare NAME. What is checked is the name the
     client gives: one plain folder name (check_name), directly under models/ or var/models/ and written no
     other way (no '..', no folders of its own). A folder of that name that is a symlink the operator put
@@ -139,7 +140,7 @@ def find_model(config, given) -> tuple[str, Path]:
     raise Refused(f"Model not found: {given}")
 
 
-def written_forms(config, source: str, directory: Path) -> set[Path]:
+def written_forms(config: Config, source: str, directory: Path) -> set[Path]:
     """How a client may write the folder of models/ (source "models") or var/models/ (source "var"): as
     config.json gives it and as the catalogue lists it, relative to the config's folder, without '..'."""
     written = config.data["paths"]["models_dir"] if source == "models" else f"{config.data['paths']['var_dir']}/models"
@@ -147,7 +148,7 @@ def written_forms(config, source: str, directory: Path) -> set[Path]:
     return {form for form in forms if not form.is_absolute() and ".." not in form.parts}
 
 
-def model_path(config, written: str) -> Path:
+def model_path(config: Config, written: str) -> Path:
     """A model folder given on the command line, in model.path or as a catalogue path, made absolute against
     the config's folder and resolved, except for a symlink at its end (an operator's link into a cache, say),
     which is kept, so that the model keeps its name."""
