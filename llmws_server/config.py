@@ -66,8 +66,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "download": {"allowed_url_prefixes": ["https://huggingface.co/"], "timeout_s": 3600},
     # Engine replicas as Ray actors behind the one queue (engines/replicas/): off while ray_address is null.
-    # "local" starts a Ray cluster on this machine; "auto" or "ray://host:port" joins one.
-    "replicas": {"ray_address": None, "count": 2, "num_cpus": 1, "num_gpus": 0, "max_restarts": 3},
+    # "local" starts a Ray cluster on this machine; "auto" or "ray://host:port" joins one. resources: the custom
+    # Ray resources each replica asks for (an object for every replica, or a list of one per replica).
+    "replicas": {"ray_address": None, "count": 2, "num_cpus": 1, "num_gpus": 0, "max_restarts": 3,
+                 "resources": {}},
 }
 
 # Keys whose value must be a whole number (the others of numeric default accept any finite number).
@@ -255,6 +257,9 @@ def load_config(path: str | Path) -> Config:
     for key in ("num_gpus", "max_restarts"):
         if data["replicas"][key] < 0:
             raise ConfigError(f"{file}, line {_line_of(text, key)}, key 'replicas.{key}': must be 0 or more")
+    problem = _resources_problem(data["replicas"]["resources"], data["replicas"]["count"])
+    if problem:
+        raise ConfigError(f"{file}, line {_line_of(text, 'resources')}, key 'replicas.resources': {problem}")
     if data["optimization"]["dtype"] not in DTYPES:
         raise ConfigError(f"{file}, line {_line_of(text, 'dtype')}, key 'optimization.dtype': "
                           f"must be one of {', '.join(sorted(DTYPES))}")
@@ -286,7 +291,7 @@ def model_recommends(model_folder: Path) -> dict:
 
 
 def _type_problem(key: str, default: object, value: object) -> str | None:
-    if value is None and key in NULLABLE_KEYS or key == "max_batch_size":  # checked in load_config
+    if value is None and key in NULLABLE_KEYS or key in ("max_batch_size", "resources"):  # checked in load_config
         return None
     if isinstance(default, bool):
         return None if isinstance(value, bool) else "must be true or false"
@@ -306,6 +311,21 @@ def _type_problem(key: str, default: object, value: object) -> str | None:
     if default is None:
         return None if value is None or isinstance(value, str) else "must be a string or null"
     return None if isinstance(value, str) else "must be a string"
+
+
+def _resources_problem(resources: object, count: int) -> str | None:
+    """replicas.resources: an object of custom Ray resources (name: amount greater than 0) that every replica
+    asks for, or a list of replicas.count such objects, replica i asking for the i-th."""
+    if isinstance(resources, list) and len(resources) != count:
+        return f"a list needs one object per replica: {count} (replicas.count), not {len(resources)}"
+    for each in resources if isinstance(resources, list) else [resources]:
+        if not isinstance(each, dict) or not all(isinstance(name, str) and name and is_number(amount) and amount > 0
+                                                 for name, amount in each.items()):
+            return ('must be an object of custom Ray resources and amounts greater than 0, such as {"llmws": 1}, '
+                    "or a list of one such object per replica")
+        if {"CPU", "GPU"} & set(each):
+            return "CPU and GPU are replicas.num_cpus and replicas.num_gpus"
+    return None
 
 
 def _line_of(text: str, key: str) -> int:

@@ -101,7 +101,10 @@ def test_max_batch_size_is_auto_or_a_whole_number(tmp_path, value, accepted):
     ({"ray_address": "local", "count": 3, "num_cpus": 0.5, "num_gpus": 1}, True),
     ({"ray_address": "ray://10.0.0.2:10001", "max_restarts": 0}, True),
     ({"ray_address": 5}, False), ({"ray_address": ""}, False), ({"count": 0}, False), ({"count": 1.5}, False),
-    ({"num_cpus": 0}, False), ({"num_gpus": -1}, False), ({"max_restarts": -1}, False)])
+    ({"num_cpus": 0}, False), ({"num_gpus": -1}, False), ({"max_restarts": -1}, False),
+    ({"resources": {"llmws": 1}}, True), ({"resources": [{"node_a": 1}, {"node_b": 0.5}], "count": 2}, True),
+    ({"resources": [{"node_a": 1}], "count": 2}, False), ({"resources": {"llmws": 0}}, False),
+    ({"resources": {"CPU": 1}}, False), ({"resources": ["node_a", "node_b"]}, False), ({"resources": "a"}, False)])
 def test_replicas_settings_are_checked(tmp_path, replicas, accepted):
     (tmp_path / "config.json").write_text(json.dumps({"replicas": replicas}))
     if accepted:

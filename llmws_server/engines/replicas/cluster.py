@@ -58,7 +58,7 @@ def start_replicas(folder: Path, config: Config) -> list[RemoteEngine]:
 def replica_resources(settings: dict) -> list[dict]:
     """The custom Ray resources each replica asks for: replicas.resources, one object for every replica or
     a list of one per replica (replica i goes to a node that offers the i-th; ray start --resources)."""
-    resources = settings.get("resources") or {}
+    resources = settings["resources"]
     return list(resources) if isinstance(resources, list) else [resources] * settings["count"]
 
 
