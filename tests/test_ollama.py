@@ -24,6 +24,9 @@ WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLengt
            "required": ["city", "unit"], "additionalProperties": False}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
                                            "parameters": WEATHER}}]
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+CITY_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                                "parameters": CITY}}]
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 150}},
           "required": ["name", "age"], "additionalProperties": False}
@@ -194,6 +197,33 @@ async def test_a_required_tool_call_comes_back_in_ollamas_shape(api):
         {"role": "tool", "content": "18 C and sunny", "tool_name": "get_weather"}]
     after = await api.chat(name, turns, tools=TOOLS, options={**GREEDY, "num_predict": 16})
     assert after.message.content and after.prompt_eval_count > whole.prompt_eval_count
+
+
+async def test_a_model_calls_a_tool_by_itself_and_the_call_comes_back_in_ollamas_shape(api):
+    """No tool_choice (Ollama has none): the model decides. After two questions it answered with a call, the
+    default model calls get_weather for the third by itself, in its own words (the generic hermes form
+    here: its template takes no tools), and the server reads the call out of the text (the parser
+    chosen from the template): message.tool_calls, no text, done_reason stop; streamed, the call comes
+    once, whole."""
+    name = await served_name(api)
+
+    def call(city):
+        return {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather",
+                                                                              "arguments": {"city": city}}}]}
+    turns = [{"role": "user", "content": "What is the weather in London?"}, call("London"),
+             {"role": "user", "content": "What is the weather in Berlin?"}, call("Berlin"),
+             {"role": "user", "content": "What is the weather in Paris?"}]
+    options = {**GREEDY, "num_predict": 40}
+    whole = await api.chat(name, turns, tools=CITY_TOOLS, options=options)
+    assert [(c.function.name, dict(c.function.arguments)) for c in whole.message.tool_calls or []] == [
+        ("get_weather", {"city": "Paris"})], whole.message
+    assert whole.message.content == "" and whole.done_reason == "stop"
+    parts = [part async for part in await api.chat(name, turns, tools=CITY_TOOLS, options=options, stream=True)]
+    assert [c for part in parts for c in part.message.tool_calls or []] == whole.message.tool_calls
+    assert "".join(part.message.content for part in parts) == ""  # the call's text is not told as text
+    assert parts[-1].done
+    plain = await api.chat(name, turns, options=options)  # no tools offered: the same words stay text
+    assert not plain.message.tool_calls
 
 
 # -- refusals, tokens and scope ----------------------------------------------------------------------------
