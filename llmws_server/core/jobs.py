@@ -66,6 +66,8 @@ class InferenceJob(Job):
     """A request: its prompt read, its answer streamed as events. What the model writes goes through the
     request's output parser (core/tools.parser_for), which takes tool calls and thinking apart from text."""
 
+    request_id: str  # the client's, or one made up: a request always has one
+
     def __init__(self, session: Any, loop: AbstractEventLoop, request: InferenceRequest, timeout_s: float,
                  tool_parser: str = "auto", split_reasoning: bool = True):
         super().__init__(session, loop)

@@ -6,7 +6,7 @@ refusals are errors.Refused or errors.Busy.
 import asyncio
 import logging
 import time
-from typing import cast
+from typing import Any, cast
 
 from llmws_server.config import Config, generation_defaults
 from llmws_server.core.batching import BatchingWorker
@@ -21,7 +21,7 @@ from llmws_server.core.requests import InferenceRequest, images_of
 from llmws_server.core.worker import Worker
 from llmws_server.engines.api import Engine, Replica
 from llmws_server.errors import Busy, ContextTooLong, Refused
-from llmws_server.sessions.store import Codec, SessionStore, StreamSession
+from llmws_server.sessions.store import Codec, Session, SessionStore, StreamSession
 
 log = logging.getLogger("llmws.server")
 SESSION_IDLE_S = 24 * 3600  # a session nobody takes up for a day is forgotten, buffer and all
@@ -104,7 +104,7 @@ class Service:
                 log.info("session %s: cancelled %d queued requests, its client gone for %d s",
                          session.label, len(cancelled), now - session.detached_at)
 
-    async def submit(self, session, request: InferenceRequest) -> InferenceJob:
+    async def submit(self, session: Session | StreamSession, request: InferenceRequest) -> InferenceJob:
         """Queue a request for a session (a WebSocket session, or an HTTP request's); errors.Refused refuses
         it, errors.Busy when the server or the session has no room now."""
         turns = request.turns
@@ -131,7 +131,7 @@ class Service:
         self.worker.submit(job)
         return job
 
-    def _make_room(self, session) -> None:
+    def _make_room(self, session: Session | StreamSession) -> None:
         """A place in the server queue (max_queued_requests) for the session's request, or Busy: when it is
         full, the client holding the most waiting requests gives its newest one up (worker.make_room) and is
         told so; a detached session's requests count as its own."""
@@ -157,19 +157,20 @@ class Service:
             if "images" in turn:
                 turn["images"] = [next(checked) for _ in turn["images"]]
 
-    async def embed(self, inputs: object, session=None, field: str = "input") -> Embedded:
+    async def embed(self, inputs: object, session: Session | StreamSession | None = None,
+                    field: str = "input") -> Embedded:
         """The inputs' vectors (core.reply_jobs), queued in the session's lane (without one, a lane of its
         own); errors.Refused for inputs over the limits."""
         checked = checked_inputs(inputs, self.limits["max_embedding_inputs"], field)
         return await self._reply(EmbedJob(session or StreamSession(), asyncio.get_running_loop(), checked))
 
-    async def count_tokens(self, request: InferenceRequest, session=None) -> int:
+    async def count_tokens(self, request: InferenceRequest, session: Session | StreamSession | None = None) -> int:
         """The request's prompt tokens, as the model would read it."""
         if images_of(request.turns):
             await self._check_images(request.turns)
         return await self._reply(CountJob(session or StreamSession(), asyncio.get_running_loop(), request))
 
-    async def _reply(self, job: ReplyJob):
+    async def _reply(self, job: ReplyJob) -> Any:
         self._make_room(job.session)
         self.worker.submit(job)
         try:
@@ -179,7 +180,7 @@ class Service:
                 self.worker.remove(job)
                 job.cancelled.set()
 
-    def cancel(self, session, job: InferenceJob) -> None:
+    def cancel(self, session: Session | StreamSession, job: InferenceJob) -> None:
         """A queued job leaves the queue; a running one ends at its next token with done, cancelled."""
         if self.worker.remove(job):
             session.drop_job(job.request_id)

@@ -10,11 +10,14 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
 
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
+from llmws_server.config import GenerationSettings
 from llmws_server.engines.api import Progress, Prompt, ReplicaState, TokenLogprob, queued_progress
 from llmws_server.engines.replicas.replica import BatchFailed, Described
 
@@ -24,7 +27,7 @@ REJOIN_POLL_S = 0.5  # how often a lost replica is asked whether Ray has restart
 LOST = (RayActorError, ActorUnavailableError, GetTimeoutError)  # the process or its node is gone, or hangs
 
 
-def got(ref):
+def got(ref: Any) -> Any:
     """ray.get, raising what the engine raised as it raised it (errors.Refused reaches the client as such)."""
     try:
         return ray.get(ref, timeout=CALL_TIMEOUT_S)
@@ -33,7 +36,7 @@ def got(ref):
 
 
 class RemoteEngine:
-    def __init__(self, index: int, actor, described: Described | None):
+    def __init__(self, index: int, actor: Any, described: Described | None):
         """`described` is None for a replica that could not load (it is kept, dead, for resources)."""
         self.index, self.actor = index, actor
         self.state, self.cause = ReplicaState.SERVING, ""
@@ -92,7 +95,7 @@ class RemoteEngine:
                 "device": where and where.device, "state": self.state.value, "restarts": self.restarts,
                 **({"cause": self.cause} if self.cause else {})}
 
-    def _call(self, method: str, *args):
+    def _call(self, method: str, *args: Any) -> Any:
         try:
             return got(getattr(self.actor, method).remote(*args))
         except LOST as exc:
@@ -128,7 +131,7 @@ class RemoteEngine:
         self._call("open_batch", slots)
         return RemoteBatch(self)
 
-    def generate(self, prompt: Prompt, settings, max_new_tokens: int,
+    def generate(self, prompt: Prompt, settings: GenerationSettings, max_new_tokens: int,
                  on_text: Callable[[str, tuple[TokenLogprob, ...]], None],
                  should_stop: Callable[[], str | None]) -> tuple[int, str]:
         stopping = False
@@ -146,10 +149,10 @@ class RemoteEngine:
             raise RuntimeError(self.lost(exc)) from None
         raise RuntimeError("the replica's stream ended without its end")
 
-    def trainer(self, examples: list, settings):
+    def trainer(self, examples: list, settings: Any) -> Any:
         raise NotImplementedError("refused before it is queued (core/model_control.py)")
 
-    def save(self, folder) -> None:
+    def save(self, folder: Path) -> None:
         raise NotImplementedError("refused before it is queued (core/model_control.py)")
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
@@ -178,7 +181,7 @@ class RemoteBatch:
         self.reader = threading.Thread(target=self._read, args=(stream,), name="llmws-replica-stream", daemon=True)
         self.reader.start()
 
-    def _read(self, stream) -> None:
+    def _read(self, stream: Iterable[Any]) -> None:
         try:
             for ref in stream:
                 item = got(ref)
@@ -192,7 +195,7 @@ class RemoteBatch:
         except Exception as exc:  # the engine's batch raised
             self.failed = f"Generation failed: {exc}"
 
-    def add(self, prompt: Prompt, max_tokens: int, settings) -> str:
+    def add(self, prompt: Prompt, max_tokens: int, settings: GenerationSettings) -> str:
         try:
             return self.engine._call("add", prompt, max_tokens, settings)
         except RuntimeError:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmws_server.config import Config
+from llmws_server.config import Config, GenerationSettings
 from llmws_server.engines.api import Batch, Progress, Prompt
 
 STREAM_WAIT_S = 0.05  # how long the batch's stream waits for progress before it looks whether to end
@@ -79,7 +79,7 @@ class Replica:
         self.close_batch()
         self.batch = self.engine.open_batch(slots)
 
-    def add(self, prompt: Prompt, max_tokens: int, settings) -> str:
+    def add(self, prompt: Prompt, max_tokens: int, settings: GenerationSettings) -> str:
         assert self.batch is not None
         return self.batch.add(prompt, max_tokens, settings)
 
@@ -104,7 +104,7 @@ class Replica:
         if batch is not None:
             batch.close()
 
-    def generate(self, prompt: Prompt, settings, max_new_tokens: int) -> Iterator[tuple]:
+    def generate(self, prompt: Prompt, settings: GenerationSettings, max_new_tokens: int) -> Iterator[tuple]:
         """A request alone (engine.generate): ("text", text, logprobs) pieces, then ("end", tokens, reason)."""
         pieces: queue.Queue[tuple] = queue.Queue()
         self.solo_stop = None
