@@ -11,6 +11,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable, Container, Protocol
 
+from llmws_server.config import GenerationSettings
+
 
 @dataclass
 class Prompt:
@@ -44,7 +46,7 @@ class Progress:
 class Batch(Protocol):
     """Requests generating together; added and cancelled one by one while the others go on."""
 
-    def add(self, prompt: Prompt, max_tokens: int, settings) -> str:
+    def add(self, prompt: Prompt, max_tokens: int, settings: GenerationSettings) -> str:
         """Start a request; returns its name in this batch."""
 
     def cancel(self, request: str) -> None:
@@ -72,6 +74,23 @@ def queued_progress(results: "queue.Queue[Progress]", timeout: float, cancelled:
     return [item for item in found if item.request not in cancelled]
 
 
+class TrainingSettings(Protocol):
+    """What an engine's training reads of its settings (core.training.TrainSettings, which engines do not
+    import)."""
+
+    @property
+    def max_seq_length(self) -> int: ...
+
+    @property
+    def learning_rate(self) -> float: ...
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def gradient_accumulation(self) -> int: ...
+
+
 class Trainer(Protocol):
     """Used as a context manager: training happens between entering and leaving it."""
 
@@ -95,8 +114,13 @@ class Engine(Protocol):
     max_context: int  # tokens in and out, for one request
     params: int
     device: str
-    dtype_name: str
-    chat_template: str | None  # its text, which tells how the model writes tool calls and whether it takes tools
+
+    @property
+    def dtype_name(self) -> str: ...
+
+    @property
+    def chat_template(self) -> str | None:
+        """Its text, which tells how the model writes tool calls and whether it takes tools."""
 
     def capabilities(self) -> dict:
         """The welcome's capabilities."""
@@ -108,7 +132,7 @@ class Engine(Protocol):
     def encode_text(self, text: str) -> Prompt:
         """Text to be continued as it is (a plain completion): no chat template."""
 
-    def generate(self, prompt: Prompt, settings, max_new_tokens: int,
+    def generate(self, prompt: Prompt, settings: GenerationSettings, max_new_tokens: int,
                  on_text: Callable[[str, tuple[TokenLogprob, ...]], None],
                  should_stop: Callable[[], str | None]) -> tuple[int, str]:
         """One request alone: text pieces to `on_text` as they come, each with the log probabilities of
@@ -135,7 +159,7 @@ class Engine(Protocol):
     def open_batch(self, slots: int) -> Batch:
         """A batch for up to `slots` requests at once, warmed up and ready."""
 
-    def trainer(self, examples: list, settings) -> "Trainer":
+    def trainer(self, examples: list, settings: TrainingSettings) -> Trainer:
         """LoRA training of the loaded model, as a context manager (the served weights never change);
         errors.Refused for a dataset line the model cannot take."""
 

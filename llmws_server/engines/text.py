@@ -1,14 +1,21 @@
 """Token ids to text as they come, for generate() and the batch of the transformers engine:
 incremental decoding (tokenizers' DecodeStream), so a token costs the same however long the answer is,
 and a character split over tokens waits for its rest."""
+from collections.abc import Callable
+from typing import cast
+
+import torch
 from tokenizers.decoders import DecodeStream
+from transformers import PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
+
+from llmws_server.engines.api import TokenLogprob
 
 
 class TextStream:
     """One answer's tokens in, its new text out."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
         self.decoder = DecodeStream(skip_special_tokens=True) if tokenizer.is_fast else None
         self.ids: list[int] = []  # every token of the answer so far
@@ -21,7 +28,8 @@ class TextStream:
         if self.decoder is not None:
             backend = self.tokenizer.backend_tokenizer
             return "".join(self.decoder.step(backend, token) or "" for token in new_ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        # one flat list of ids decodes to one str (transformers types decode str | list[str], for batches)
+        text = cast(str, self.tokenizer.decode(self.ids, skip_special_tokens=True))
         if text.endswith("\ufffd"):  # half a character
             return ""
         new, self.shown = text[len(self.shown):], text
@@ -41,12 +49,13 @@ class Streamer(BaseStreamer):
     """generate()'s streamer: each token's new text goes to `on_text` on generate()'s own thread (a
     streamer read by a second thread slows generate() itself)."""
 
-    def __init__(self, stream: TextStream, on_text, take_logprobs=tuple):
+    def __init__(self, stream: TextStream, on_text: Callable[[str, tuple[TokenLogprob, ...]], None],
+                 take_logprobs: Callable[[], tuple[TokenLogprob, ...]] = tuple):
         self.stream, self.on_text = stream, on_text
         self.take_logprobs = take_logprobs  # the log probabilities of the tokens since the last text
         self.prompt_seen = False
 
-    def put(self, value) -> None:
+    def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate() hands over the prompt first
             self.prompt_seen = True
             return

@@ -15,12 +15,19 @@ import random
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import llama_cpp
 import numpy as np
 
-from llmws_server.engines.api import Progress, TokenLogprob, queued_progress
+from llmws_server.config import GenerationSettings
+from llmws_server.engines.api import Progress, Prompt, TokenLogprob, queued_progress
 from llmws_server.errors import Refused
+
+if TYPE_CHECKING:
+    from llama_cpp.llama_cpp import llama_sampler_p  # a name for type checkers only
+
+    from llmws_server.engines.llamacpp.engine import LlamaCppEngine  # which imports this module
 
 PENALTY_WINDOW = 64  # tokens the repetition penalty looks back over (llama-cpp-python's generate: the same)
 CANCELLED_KEPT = 1024  # cancelled request names remembered, to drop results already on their way
@@ -28,7 +35,7 @@ CANCELLED_KEPT = 1024  # cancelled request names remembered, to drop results alr
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
 
 
-def make_sampler(settings, vocab_size: int, answer_tokens: int):
+def make_sampler(settings: GenerationSettings, vocab_size: int, answer_tokens: int) -> "llama_sampler_p":
     """generate()'s chain for these settings: penalties, then greedy, or top_k, top_p, temperature and a draw
     (from the request's seed, else a random one)."""
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
@@ -61,8 +68,9 @@ class Decoding:
     settings ask, the JSON schema's grammar that constrains it (llguidance) and the log probabilities of
     what it chose. A request with neither is the chain's alone, in llama.cpp, as before."""
 
-    def __init__(self, engine, settings, answer_tokens: int):
+    def __init__(self, engine: "LlamaCppEngine", settings: GenerationSettings, answer_tokens: int):
         self.engine = engine
+        assert engine.llama is not None  # a loaded model
         self.vocab_size = engine.llama.n_vocab()
         self.logprobs: int | None = settings.logprobs  # None: not reported; N: the N likeliest besides
         # errors.Refused for a schema no JSON matches, before anything is made that would need freeing
@@ -73,7 +81,7 @@ class Decoding:
         # (the same token, ties included), without the copy.
         self.argmax = (not settings.sampled and not settings.penalized and settings.plain)
 
-    def choose(self, context, index: int) -> tuple[int, TokenLogprob | None]:
+    def choose(self, context: llama_cpp.llama_context_p, index: int) -> tuple[int, TokenLogprob | None]:
         """The next token from the logits at batch position `index` (-1: the last), and its log
         probabilities when the request asked for them."""
         if self.argmax:
@@ -91,7 +99,7 @@ class Decoding:
             self.matcher.consume_token(token)
         return token, logprob
 
-    def _logits(self, context, index: int) -> np.ndarray:
+    def _logits(self, context: llama_cpp.llama_context_p, index: int) -> np.ndarray:
         """The context's own logits row at batch position `index`: a view, not a copy."""
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context, index), shape=(self.vocab_size,))
 
@@ -160,18 +168,18 @@ def shared_start(held: list[int], ids: list[int]) -> int:
 
 
 class LlamaCppBatch:
-    def __init__(self, engine, slots: int):
+    def __init__(self, engine: "LlamaCppEngine", slots: int):
         self.engine, self.slots = engine, slots
-        self.model = engine.llama._model
+        self.model = self.llama._model
         # The one-request context's settings (threads, batch sizes, no flash attention: the same numbers as
         # generate()), with a full context for each of `slots` sequences.
-        params = llama_cpp.llama_context_params.from_buffer_copy(engine.llama.context_params)
+        params = llama_cpp.llama_context_params.from_buffer_copy(self.llama.context_params)
         params.n_ctx, params.n_seq_max, params.kv_unified = slots * engine.max_context, slots, False
         self.context = llama_cpp.llama_init_from_model(self.model.model, params)
         if not self.context:
             raise MemoryError(f"llama.cpp could not make a context of {engine.max_context} tokens for each of "
                               f"{slots} requests")
-        self.batch = llama_cpp.llama_batch_init(max(engine.llama.n_batch, slots), 0, 1)
+        self.batch = llama_cpp.llama_batch_init(max(self.llama.n_batch, slots), 0, 1)
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
         self.held: dict[int, list[int]] = {seq: [] for seq in range(slots)}  # the tokens each sequence's cells hold
@@ -183,9 +191,15 @@ class LlamaCppBatch:
         self.thread = threading.Thread(target=self._run, name="llama.cpp-batch", daemon=True)
         self.thread.start()
 
+    @property
+    def llama(self) -> llama_cpp.Llama:
+        """The engine's model (a batch is closed before its engine unloads)."""
+        assert self.engine.llama is not None
+        return self.engine.llama
+
     # -- engines.api.Batch ------------------------------------------------------------------------------------
 
-    def add(self, prompt, max_tokens: int, settings) -> str:
+    def add(self, prompt: Prompt, max_tokens: int, settings: GenerationSettings) -> str:
         name = f"r{random.getrandbits(64):016x}"
         try:
             decoding = Decoding(self.engine, settings, max_tokens)
@@ -274,7 +288,7 @@ class LlamaCppBatch:
     def _prefill(self, sequence: Sequence) -> None:
         """The prompt after what the sequence's cells hold already (at least its last token, whose logits give
         the first token), in chunks of n_batch."""
-        ids, chunk = sequence.ids, self.engine.llama.n_batch
+        ids, chunk = sequence.ids, self.llama.n_batch
         kept = min(shared_start(self.held[sequence.seq], ids), len(ids) - 1)
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.context), sequence.seq, kept, -1)
         self.held[sequence.seq] = list(ids)
@@ -304,7 +318,7 @@ class LlamaCppBatch:
             return
         sequence.generated += 1
         sequence.last = token
-        text = sequence.decoder.decode(self.engine.llama.detokenize([token]))
+        text = sequence.decoder.decode(self.llama.detokenize([token]))
         finished = sequence.generated >= sequence.max_tokens or sequence.decoding.grammar_complete
         if finished:
             text += sequence.decoder.decode(b"", final=True)

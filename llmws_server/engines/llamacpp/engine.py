@@ -12,11 +12,11 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, NoReturn, cast
 
 import llama_cpp
 import psutil
@@ -24,13 +24,14 @@ from llama_cpp import Llama, llama_vocab_is_eog
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from llmws_server import resources
-from llmws_server.engines.api import Prompt, TokenLogprob
-from llmws_server.engines.llamacpp.batch import Decoding, shared_start
+from llmws_server.config import Config, GenerationSettings
+from llmws_server.engines.api import Prompt, TokenLogprob, TrainingSettings
+from llmws_server.engines.llamacpp.batch import Decoding, LlamaCppBatch, shared_start
 from llmws_server.errors import Refused
 
 if TYPE_CHECKING:
     from llama_cpp.llama_types import ChatCompletionRequestMessage, ChatCompletionTool
-    from llguidance import LLTokenizer
+    from llguidance import LLMatcher, LLTokenizer
 
 log = logging.getLogger("llmws.engine")
 KV_BYTES = 2  # llama.cpp keeps its KV cache in float16
@@ -115,7 +116,7 @@ class LlamaCppEngine:  # engines.api.Engine
         """n_ctx: the KV cache for it must fit in free memory, like the transformers engine's max context."""
         architecture = self.shape_name = self.metadata.get("general.architecture", "llama")
 
-        def number(key):
+        def number(key: str) -> int | None:
             value = self.metadata.get(f"{architecture}.{key}")
             return int(value) if value is not None else None
         shape = self.shape = SimpleNamespace(
@@ -132,7 +133,7 @@ class LlamaCppEngine:  # engines.api.Engine
             self.pieces[token] = self.llama.detokenize([token]).decode("utf-8", errors="replace")
         return self.pieces[token]
 
-    def json_matcher(self, schema: dict):
+    def json_matcher(self, schema: dict) -> "LLMatcher":
         """llguidance's matcher of the JSON that `schema` describes (llmws_server.grammar's, the grammar the
         core checked), fresh for one request; errors.Refused for a schema no JSON can match. Only the worker
         thread calls it."""
@@ -158,7 +159,7 @@ class LlamaCppEngine:  # engines.api.Engine
         return matcher
 
     @classmethod
-    def for_config(cls, model_dir: Path, config) -> "LlamaCppEngine":
+    def for_config(cls, model_dir: Path, config: Config) -> "LlamaCppEngine":
         return cls(model_dir, config.model["gguf_file"], config.limits["max_context_length"])
 
     def capabilities(self) -> dict:
@@ -185,17 +186,19 @@ class LlamaCppEngine:  # engines.api.Engine
         assert self.llama is not None
         return Prompt(self.llama.tokenize(text.encode("utf-8"), add_bos=True, special=False))
 
-    def generate(self, prompt: Prompt, settings, max_new_tokens: int, on_text, should_stop):
+    def generate(self, prompt: Prompt, settings: GenerationSettings, max_new_tokens: int,
+                 on_text: Callable[[str, tuple[TokenLogprob, ...]], None],
+                 should_stop: Callable[[], str | None]) -> tuple[int, str]:
         """Token by token; text goes out in whole characters (a character split over tokens waits)."""
         if not settings.plain:
             return self._generate_decoding(prompt, settings, max_new_tokens, on_text, should_stop)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        sampling = {"temp": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k} \
-            if settings.sampled else {"temp": 0.0, "top_p": 1.0, "top_k": 1}
+        temp, top_p, top_k = (settings.temperature, settings.top_p, settings.top_k) if settings.sampled \
+            else (0.0, 1.0, 1)
         generated, reason = 0, "length"
         assert self.llama is not None
         for token in self.llama.generate(prompt.ids, min_p=0.0, repeat_penalty=settings.repetition_penalty,
-                                         reset=True, **sampling):
+                                         reset=True, temp=temp, top_p=top_p, top_k=top_k):
             if llama_vocab_is_eog(self.llama._model.vocab, token):  # end of sequence, or of the turn
                 reason = "stop"
                 break
@@ -212,7 +215,9 @@ class LlamaCppEngine:  # engines.api.Engine
             on_text(rest, ())
         return generated, reason
 
-    def _generate_decoding(self, prompt: Prompt, settings, max_new_tokens: int, on_text, should_stop):
+    def _generate_decoding(self, prompt: Prompt, settings: GenerationSettings, max_new_tokens: int,
+                           on_text: Callable[[str, tuple[TokenLogprob, ...]], None],
+                           should_stop: Callable[[], str | None]) -> tuple[int, str]:
         """generate() with batch.py's Decoding on this model's own context: the request's seed, penalties,
         logprobs (each piece of text with those of its tokens) and schema (it ends once the JSON is whole)."""
         assert self.llama is not None
@@ -262,15 +267,13 @@ class LlamaCppEngine:  # engines.api.Engine
     def batch_size(self) -> int:
         return BATCH_SIZE
 
-    def open_batch(self, slots: int):
+    def open_batch(self, slots: int) -> LlamaCppBatch:
         """A context of its own with a full context for each request: as many as free memory holds, at
         least one (more requests than that wait inside the batch for a sequence)."""
-        from llmws_server.engines.llamacpp.batch import LlamaCppBatch
-
         fit = resources.kv_tokens_that_fit(self.shape, resources.free_memory_bytes(), KV_BYTES, self.params)
         return LlamaCppBatch(self, max(1, min(slots, fit // self.max_context)) if fit else slots)
 
-    def trainer(self, examples: list, settings):
+    def trainer(self, examples: list, settings: TrainingSettings) -> NoReturn:
         raise Refused("training needs the transformers engine: switch to a safetensors model first")
 
     def save(self, folder: Path) -> None:

@@ -8,8 +8,10 @@ same alone and in a group."""
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llmws_server.errors import Refused
 
@@ -40,7 +42,8 @@ def pooling_of(folder: Path) -> Pooling:
     return Pooling(mode, "Normalize" in kinds)
 
 
-def token_ids(tokenizer, inputs: list[str] | list[list[int]], max_context: int, vocabulary: int) -> list[list[int]]:
+def token_ids(tokenizer: PreTrainedTokenizerBase, inputs: list[str] | list[list[int]], max_context: int,
+              vocabulary: int) -> list[list[int]]:
     """Each input's token ids; errors.Refused for one over the context or an id outside the vocabulary."""
     ids = [tokenizer(text)["input_ids"] if isinstance(text, str) else text for text in inputs]
     for index, one in enumerate(ids):
@@ -76,10 +79,12 @@ def pooled(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.
     return torch.nn.functional.normalize(vectors, dim=-1) if pooling.normalize else vectors
 
 
-def embed(model, tokenizer, pooling: Pooling, inputs: list[str] | list[list[int]],
-          max_context: int) -> tuple[list[list[float]], int]:
+def embed(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pooling: Pooling,
+          inputs: list[str] | list[list[int]], max_context: int) -> tuple[list[list[float]], int]:
     """(a vector per input, in order; the inputs' tokens)."""
-    ids = token_ids(tokenizer, inputs, max_context, model.get_input_embeddings().num_embeddings)
+    # the input embeddings are an nn.Embedding (or a subclass); transformers types them nn.Module
+    vocabulary = cast(torch.nn.Embedding, model.get_input_embeddings()).num_embeddings
+    ids = token_ids(tokenizer, inputs, max_context, vocabulary)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     vectors: list[list[float]] = [[] for _ in ids]
     for group in groups(ids):

@@ -2,17 +2,23 @@
 time, and trained models saved merged into a folder of their own. The served model's weights never
 change: the adapters come out again when training ends, however it ends."""
 import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from llmws_server.engines.api import TrainingSettings
 from llmws_server.errors import Refused
+
+if TYPE_CHECKING:
+    from llmws_server.engines.transformers.engine import Engine  # which imports this module
 
 LORA = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
-def token_sequences(engine, examples: list, max_length: int) -> list[list[int]]:
+def token_sequences(engine: "Engine", examples: list, max_length: int) -> list[list[int]]:
     """Each (line, example) as the token ids the model learns: a chat through the chat template, a text as
     it is followed by the end token. errors.Refused names a line that does not fit max_seq_length."""
     tokenizer, sequences = engine.tokenizer, []
@@ -34,7 +40,7 @@ class LoRATrainer:
     order: list[int]
     optimizer: torch.optim.AdamW | None  # set while training (__enter__ to __exit__), as is the model
 
-    def __init__(self, engine, examples: list, settings):
+    def __init__(self, engine: "Engine", examples: list, settings: TrainingSettings):
         if engine.vision:
             raise Refused("training takes text-only models for now")
         self.engine, self.settings = engine, settings
@@ -44,7 +50,8 @@ class LoRATrainer:
         self.generator = torch.Generator().manual_seed(0)
         self.model: PeftModel | None = None
 
-    def __enter__(self):
+    def __enter__(self) -> "LoRATrainer":
+        assert self.engine.model is not None  # a loaded model
         self.model = get_peft_model(self.engine.model, LORA)
         self.model.config.use_cache = False
         self.model.train()
@@ -52,7 +59,7 @@ class LoRATrainer:
         self.optimizer = torch.optim.AdamW(trainable, lr=self.settings.learning_rate)
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         """The adapters come out; the served model is as it was."""
         assert self.model is not None
         self.model.eval()
@@ -90,7 +97,7 @@ class LoRATrainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.pending = 0
 
-    def save(self, folder) -> None:
+    def save(self, folder: Path) -> None:
         """The model as trained so far, merged, as a model folder: a fresh copy of the base from disk takes
         the adapters, so the served model is not touched."""
         self._apply()
@@ -105,8 +112,9 @@ class LoRATrainer:
             del base, merged
 
 
-def save_model(engine, folder) -> None:
+def save_model(engine: "Engine", folder: Path) -> None:
     """The served model as it is, as a model folder."""
+    assert engine.model is not None  # a loaded model
     engine.model.save_pretrained(folder)
     (engine.processor or engine.tokenizer).save_pretrained(folder)
 
