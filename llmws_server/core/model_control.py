@@ -6,7 +6,6 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from llmws_server import resources
 from llmws_server.catalog import folders as catalog
@@ -55,7 +54,7 @@ class ModelControl:
         """A model is loaded and the worker runs (not while a switch unloads and loads)."""
         return self.worker.alive() and self.status()["status"] == ModelStatus.OK.value
 
-    async def resources(self) -> tuple[Any, dict, dict, list]:
+    async def resources(self) -> tuple[dict | None, dict, dict, list]:
         """(CUDA figures, CPU figures, the loaded model, the models there are)."""
         engine = self.engine
         cuda, cpu, models = await asyncio.to_thread(
@@ -65,7 +64,7 @@ class ModelControl:
             model["replicas"] = self.worker.status()
         return cuda, cpu, model, models
 
-    async def memory(self) -> Any:
+    async def memory(self) -> dict | None:
         return await asyncio.to_thread(resources.cuda_info)
 
     async def models(self) -> list:

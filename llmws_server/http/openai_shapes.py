@@ -50,7 +50,7 @@ class APIRequest:
                 for index in range(self.n)]
 
 
-def chat_request(body, defaults: dict, max_n: int = 1) -> APIRequest:
+def chat_request(body: object, defaults: dict, max_n: int = 1) -> APIRequest:
     """POST /v1/chat/completions."""
     body = _object(body)
     messages = body.get("messages")
@@ -73,7 +73,7 @@ def chat_request(body, defaults: dict, max_n: int = 1) -> APIRequest:
     return _request(body, turns, None, defaults, logprobs, max_n)
 
 
-def completion_request(body, defaults: dict, max_n: int = 1) -> APIRequest:
+def completion_request(body: object, defaults: dict, max_n: int = 1) -> APIRequest:
     """POST /v1/completions: the prompt is continued as it is, no chat template."""
     body = _object(body)
     prompt = body.get("prompt")
@@ -85,7 +85,7 @@ def completion_request(body, defaults: dict, max_n: int = 1) -> APIRequest:
     return _request(body, [{"role": "user", "content": prompt}], prompt, defaults, top, max_n)
 
 
-def _object(body) -> dict:
+def _object(body: object) -> dict:
     if not isinstance(body, dict):
         raise APIError("The request body must be a JSON object")
     return body
@@ -127,7 +127,8 @@ def request_settings(given: dict, defaults: dict, names: dict[str, str] = SETTIN
     return GenerationSettings(**settings)
 
 
-def _request(body: dict, turns: list, raw_text, defaults: dict, logprobs: int | None, max_n: int) -> APIRequest:
+def _request(body: dict, turns: list, raw_text: str | None, defaults: dict, logprobs: int | None,
+             max_n: int) -> APIRequest:
     settings = request_settings(body, defaults)
     stream = body.get("stream", False)
     options = body.get("stream_options") or {}
@@ -208,7 +209,7 @@ class Reply:
         self.object = "chat.completion" if chat else "text_completion"
         self.offsets: dict[int, int] = {}  # a streamed completion's text_offset goes on from chunk to chunk
 
-    def _shape(self, object_name: str, choices: list, **extra) -> dict:
+    def _shape(self, object_name: str, choices: list, **extra: object) -> dict:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model,
                 "choices": choices, **extra}
 

@@ -23,7 +23,13 @@ from llmws_server.core.jobs import InferenceJob
 from llmws_server.errors import SessionsFull
 from llmws_server.http import runs
 from llmws_server.http.errors import APIError
-from llmws_server.http.responses_state import ResponseState, response_id, responses_request, session_id_of
+from llmws_server.http.responses_state import (
+    ResponsesRequest,
+    ResponseState,
+    response_id,
+    responses_request,
+    session_id_of,
+)
 from llmws_server.http.streams import sse
 from llmws_server.sessions.store import CLIENT_LANE, Session, StreamSession
 
@@ -97,7 +103,7 @@ class ResponsesEndpoints:
         # Not background: a client that hangs up before the whole response cancels it, as a stream's does
         return JSONResponse(await runs.until_disconnect(request, _whole(self.events(session, -1, job))))
 
-    async def _answer_unstored(self, request: Request, wanted) -> Response:
+    async def _answer_unstored(self, request: Request, wanted: ResponsesRequest) -> Response:
         """store: false: the request runs as a chat completion would, told as events, with nothing kept."""
         session = StreamSession()
         job = await self.service.submit(session, wanted.inference)

@@ -7,6 +7,7 @@ the same messages in the same order give the same events with the same numbers.
 """
 import uuid
 from dataclasses import dataclass, replace
+from typing import Any
 
 from llmws_server.core.events import (
     Done,
@@ -58,7 +59,7 @@ def session_id_of(value: str) -> str | None:
         return None
 
 
-def responses_request(body, defaults: dict) -> ResponsesRequest:
+def responses_request(body: object, defaults: dict) -> ResponsesRequest:
     """POST /v1/responses."""
     if not isinstance(body, dict):
         raise APIError("The request body must be a JSON object")
@@ -119,7 +120,7 @@ def _chat_format(value: object) -> object:
     return value
 
 
-def _input_turns(value) -> list[dict]:
+def _input_turns(value: object) -> list[dict]:
     """input: a string (the user's), or a list of messages whose content is a string or typed parts."""
     if isinstance(value, str) and value:
         return [{"role": "user", "content": value}]
@@ -155,9 +156,9 @@ def _call_turn(item: dict, turns: list[dict]) -> dict:
     return {"role": "assistant", "content": "", "tool_calls": [call]}
 
 
-def _part(part, where: str) -> dict:
+def _part(part: object, where: str) -> dict:
     kind = part.get("type") if isinstance(part, dict) else None
-    if kind not in PARTS:
+    if not isinstance(part, dict) or kind not in PARTS:
         raise APIError(f"{where} must be an input_text, output_text or input_image part", where)
     if PARTS[kind] == "text":
         return {"type": "text", "text": part.get("text")}
@@ -250,7 +251,7 @@ class ResponseState:
                 "incomplete_details": self.incomplete, "usage": usage, "tools": [], "tool_choice": "auto",
                 "parallel_tool_calls": False, "queue_position": self.position, **self.settings}
 
-    def _event(self, kind: str, **fields) -> dict:
+    def _event(self, kind: str, **fields: Any) -> dict:  # JSON values (`object` is a method's name here)
         self.number += 1
         return {"type": kind, "sequence_number": self.number, **fields}
 

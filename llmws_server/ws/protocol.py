@@ -69,7 +69,7 @@ def check_message(message: dict) -> str:
     return kind
 
 
-def _no_extra_fields(message, allowed, kind):
+def _no_extra_fields(message: dict, allowed: set[str], kind: str) -> None:
     extra = sorted(set(message) - allowed)
     if extra:
         raise Refused(f"Unknown field(s) for {kind}: {', '.join(extra)}")
@@ -114,7 +114,7 @@ def conversation(message: dict) -> list[dict]:
     return turns
 
 
-def _prompt_turns(prompt) -> list[dict]:
+def _prompt_turns(prompt: object) -> list[dict]:
     if not isinstance(prompt, dict):
         raise Refused("prompt must be an object {system, user, images?} or a string")
     _no_extra_fields(prompt, {"system", "user", "images"}, "prompt")
@@ -156,7 +156,7 @@ def log(text: str) -> dict:
     return {"type": "log", "message": text}
 
 
-def error(text: str, **fields) -> dict:
+def error(text: str, **fields: object) -> dict:
     return {"type": "error", "message": text, **fields}
 
 
@@ -209,7 +209,7 @@ def cancelled(request_id: str) -> dict:
     return {"type": "cancelled", "request_id": request_id}
 
 
-def resources(cuda, cpu: dict, model: dict, available_models: list) -> dict:
+def resources(cuda: dict | None, cpu: dict, model: dict, available_models: list) -> dict:
     return {"type": "resources", "cuda": cuda, "cpu": cpu, "model": model, "available_models": available_models}
 
 
@@ -235,7 +235,7 @@ def pong() -> dict:
     return {"type": "pong"}
 
 
-def status(model: dict, memory, sessions: int, training: dict) -> dict:
+def status(model: dict, memory: dict | None, sessions: int, training: dict) -> dict:
     return {"type": "status", "model": model, "memory": memory, "sessions": sessions, "training": training}
 
 
