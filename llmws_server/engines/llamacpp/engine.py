@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmws.engine")
 KV_BYTES = 2  # llama.cpp keeps its KV cache in float16
-# Requests decoded together under max_batch_size "auto". On 2 CPU cores (bench/llamacpp_batch.py, Q4_1):
-# 1.47x one request's tokens/s at 4 sequences, 1.87x at 8.
+# Requests decoded together under max_batch_size "auto": on a CPU, 8 sequences decode nearly twice one's
+# tokens/s (docs/benchmarks.md, "The figures behind the engines' rules").
 BATCH_SIZE = 8
 # general.file_type in a GGUF header -> its name (llama.cpp's LLAMA_FTYPE_*)
 FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
