@@ -10,7 +10,7 @@ from asyncio import AbstractEventLoop
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from llmws_server.core import events as ev
 from llmws_server.core.events import FinishReason, JobState, Stamped
@@ -18,12 +18,13 @@ from llmws_server.core.images import ImageError, decoded
 from llmws_server.core.output_parsers import OutputParser
 from llmws_server.core.requests import InferenceRequest
 from llmws_server.core.tools import parser_for, rendered
-from llmws_server.core.training import TrainRequest, TrainStatus
+from llmws_server.core.training import TrainRequest, TrainSettings, TrainStatus
 from llmws_server.errors import ContextTooLong
+from llmws_server.sessions.store import Session, StreamSession
 
 if TYPE_CHECKING:
     from llmws_server.core.worker import Worker
-    from llmws_server.engines.api import Engine, Prompt
+    from llmws_server.engines.api import Engine, Prompt, Trainer
 from llmws_server.errors import Refused
 
 log = logging.getLogger("llmws.jobs")
@@ -34,7 +35,7 @@ class Job:
     failure = "Generation"  # what "… failed: <reason>" names when it raises
     runs_beside_batch = False  # a short job that takes no slot: run on the worker thread while the batch goes on
 
-    def __init__(self, session: Any, loop: AbstractEventLoop):
+    def __init__(self, session: Session | StreamSession, loop: AbstractEventLoop):
         self.session = session  # a sessions.store.Session or StreamSession: whoever is told its events
         self.loop = loop
         self.state = JobState.QUEUED
@@ -68,8 +69,8 @@ class InferenceJob(Job):
 
     request_id: str  # the client's, or one made up: a request always has one
 
-    def __init__(self, session: Any, loop: AbstractEventLoop, request: InferenceRequest, timeout_s: float,
-                 tool_parser: str = "auto", split_reasoning: bool = True):
+    def __init__(self, session: Session | StreamSession, loop: AbstractEventLoop, request: InferenceRequest,
+                 timeout_s: float, tool_parser: str = "auto", split_reasoning: bool = True):
         super().__init__(session, loop)
         self.request_id = request.request_id or str(uuid.uuid4())
         self.request = request
@@ -159,7 +160,8 @@ class InferenceJob(Job):
 class SwitchJob(Job):
     """Swap the engine between two requests: unload, free memory, load; on failure, load the old one back."""
 
-    def __init__(self, session: Any, loop: AbstractEventLoop, path: Path, load: "Callable[[Path], Engine]",
+    def __init__(self, session: Session | StreamSession, loop: AbstractEventLoop, path: Path,
+                 load: "Callable[[Path], Engine]",
                  announce: "Callable[[Engine], ev.ModelLoaded]",
                  on_switched: "Callable[[Engine, str | None], None]", request_id: str | None = None):
         super().__init__(session, loop)
@@ -211,7 +213,8 @@ class TrainJob(Job):
     a new model (models_dir/checkpoint_name); the served model stays as it was."""
     failure = "Training"
 
-    def __init__(self, session: Any, loop: AbstractEventLoop, request: TrainRequest, models_dir: Path, shown_dir: str):
+    def __init__(self, session: Session | StreamSession, loop: AbstractEventLoop, request: TrainRequest,
+                 models_dir: Path, shown_dir: str):
         super().__init__(session, loop)
         self.request_id = request.request_id or str(uuid.uuid4())
         self.request, self.models_dir, self.shown_dir = request, models_dir, shown_dir
@@ -228,7 +231,7 @@ class TrainJob(Job):
         finally:
             self.status.running = False
 
-    def _train(self, engine: "Engine", settings: Any) -> None:
+    def _train(self, engine: "Engine", settings: TrainSettings) -> None:
         reason, loss, step, tokens = "done", None, 0, 0
         with engine.trainer(self.request.examples, settings) as trainer:
             self.emit(ev.TrainStarted(asdict(settings), len(self.request.examples), self.request.checkpoint_name))
@@ -251,7 +254,7 @@ class TrainJob(Job):
                 if self.request.save_checkpoint and reason == "done" else None
         self.emit(ev.TrainDone(step, saved, reason, loss))
 
-    def _save(self, trainer: Any, name: str, step: int) -> str:
+    def _save(self, trainer: "Trainer", name: str, step: int) -> str:
         folder = self.models_dir / name
         if folder.exists():
             raise Refused(f"{self.shown_dir}/{name} exists already: choose another checkpoint_name")
@@ -265,7 +268,8 @@ class SnapshotJob(Job):
     """The served model as it is, saved as a new model folder."""
     failure = "Snapshot"
 
-    def __init__(self, session: Any, loop: AbstractEventLoop, folder: Path, shown: str, request_id: str | None = None):
+    def __init__(self, session: Session | StreamSession, loop: AbstractEventLoop, folder: Path, shown: str,
+                 request_id: str | None = None):
         super().__init__(session, loop)
         self.request_id = request_id or str(uuid.uuid4())
         self.folder, self.shown = folder, shown

@@ -9,7 +9,7 @@ import asyncio
 import uuid
 from asyncio import AbstractEventLoop
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from llmws_server.core import events as ev
 from llmws_server.core.images import decoded
@@ -17,6 +17,7 @@ from llmws_server.core.jobs import Job
 from llmws_server.core.requests import InferenceRequest
 from llmws_server.core.tools import rendered
 from llmws_server.errors import LLMWSError, Refused
+from llmws_server.sessions.store import Session, StreamSession
 
 if TYPE_CHECKING:
     from llmws_server.core.worker import Worker
@@ -63,7 +64,7 @@ class ReplyJob(Job):
 
     runs_beside_batch = True
 
-    def __init__(self, session: Any, loop: AbstractEventLoop):
+    def __init__(self, session: Session | StreamSession, loop: AbstractEventLoop):
         super().__init__(session, loop)
         self.request_id = f"{type(self).__name__}-{uuid.uuid4()}"
         self.result: asyncio.Future = loop.create_future()
@@ -101,7 +102,7 @@ class ReplyJob(Job):
 class EmbedJob(ReplyJob):
     failure = "Embedding"
 
-    def __init__(self, session: Any, loop: AbstractEventLoop, inputs: Inputs):
+    def __init__(self, session: Session | StreamSession, loop: AbstractEventLoop, inputs: Inputs):
         super().__init__(session, loop)
         self.inputs = inputs
 
@@ -113,7 +114,7 @@ class CountJob(ReplyJob):
     """A conversation's prompt tokens, as the request would be read (chat template, tools and images)."""
     failure = "Counting"
 
-    def __init__(self, session: Any, loop: AbstractEventLoop, request: InferenceRequest):
+    def __init__(self, session: Session | StreamSession, loop: AbstractEventLoop, request: InferenceRequest):
         super().__init__(session, loop)
         self.request = request
 

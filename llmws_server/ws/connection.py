@@ -10,13 +10,13 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from llmws_server.core.events import Event, Stamped
 from llmws_server.core.requests import is_text
+from llmws_server.sessions.store import Session
 from llmws_server.ws import wire
 
 log = logging.getLogger("llmws.connection")
@@ -48,7 +48,7 @@ class Connection:
         self.outbox_bytes, self.outbox_limit = 0, outbox_limit
         self.sender = asyncio.create_task(self._send_all())
         self.allowance, self.checked_at = MESSAGE_BURST, time.monotonic()  # checked_at: its last frame's time
-        self.session: Any = None  # the session it serves, once its hello is read
+        self.session: Session | None = None  # the session it serves, once its hello is read
         self.dropped = False
         self.admin_problem: str | None = None  # why it may not manage models, or None
         self.embedding: set[asyncio.Task] = set()  # its embed requests being answered
