@@ -8,6 +8,7 @@ import collections
 from collections.abc import Iterator
 
 from llmws_server.core.jobs import Job
+from llmws_server.sessions.store import Session, StreamSession
 
 
 def lane_of(session: object) -> object:
@@ -60,7 +61,7 @@ class FairQueue:
             del self.lanes[key]
         self.count -= 1
 
-    def of_session(self, session: object) -> list[Job]:
+    def of_session(self, session: Session | StreamSession) -> list[Job]:
         return [job for job in self.lanes.get(lane_of(session), ()) if job.session is session]
 
     def waiting_in(self, lane: object) -> int:

@@ -69,7 +69,7 @@ class ReplyJob(Job):
         self.request_id = f"{type(self).__name__}-{uuid.uuid4()}"
         self.result: asyncio.Future = loop.create_future()
 
-    def batchable(self, engine: object) -> bool:
+    def batchable(self, engine: "Engine") -> bool:
         return True  # it never joins the batch: the batching worker runs it beside (runs_beside_batch)
 
     def emit(self, event: ev.Event) -> None:

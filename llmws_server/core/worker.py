@@ -13,6 +13,7 @@ from llmws_server.core.fairqueue import FairQueue, lane_of
 from llmws_server.core.jobs import Job
 from llmws_server.engines.api import Engine
 from llmws_server.errors import OUT_OF_MEMORY, Busy, Refused
+from llmws_server.sessions.store import Session, StreamSession
 
 log = logging.getLogger("llmws.worker")
 
@@ -65,11 +66,11 @@ class Worker:
         with self.lock:
             return len(self.queue)
 
-    def waiting_of(self, session: object) -> list[Job]:
+    def waiting_of(self, session: Session | StreamSession) -> list[Job]:
         with self.lock:
             return self.queue.of_session(session)
 
-    def make_room(self, session: object, most: int) -> Job | None:
+    def make_room(self, session: Session | StreamSession, most: int) -> Job | None:
         """A place for a request of `session` in a queue of at most `most` waiting. While there is room,
         None. When it is full, a lane holding fewer than the fullest takes the place of that lane's newest
         job, which leaves the queue and is returned (its client must be told); the fullest lane itself (a
