@@ -12,7 +12,7 @@ from llmws_server.config import Config, generation_defaults
 from llmws_server.core.batching import BatchingWorker
 from llmws_server.core.events import Failed, JobState, Stamped
 from llmws_server.core.images import check_images
-from llmws_server.core.jobs import InferenceJob
+from llmws_server.core.jobs import InferenceJob, Job
 from llmws_server.core.metrics import Metrics
 from llmws_server.core.model_control import ModelControl
 from llmws_server.core.replicas import ReplicaPool
@@ -180,9 +180,11 @@ class Service:
                 self.worker.remove(job)
                 job.cancelled.set()
 
-    def cancel(self, session: Session | StreamSession, job: InferenceJob) -> None:
-        """A queued job leaves the queue; a running one ends at its next token with done, cancelled."""
+    def cancel(self, session: Session | StreamSession, job: Job) -> None:
+        """A queued job (a request, training, a snapshot) leaves the queue; a running one ends at its next
+        step, told as cancelled."""
         if self.worker.remove(job):
-            session.drop_job(job.request_id)
+            if job.request_id is not None:  # a job a session holds has one
+                session.drop_job(job.request_id)
         elif job.state is not JobState.ENDED:
             job.cancelled.set()
