@@ -146,9 +146,10 @@ MIXED = [{"temperature": 0}, {"temperature": 0.7}, {"temperature": 0, "repetitio
 
 
 # llmws-json: every other client (the first included) asks for JSON under this schema (constrained decoding);
-# its one long string lets the answer run to max_new_tokens like a plain one.
+# its one string is longer than max_new_tokens can write, so a constrained answer runs as long as a plain one
+# (a short one would be mostly its first token's wait, and a rate of it no rate of decoding).
 STORY = {"type": "json_schema", "json_schema": {"name": "story", "schema": {
-    "type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}}}
+    "type": "object", "properties": {"story": {"type": "string", "minLength": 4000}}, "required": ["story"]}}}
 
 
 class LLMWSTarget:
